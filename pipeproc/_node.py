@@ -1,0 +1,1073 @@
+"""The node process: listener, connections, the writer role, notifications, timers.
+
+Started by :func:`pipeproc.spawn` as ``python -m pipeproc._node`` (a fresh interpreter: the
+store is never inherited through ``fork`` and the application's main module is never
+re-executed). Its configuration arrives on stdin; stdin then stays open as a lifeline:
+EOF means the spawning process is gone, and the node shuts down.
+
+Threads:
+
+* one accept thread; one thread per connection, which authenticates it, decodes requests,
+  serves reads inline (each in its own read transaction) and hands writes to the writer;
+* the **writer role**: one write transaction at a time, taken by a lock. A connection thread
+  that finds the writer idle commits its request itself (no thread hand-off on the idle
+  path); requests arriving meanwhile queue up and the next round commits all of them in one
+  transaction and one fsync (group commit). Rounds after the first run on the dedicated
+  writer thread, so a connection thread never serves others for long;
+* a timer thread (reclaim timeouts, wait timeouts, GC ticks, the parent watch);
+* the worker supervisor (``_supervisor``), when ``workers > 0``.
+
+Waiting consumers (workers, live procs, ``wait_for_procs``) park their request here; after
+every commit the writer wakes those whose topics or procs it touched. Nothing polls.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import os
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+from collections import deque
+from multiprocessing.connection import (
+    AuthenticationError,
+    Listener,
+    answer_challenge,
+    deliver_challenge,
+)
+from typing import Any, Callable, Dict, List, Optional
+
+import lmdb
+import msgpack
+
+from . import _ids, _procs
+from ._protocol import (
+    MAX_FRAME,
+    decode,
+    err_reply,
+    ok_reply,
+    ok_reply_raw,
+    page,
+)
+from ._store import PAGE_MAX_LOGS, Store
+from .errors import (
+    InternalError,
+    InvalidArgument,
+    InvalidLogFormat,
+    InvalidTopic,
+    PipeProcError,
+    StorageFull,
+)
+
+log = logging.getLogger("pipeproc.node")
+
+_HEADER = struct.Struct("!i")
+MAX_BACKLOG = 256 * 1024 * 1024
+
+
+class Malformed(Exception):
+    """A request that does not follow the protocol: its sender loses the connection."""
+
+
+def _int(v: Any, name: str, lo: Optional[int] = None) -> int:
+    if type(v) is not int or (lo is not None and v < lo):
+        raise Malformed(f"{name} must be an int")
+    return v
+
+
+def _valid_body(b: Any) -> bytes:
+    """A body must be the bytes of exactly one msgpack object (checked, never kept decoded)."""
+    if type(b) is not bytes:
+        raise InvalidLogFormat("a log body must arrive msgpack-encoded")
+    try:
+        msgpack.unpackb(b, strict_map_key=False)
+    except Exception:
+        raise InvalidLogFormat("a log body is not one valid msgpack object") from None
+    return b
+
+
+def _items(raw: Any) -> List[tuple]:
+    if type(raw) is not list:
+        raise Malformed("logs must be a list")
+    items = []
+    for it in raw:
+        if type(it) is not list or len(it) != 2:
+            raise Malformed("a log must be [topic, body]")
+        items.append((_ids.check_topic(it[0]), _valid_body(it[1])))
+    return items
+
+
+def _bound(v: Any) -> Optional[_ids.Bound]:
+    return None if v is None else _ids.parse_bound(v)
+
+
+def _claimed(v: Any) -> Optional[list]:
+    if v is None:
+        return None
+    if type(v) is not list or len(v) != 5 or any(type(x) is not int for x in v):
+        raise InvalidArgument("claimed must identify a claim")
+    return v
+
+
+def _opts(max_reclaims: Any, reclaim_timeout: Any, on_max: Any) -> tuple:
+    if type(max_reclaims) is not int or not (max_reclaims >= 1 or max_reclaims == -1):
+        raise InvalidArgument("max_reclaims must be >= 1 or -1")
+    if reclaim_timeout is None:
+        reclaim_timeout = -1
+    if (type(reclaim_timeout) not in (int, float) or reclaim_timeout != reclaim_timeout
+            or not (reclaim_timeout > 0 or reclaim_timeout == -1)):
+        raise InvalidArgument("reclaim_timeout must be > 0, -1 or None")
+    if on_max not in ("disable", "continue"):
+        raise InvalidArgument("on_max_reclaims_reached must be 'disable' or 'continue'")
+    return max_reclaims, float(reclaim_timeout), on_max
+
+
+# ------------------------------------------------------------------------- connections
+
+class Conn:
+    """One client connection: its reader thread and its reply path."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, node: "Node", c: Any) -> None:
+        self.node = node
+        self.c = c
+        self.id = next(Conn._ids)
+        self.sock: Optional[socket.socket] = None
+        self.lock = threading.Lock()
+        self.backlog: deque = deque()
+        self.backlog_bytes = 0
+        self.flusher: Optional[threading.Thread] = None
+        self.closed = False
+        self.worker: Optional[dict] = None  # set by "hello_worker"
+        self.claims: Dict[str, list] = {}   # worker claims: proc name -> claimed key
+
+    # -- replies (from any thread; never block the caller on a slow reader)
+
+    def send(self, data: bytes) -> None:
+        frame = _HEADER.pack(len(data)) + data
+        with self.lock:
+            if self.closed:
+                return
+            if self.backlog:
+                self._queue(frame)
+                return
+            try:
+                n = self.sock.send(frame, socket.MSG_DONTWAIT)  # type: ignore[union-attr]
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            except OSError:
+                self._close_locked()
+                return
+            if n < len(frame):
+                self._queue(frame[n:])
+
+    def _queue(self, frame: bytes) -> None:
+        self.backlog.append(frame)
+        self.backlog_bytes += len(frame)
+        if self.backlog_bytes > MAX_BACKLOG:
+            log.warning("connection %d does not read its replies; closing it", self.id)
+            self._close_locked()
+            return
+        if self.flusher is None:
+            self.flusher = threading.Thread(target=self._flush, name=f"flush-{self.id}",
+                                            daemon=True)
+            self.flusher.start()
+
+    def _flush(self) -> None:
+        while True:
+            with self.lock:
+                if not self.backlog or self.closed:
+                    self.flusher = None
+                    return
+                frame = self.backlog[0]
+            try:
+                self.sock.sendall(frame)  # type: ignore[union-attr]
+            except OSError:
+                with self.lock:
+                    self._close_locked()
+                    self.flusher = None
+                return
+            with self.lock:
+                self.backlog.popleft()
+                self.backlog_bytes -= len(frame)
+
+    def _close_locked(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.backlog.clear()
+        try:
+            if self.sock is not None:
+                self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        with self.lock:
+            self._close_locked()
+
+    # -- the reader thread
+
+    def run(self) -> None:
+        node = self.node
+        c = self.c
+        try:
+            try:
+                deliver_challenge(c, node.authkey)
+                answer_challenge(c, node.authkey)
+            except (AuthenticationError, OSError, EOFError, ValueError) as exc:
+                log.warning("refused a connection: authentication failed (%s)", exc)
+                return
+            self.sock = socket.socket(fileno=os.dup(c.fileno()))
+            ops = node.ops
+            while not self.closed:
+                try:
+                    data = c.recv_bytes(MAX_FRAME)
+                except (EOFError, OSError) as exc:
+                    if not isinstance(exc, EOFError) and not self.closed:
+                        log.warning("connection %d dropped: %s", self.id, exc)
+                    break
+                rid = None
+                try:
+                    req = decode(data)
+                    if type(req) is not list or len(req) < 2 or type(req[0]) is not int:
+                        raise Malformed("a request is [rid, op, *args]")
+                    rid = req[0]
+                    handler = ops.get(req[1]) if type(req[1]) is str else None
+                    if handler is None:
+                        raise Malformed(f"unknown op {req[1]!r}")
+                    handler(self, rid, *req[2:])
+                except PipeProcError as exc:
+                    self.send(err_reply(rid, exc.code, exc.message))
+                except Exception as exc:  # malformed: costs the sender its connection
+                    log.warning("connection %d sent a malformed request (%s: %s); closing it",
+                                self.id, type(exc).__name__, exc)
+                    break
+        finally:
+            self.close()
+            try:
+                c.close()
+            except OSError:
+                pass
+            if self.sock is not None:
+                self.sock.close()
+            node.conn_closed(self)
+
+    def reply(self, rid: int, result: Any) -> None:
+        self.send(ok_reply(rid, result))
+
+    def fail(self, rid: int, exc: PipeProcError) -> None:
+        self.send(err_reply(rid, exc.code, exc.message))
+
+
+# ------------------------------------------------------------------------- timers
+
+class Timers:
+    """A heap of (when, callback) served by one thread that sleeps until the earliest."""
+
+    def __init__(self) -> None:
+        self._heap: list = []
+        self._cond = threading.Condition()
+        self._seq = itertools.count()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="timers", daemon=True)
+        self._thread.start()
+
+    def at(self, when: float, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the timer thread at monotonic time ``when``."""
+        with self._cond:
+            heapq.heappush(self._heap, (when, next(self._seq), fn))
+            if self._heap[0][2] is fn:
+                self._cond.notify()
+
+    def after(self, delay: float, fn: Callable[[], None]) -> None:
+        self.at(time.monotonic() + delay, fn)
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopped:
+                    now = time.monotonic()
+                    if self._heap and self._heap[0][0] <= now:
+                        break
+                    self._cond.wait(None if not self._heap else self._heap[0][0] - now)
+                if self._stopped:
+                    return
+                _, _, fn = heapq.heappop(self._heap)
+            try:
+                fn()
+            except Exception:  # pragma: no cover - a timer must never kill the thread
+                log.exception("timer callback failed")
+
+
+# ------------------------------------------------------------------------- the writer
+
+class Writer:
+    """The writer role: one write transaction at a time, group commit of queued requests.
+
+    ``submit(fn, done)``: ``fn(tx)`` runs inside a write transaction and returns a result or
+    raises a ``PipeProcError`` having written nothing; ``done(ok, value)`` runs after the
+    commit (durable), in the writer's thread.
+    """
+
+    def __init__(self, node: "Node") -> None:
+        self.node = node
+        self.store = node.store
+        self._lock = threading.Lock()
+        self._queue: List[tuple] = []
+        self._busy = False
+        self._handoff = threading.Condition(self._lock)
+        self._handed = False
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable, done: Callable) -> None:
+        with self._lock:
+            self._queue.append((fn, done))
+            if self._busy:
+                return
+            self._busy = True
+            jobs = self._queue
+            self._queue = []
+        self._round(jobs)
+        with self._lock:
+            if self._queue:
+                self._handed = True
+                self._handoff.notify()
+            else:
+                self._busy = False
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not self._handed and not self._stopped:
+                    self._handoff.wait()
+                if self._stopped and not self._handed:
+                    return
+                self._handed = False
+            while True:
+                with self._lock:
+                    if not self._queue:
+                        self._busy = False
+                        break
+                    jobs = self._queue
+                    self._queue = []
+                self._round(jobs)
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopped = True
+            self._handoff.notify()
+        self._thread.join(timeout=10)
+
+    def idle(self) -> bool:
+        with self._lock:
+            return not self._busy and not self._queue
+
+    def _round(self, jobs: List[tuple]) -> None:
+        store = self.store
+        while True:
+            tx = store.begin()
+            results = []
+            try:
+                for fn, done in jobs:
+                    try:
+                        results.append((done, True, fn(tx)))
+                    except PipeProcError as exc:
+                        results.append((done, False, exc))
+                tx.commit()
+            except lmdb.MapFullError:
+                tx.abort()
+                if store.grow():
+                    continue
+                self._one_by_one(jobs, StorageFull("the store reached its maximum map size"))
+                return
+            except Exception as exc:
+                tx.abort()
+                full = isinstance(exc, lmdb.Error) and "No space" in str(exc)
+                if not full:
+                    log.exception("a write request failed unexpectedly")
+                err = (StorageFull(f"the store cannot grow: {exc}") if full
+                       else InternalError(f"{type(exc).__name__}: {exc}"))
+                self._one_by_one(jobs, err)
+                return
+            break
+        for done, ok, value in results:
+            try:
+                done(ok, value)
+            except Exception:  # pragma: no cover
+                log.exception("reply failed")
+        self.node.after_commit(tx)
+
+    def _one_by_one(self, jobs: List[tuple], err: PipeProcError) -> None:
+        if len(jobs) == 1:
+            try:
+                jobs[0][1](False, err)
+            except Exception:  # pragma: no cover
+                log.exception("reply failed")
+            return
+        for job in jobs:  # isolate the culprit: every other request still goes through
+            self._round([job])
+
+
+# ------------------------------------------------------------------------- the node
+
+class Node:
+    """The node: owns the store and serves clients until shutdown."""
+
+    def __init__(self, cfg: dict) -> None:
+        self.cfg = cfg
+        self.started = time.time()
+        self.location: str = cfg["location"]
+        self.authkey: bytes = cfg["authkey"]
+        self.store = Store(
+            None if cfg["memory"] else os.path.join(self.location, "store"),
+            memory=cfg["memory"], durability=cfg["durability"],
+            max_map_size=cfg.get("max_map_size"),
+        )
+        self.timers = Timers()
+        self.writer = Writer(self)
+        self.conns: Dict[int, Conn] = {}
+        self.conns_lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.stopped = threading.Event()
+        self.shutdown_replies: List[tuple] = []
+        # parked waiters
+        self.wlock = threading.Lock()
+        self.idle_waiters: Dict[tuple, tuple] = {}   # (conn id, rid) -> (conn, rid, names)
+        self.claim_waiters: Dict[tuple, tuple] = {}  # (conn id, rid) -> (conn, rid, interest, attempt)
+        self.rr = 0
+        self.supervisor: Any = None
+        self.ops: Dict[str, Callable] = {
+            "ping": Node.op_ping, "c1": Node.op_commit1, "c": Node.op_commit,
+            "range": Node.op_range, "page": Node.op_page, "length": Node.op_length,
+            "topics": Node.op_topics, "stats": Node.op_stats,
+            "proc": Node.op_proc, "ack": Node.op_ack, "ackc": Node.op_ack_commit,
+            "reclaim": Node.op_reclaim, "inspect": Node.op_inspect,
+            "disable": Node.op_disable, "resume": Node.op_resume, "destroy": Node.op_destroy,
+            "avail": Node.op_available, "wait_idle": Node.op_wait_idle,
+            "live": Node.op_live, "shutdown": Node.op_shutdown,
+        }
+        self.ops = {k: (lambda f: (lambda conn, rid, *a: f(self, conn, rid, *a)))(f)
+                    for k, f in self.ops.items()}
+        for name in list(self.store.procs):
+            self.arm_timeout(name)
+        gc = cfg.get("gc")
+        if gc:
+            self.gc_min_prune = float(gc["min_prune_time"])
+            self.gc_interval = float(gc["interval"])
+            self.timers.after(self.gc_interval, self.gc_tick)
+
+    # -- serving
+
+    def bind(self) -> None:
+        address = self.cfg["address"]
+        if address is None:
+            path = os.path.join(self.location, "node.sock")
+            if len(path.encode()) > 100:
+                import tempfile
+                rundir = tempfile.mkdtemp(prefix="pipeproc-")
+                path = os.path.join(rundir, "node.sock")
+            if os.path.exists(path):
+                os.unlink(path)  # stale socket of a dead node: we hold the lock now
+            self.listener = Listener(path, "AF_UNIX", backlog=512)
+            self.address: Any = path
+        else:
+            self.listener = Listener(tuple(address), "AF_INET", backlog=512)
+            self.address = list(self.listener.address)
+
+    def serve(self) -> None:
+        threading.Thread(target=self._accept, name="accept", daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                c = self.listener.accept()
+            except OSError:
+                if self.stopping.is_set():
+                    return
+                continue
+            conn = Conn(self, c)
+            with self.conns_lock:
+                self.conns[conn.id] = conn
+            threading.Thread(target=conn.run, name=f"conn-{conn.id}", daemon=True).start()
+
+    def conn_closed(self, conn: Conn) -> None:
+        with self.conns_lock:
+            self.conns.pop(conn.id, None)
+        with self.wlock:
+            for table in (self.idle_waiters, self.claim_waiters):
+                for key in [k for k in table if k[0] == conn.id]:
+                    del table[key]
+        if conn.claims:
+            claims = dict(conn.claims)
+            conn.claims.clear()
+            self.writer.submit(lambda tx: self._reclaim_dead(tx, claims), lambda ok, v: None)
+        if conn.worker is not None and self.supervisor is not None:
+            self.supervisor.worker_gone(conn)
+
+    def _reclaim_dead(self, tx: Any, claims: Dict[str, list]) -> None:
+        for name, key in claims.items():
+            rec = tx.proc(name)
+            if rec is not None and _procs.pending(rec) and rec["claimed"] == key[:4]:
+                tx.put_proc(name, _procs._reclaimed(rec))
+                log.info("reclaimed %s held by a dead worker", name)
+
+    # -- notifications (called by the writer after every commit)
+
+    def after_commit(self, tx: Any) -> None:
+        topics, procs = tx.touched_topics, tx.touched_procs
+        if not topics and not procs:
+            return
+        for name in procs:
+            self.arm_timeout(name)
+        store = self.store
+        if self.claim_waiters:
+            signal_procs = set(procs)
+            if topics:
+                for name, rec in store.procs.items():
+                    if rec["topic"] in topics:
+                        signal_procs.add(name)
+            woken = []
+            with self.wlock:
+                for key, w in list(self.claim_waiters.items()):
+                    interest = w[2]
+                    if interest is None or not interest.isdisjoint(signal_procs):
+                        woken.append(w)
+                        del self.claim_waiters[key]
+            for w in woken:
+                self.writer_retry(w)
+        if procs and self.idle_waiters:
+            done = []
+            with store.reader() as r:
+                with self.wlock:
+                    for key, (conn, rid, names) in list(self.idle_waiters.items()):
+                        if _procs.idle(r, names, store.procs):
+                            done.append((conn, rid))
+                            del self.idle_waiters[key]
+            for conn, rid in done:
+                conn.reply(rid, None)
+
+    def writer_retry(self, w: tuple) -> None:
+        conn, rid, interest, attempt = w
+        self._queue_attempt(conn, rid, interest, attempt)
+
+    def _queue_attempt(self, conn: Conn, rid: int, interest: Optional[set],
+                       attempt: Callable) -> None:
+        """Run ``attempt(tx)`` in the writer; ``None`` parks the request until a commit
+        touches ``interest`` (a set of proc names; ``None``: any proc)."""
+
+        def done(ok: bool, value: Any) -> None:
+            if not ok:
+                conn.fail(rid, value)
+            elif value is None:
+                if conn.closed:
+                    return
+                with self.wlock:
+                    self.claim_waiters[(conn.id, rid)] = (conn, rid, interest, attempt)
+            else:
+                conn.send(value)
+
+        self.writer.submit(attempt, done)
+
+    def arm_timeout(self, name: str) -> None:
+        rec = self.store.procs.get(name)
+        if rec is None:
+            return
+        due = _procs.deadline(rec)
+        if due is None:
+            return
+        delay = max(0.0, due / 1000 - time.time())
+        self.timers.after(delay + 0.001, lambda: self.writer.submit(
+            lambda tx: self._expire(tx, name), lambda ok, v: None))
+
+    def _expire(self, tx: Any, name: str) -> None:
+        rec = tx.proc(name)
+        if rec is not None:
+            _procs.expire(tx, name, rec)
+
+    # -- GC
+
+    def gc_tick(self) -> None:
+        if self.stopping.is_set():
+            return
+        self.writer.submit(self._gc, lambda ok, v: self.timers.after(self.gc_interval,
+                                                                      self.gc_tick))
+
+    def _gc(self, tx: Any) -> int:
+        cutoff = tx.now - int(self.gc_min_prune * 1000)
+        by_topic: Dict[str, list] = {}
+        for rec in self.store.procs.values():
+            by_topic.setdefault(rec["topic"], []).append(rec)
+        deleted = 0
+        for name, meta in list(self.store.topics.items()):
+            if meta.first >= meta.next:
+                continue
+            upto = _procs.gc_upto(tx, name, meta, by_topic.get(name, []), cutoff)
+            if upto > meta.first:
+                deleted += tx.delete_prefix(name, upto)
+        if deleted:
+            log.debug("gc removed %d logs", deleted)
+        return deleted
+
+    # -- shutdown
+
+    def shutdown(self) -> None:
+        if self.stopping.is_set():
+            return
+        self.stopping.set()
+        log.info("shutting down")
+        try:
+            self.listener.close()
+        except OSError:
+            pass
+        if self.supervisor is not None:
+            self.supervisor.stop()
+        self.stopped.set()
+
+    # ------------------------------------------------------------------ ops: reads
+
+    def op_ping(self, conn: Conn, rid: int, *args: Any) -> None:
+        conn.reply(rid, list(args))
+
+    def op_length(self, conn: Conn, rid: int, topic: Any) -> None:
+        _ids.check_topic(topic)
+        with self.store.reader() as r:
+            meta = r.topic(topic)
+        if meta is None:
+            raise InvalidTopic(f"topic {topic!r} does not exist")
+        conn.reply(rid, meta.next)
+
+    def op_topics(self, conn: Conn, rid: int) -> None:
+        conn.reply(rid, sorted(self.store.topics))
+
+    def op_range(self, conn: Conn, rid: int, topic: Any, start: Any, end: Any, limit: Any,
+                 exclusive: Any, reverse: Any, page_size: Any) -> None:
+        _ids.check_topic(topic)
+        lower, upper = _bound(start), _bound(end)
+        if reverse:
+            lower, upper = upper, lower
+        limit = _int(limit, "limit")
+        page_size = _int(page_size, "page_size", 1)
+        with self.store.reader() as r:
+            meta = r.topic(topic)
+            if meta is None:
+                raise InvalidTopic(f"topic {topic!r} does not exist")
+            lo, hi = r.resolve(meta, lower, upper, bool(exclusive))
+            conn.send(ok_reply_raw(rid, self._page(r, meta, topic, lo, hi, limit,
+                                                   bool(reverse), page_size)))
+
+    def op_page(self, conn: Conn, rid: int, topic: Any, lo: Any, hi: Any, limit: Any,
+                reverse: Any, page_size: Any) -> None:
+        _ids.check_topic(topic)
+        lo, hi, limit = _int(lo, "lo"), _int(hi, "hi"), _int(limit, "limit")
+        page_size = _int(page_size, "page_size", 1)
+        with self.store.reader() as r:
+            meta = r.topic(topic)
+            if meta is None:
+                raise InvalidTopic(f"topic {topic!r} does not exist")
+            conn.send(ok_reply_raw(rid, self._page(r, meta, topic, lo, hi, limit,
+                                                   bool(reverse), page_size)))
+
+    @staticmethod
+    def _page(r: Any, meta: Any, topic: str, lo: int, hi: int, limit: int, reverse: bool,
+              page_size: int) -> bytes:
+        """One page of ``[lo, hi]`` and the continuation ``[topic, lo, hi, limit]`` or None.
+        ``limit <= 0`` means no limit."""
+        n = min(page_size, PAGE_MAX_LOGS)
+        if limit > 0:
+            n = min(n, limit)
+        recs = r.records(meta, lo, hi, n, reverse)
+        tail = None
+        if recs:
+            last = int.from_bytes(recs[-1][11:19], "big")
+            left = limit - len(recs) if limit > 0 else 0
+            if limit <= 0 or left > 0:
+                if reverse and last - 1 >= max(lo, meta.first):
+                    tail = [max(lo, meta.first), last - 1, left]
+                elif not reverse and last + 1 <= hi:
+                    tail = [last + 1, hi, left]
+            if limit > 0 and left <= 0:
+                tail = None
+        return page(recs, tail)
+
+    def op_inspect(self, conn: Conn, rid: int, name: Any) -> None:
+        _ids.check_proc_name(name)
+        rec = self.store.procs.get(name)
+        if rec is None:
+            from .errors import InvalidProc
+            raise InvalidProc(f"proc {name!r} does not exist")
+        conn.reply(rid, _procs.state(name, rec))
+
+    def op_stats(self, conn: Conn, rid: int) -> None:
+        store = self.store
+        with store.reader() as r:
+            topics = {name: {"length": m.next, "stored": m.next - m.first,
+                             "created_at": m.created}
+                      for name, m in store.topics.items()}
+            procs = {}
+            for name, rec in list(store.procs.items()):
+                procs[name] = {
+                    "topic": rec["topic"], "status": rec["status"],
+                    "pending": _procs.range_str(rec["claimed"]) if _procs.pending(rec) else "",
+                    "reclaims": rec["reclaims"], "lag": _procs.lag(r, rec),
+                    "last_acked_range": _procs.range_str(rec["acked"]),
+                }
+        info = store.env.info()
+        stat = store.env.stat()
+        node = {
+            "pid": os.getpid(), "uptime": time.time() - self.started,
+            "location": self.location, "memory": store.memory,
+            "durability": self.cfg["durability"], "address": self.address,
+            "connections": len(self.conns), "map_size": info["map_size"],
+            "store_bytes": (info["last_pgno"] + 1) * stat["psize"],
+        }
+        workers = self.supervisor.stats() if self.supervisor is not None else []
+        conn.reply(rid, {"node": node, "workers": workers, "topics": topics, "procs": procs,
+                         "system_procs": {n: dict(d) for n, d in store.sysprocs.items()}})
+
+    # ------------------------------------------------------------------ ops: writes
+
+    def _write(self, conn: Conn, rid: int, fn: Callable) -> None:
+        def done(ok: bool, value: Any) -> None:
+            if ok:
+                conn.reply(rid, value)
+            else:
+                conn.fail(rid, value)
+        self.writer.submit(fn, done)
+
+    def op_commit1(self, conn: Conn, rid: int, topic: Any, body: Any) -> None:
+        item = [(_ids.check_topic(topic), _valid_body(body))]
+
+        def fn(tx: Any) -> list:
+            return [tx.now, tx.append(item)[0]]
+        self._write(conn, rid, fn)
+
+    def op_commit(self, conn: Conn, rid: int, raw: Any) -> None:
+        items = _items(raw)
+        if not items:
+            conn.reply(rid, [0, []])
+            return
+
+        def fn(tx: Any) -> list:
+            return [tx.now, tx.append(items)]
+        self._write(conn, rid, fn)
+
+    def op_proc(self, conn: Conn, rid: int, topic: Any, name: Any, offset: Any, count: Any,
+                max_reclaims: Any, reclaim_timeout: Any, on_max: Any) -> None:
+        _ids.check_topic(topic)
+        _ids.check_proc_name(name)
+        _ids.parse_offset(offset)
+        count = _count(count)
+        opts = _opts(max_reclaims, reclaim_timeout, on_max)
+
+        def fn(tx: Any) -> Any:
+            recs = _procs.proc(tx, name, topic, offset, count, *opts)
+            return None if recs is None else page(recs, None)
+        self._write_claim(conn, rid, fn, name)
+
+    def _write_claim(self, conn: Conn, rid: int, fn: Callable, name: Optional[str]) -> None:
+        def done(ok: bool, value: Any) -> None:
+            if not ok:
+                conn.fail(rid, value)
+            elif value is None:
+                conn.reply(rid, None)
+            else:
+                conn.send(ok_reply_raw(rid, value))
+        self.writer.submit(fn, done)
+
+    def op_ack(self, conn: Conn, rid: int, name: Any, claimed: Any) -> None:
+        _ids.check_proc_name(name)
+        claimed = _claimed(claimed)
+        self._write(conn, rid, lambda tx: _procs.ack(tx, name, claimed))
+
+    def op_ack_commit(self, conn: Conn, rid: int, name: Any, raw: Any, claimed: Any) -> None:
+        _ids.check_proc_name(name)
+        items = _items(raw)
+        claimed = _claimed(claimed)
+
+        def fn(tx: Any) -> list:
+            _procs.check_ack_commit(tx, name, claimed)
+            acked = _procs.ack(tx, name, claimed)
+            return [acked, tx.now, tx.append(items) if items else []]
+        self._write(conn, rid, fn)
+
+    def op_reclaim(self, conn: Conn, rid: int, name: Any, claimed: Any) -> None:
+        _ids.check_proc_name(name)
+        claimed = _claimed(claimed)
+        self._write(conn, rid, lambda tx: _procs.reclaim(tx, name, claimed))
+
+    def op_disable(self, conn: Conn, rid: int, name: Any) -> None:
+        _ids.check_proc_name(name)
+        self._write(conn, rid, lambda tx: _procs.disable(tx, name))
+
+    def op_resume(self, conn: Conn, rid: int, name: Any) -> None:
+        _ids.check_proc_name(name)
+        self._write(conn, rid, lambda tx: _procs.resume(tx, name))
+
+    def op_destroy(self, conn: Conn, rid: int, name: Any) -> None:
+        _ids.check_proc_name(name)
+
+        def fn(tx: Any) -> list:
+            st = _procs.destroy(tx, name)
+            self.destroy_sysproc_of(tx, name)
+            return st
+        self._write(conn, rid, fn)
+
+    def destroy_sysproc_of(self, tx: Any, proc_name: str) -> None:
+        """Destroying a system proc's proc removes the system proc (and its other procs)."""
+        for sname, d in list(self.store.sysprocs.items()):
+            if proc_name in d["procs"] and tx.sysproc(sname) is not None:
+                tx.put_sysproc(sname, None)
+                for other in d["procs"]:
+                    if other != proc_name and tx.proc(other) is not None:
+                        tx.put_proc(other, None)
+
+    def op_available(self, conn: Conn, rid: int, specs: Any) -> None:
+        if type(specs) is not list:
+            raise InvalidArgument("available_proc takes a list of proc specs")
+        parsed = []
+        for s in specs:
+            if type(s) is not list or len(s) != 7:
+                raise Malformed("a proc spec is [topic, name, offset, count, max, timeout, policy]")
+            topic, name, offset, count = s[:4]
+            _ids.check_topic(topic)
+            _ids.check_proc_name(name)
+            _ids.parse_offset(offset)
+            parsed.append((topic, name, offset, _count(count), _opts(*s[4:])))
+
+        def fn(tx: Any) -> Any:
+            created = []
+            for topic, name, offset, count, opts in parsed:
+                if tx.proc(name) is None:
+                    created.append(name)
+                    _procs.ensure(tx, name, topic, offset, *opts)
+                elif tx.proc(name)["topic"] != topic:
+                    _procs.ensure(tx, name, topic, offset, *opts)  # raises not-unique
+            order = [p for p in parsed if p[1] in created]
+            n = len(parsed)
+            start = self.rr % n if n else 0
+            order += [parsed[(start + i) % n] for i in range(n) if parsed[(start + i) % n][1]
+                      not in created]
+            for topic, name, offset, count, opts in order:
+                rec = _procs.expire(tx, name, tx.proc(name))
+                recs = _procs.claim(tx, name, rec, count)
+                if recs is not None:
+                    self.rr = (parsed.index((topic, name, offset, count, opts)) + 1)
+                    return [name, count > 1, page(recs, None)]
+            return None
+
+        def done(ok: bool, value: Any) -> None:
+            if not ok:
+                conn.fail(rid, value)
+            elif value is None:
+                conn.reply(rid, None)
+            else:
+                name, many, raw = value
+                conn.send(b"\x93" + msgpack.packb(rid) + b"\x00\x93"
+                          + msgpack.packb(name) + (b"\xc3" if many else b"\xc2") + raw)
+        self.writer.submit(fn, done)
+
+    # ------------------------------------------------------------------ ops: waits
+
+    def op_wait_idle(self, conn: Conn, rid: int, names: Any, timeout: Any) -> None:
+        if names is not None and (type(names) is not list
+                                  or any(type(n) is not str for n in names)):
+            raise InvalidArgument("names must be a list of proc names or None")
+        if timeout is not None and (type(timeout) not in (int, float) or timeout < 0):
+            raise InvalidArgument("timeout must be a number >= 0 or None")
+        key = (conn.id, rid)
+        with self.store.reader() as r:
+            with self.wlock:
+                if _procs.idle(r, names, self.store.procs):
+                    conn.reply(rid, None)
+                    return
+                self.idle_waiters[key] = (conn, rid, names)
+        if timeout is not None:
+            def expire() -> None:
+                with self.wlock:
+                    w = self.idle_waiters.pop(key, None)
+                if w is not None:
+                    from .errors import Timeout
+                    conn.fail(rid, Timeout(f"procs still busy after {timeout} s"))
+            self.timers.after(float(timeout), expire)
+
+    def op_live(self, conn: Conn, rid: int, topic: Any, name: Any, offset: Any,
+                count: Any, timeout: Any) -> None:
+        """A live proc's blocking claim: claims at once, or parks until there is work."""
+        _ids.check_topic(topic)
+        _ids.check_proc_name(name)
+        _ids.parse_offset(offset)
+        count = _count(count)
+        opts = (-1, -1.0, "continue")
+
+        def attempt(tx: Any) -> Any:
+            rec = tx.proc(name)
+            if rec is None:
+                rec = _procs.ensure(tx, name, topic, offset, *opts)
+            elif rec["topic"] != topic:
+                _procs.ensure(tx, name, topic, offset, *opts)
+            if rec["status"] != "active":
+                return None
+            recs = _procs.claim(tx, name, rec, count)
+            return None if recs is None else ok_reply_raw(rid, page(recs, None))
+        self._queue_attempt(conn, rid, {name}, attempt)
+        if timeout is not None:
+            def expire() -> None:
+                with self.wlock:
+                    w = self.claim_waiters.pop((conn.id, rid), None)
+                if w is not None:
+                    conn.reply(rid, None)
+            self.timers.after(float(timeout), expire)
+
+    def op_shutdown(self, conn: Conn, rid: int) -> None:
+        conn.reply(rid, None)
+        threading.Thread(target=self.shutdown, daemon=True).start()
+
+
+def _count(count: Any) -> int:
+    if type(count) is not int or count < 1:
+        raise InvalidArgument("count must be an int >= 1")
+    return count
+
+
+# ------------------------------------------------------------------------- process main
+
+def _lock_location(location: str) -> Optional[int]:
+    import fcntl
+    fd = os.open(os.path.join(location, "node.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return fd
+
+
+def _write_private(path: str, data: bytes) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def main() -> None:
+    """Entry point of the node process (``python -m pipeproc._node``)."""
+    os.umask(0o077)
+    stdin = sys.stdin.buffer
+    size = int.from_bytes(stdin.read(4), "big")
+    cfg = msgpack.unpackb(stdin.read(size), raw=False)
+    ready_fd = cfg["ready_fd"]
+    level = cfg.get("log_level") or "WARNING"
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s pipeproc-node[%(process)d] %(levelname)s %(message)s")
+
+    def report(msg: dict) -> None:
+        try:
+            os.write(ready_fd, msgpack.packb(msg, use_bin_type=True))
+            os.close(ready_fd)
+        except OSError:
+            pass
+
+    location = cfg["location"]
+    try:
+        os.makedirs(location, mode=0o700, exist_ok=True)
+        lock_fd = _lock_location(location)
+        if lock_fd is None:
+            report({"error": ["node_already_active",
+                              f"a node is already running on {location}"]})
+            return
+        cfg["authkey"] = cfg.get("authkey") or os.urandom(32)
+        node = Node(cfg)
+        try:
+            node.bind()
+        except OSError as exc:
+            report({"error": ["node_already_active", f"cannot bind {cfg['address']}: {exc}"]})
+            return
+        _write_private(os.path.join(location, "node.key"), cfg["authkey"])
+        _write_private(os.path.join(location, "node.address"),
+                       msgpack.packb({"address": node.address}))
+        if cfg.get("workers", 0) > 0:
+            from ._supervisor import Supervisor
+            node.supervisor = Supervisor(node, cfg)
+        node.serve()
+        if node.supervisor is not None:
+            node.supervisor.start()
+    except Exception as exc:
+        log.exception("node failed to start")
+        report({"error": ["internal_error", f"node failed to start: {exc}"]})
+        return
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: threading.Thread(target=node.shutdown, daemon=True).start())
+
+    def lifeline() -> None:  # EOF on stdin: the spawning process is gone
+        try:
+            while os.read(0, 65536):
+                pass
+        except OSError:
+            pass
+        node.shutdown()
+    if cfg.get("lifeline", True):
+        threading.Thread(target=lifeline, name="lifeline", daemon=True).start()
+        parent = os.getppid()
+
+        def watch_parent() -> None:
+            if os.getppid() != parent:
+                node.shutdown()
+            elif not node.stopping.is_set():
+                node.timers.after(1.0, watch_parent)
+        node.timers.after(1.0, watch_parent)
+
+    report({"address": node.address, "authkey": node.authkey, "pid": os.getpid()})
+    while not node.stopped.wait(3600):
+        pass
+    # graceful end: let in-flight writes finish, then close the store
+    deadline = time.monotonic() + 10
+    while not node.writer.idle() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    node.timers.stop()
+    with node.conns_lock:
+        conns = list(node.conns.values())
+    for c in conns:
+        c.close()
+    with node.store.gate.exclusive():
+        node.writer.stop()
+        node.store.close()
+    for name in ("node.address",):
+        try:
+            os.unlink(os.path.join(location, name))
+        except OSError:
+            pass
+    if node.cfg["address"] is None:
+        try:
+            os.unlink(node.address)
+        except OSError:
+            pass
+    log.info("stopped")
+    logging.shutdown()
+    # daemon threads (connections, lifeline) may sit in blocking reads: leave without
+    # running interpreter teardown against them
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

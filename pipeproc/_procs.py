@@ -1,0 +1,319 @@
+"""The proc state machine and the GC rule, as functions of (transaction view, now, request).
+
+A proc record is a dict persisted as msgpack in the ``procs`` database:
+
+``topic, offset, created_at, start`` (the topic's next sequence at creation, for ``"$>"``),
+``claimed, acked, prev`` (ranges ``[lo_ms, lo_seq, hi_ms, hi_seq]`` or ``None``: the last
+claimed, last acked and previous claimed ranges), ``last_claimed_at, last_acked_at`` (ms),
+``status`` (``"active"``/``"disabled"``), ``reclaims, max_reclaims, reclaim_timeout``
+(seconds, ``-1`` for never), ``on_max`` and ``tbase`` (ms from which a pending claim's
+timeout counts: its claim, or the resume that re-armed it).
+
+A claim is *pending* while ``claimed != acked``. Every function here checks all its error
+conditions before it changes anything, and returns the new record through
+``tx.put_proc`` so a whole state change is one write of the group commit.
+"""
+
+from __future__ import annotations
+
+from typing import Any, List, Optional, Sequence, Tuple
+
+from . import _ids
+from .errors import (
+    InvalidAck,
+    InvalidProc,
+    NothingToReclaim,
+    ProcAlreadyActive,
+    ProcAlreadyDisabled,
+    ProcIsDisabled,
+    ProcNameNotUnique,
+    StaleClaim,
+)
+
+Range = Optional[List[int]]  # [lo_ms, lo_seq, hi_ms, hi_seq]
+
+STATE_FIELDS = (
+    "name", "topic", "offset", "created_at", "last_claimed_at", "last_acked_at",
+    "last_claimed_range", "last_acked_range", "previous_claimed_range", "status",
+    "reclaims", "max_reclaims", "reclaim_timeout", "on_max_reclaims_reached",
+)
+
+
+def range_str(r: Range) -> str:
+    """``"first_id..last_id"`` for a stored range, ``""`` for none."""
+    if not r:
+        return ""
+    return f"{r[0]}-{r[1]}..{r[2]}-{r[3]}"
+
+
+def state(name: str, rec: dict) -> list:
+    """The wire form of a ``ProcState`` (values in ``STATE_FIELDS`` order)."""
+    return [
+        name, rec["topic"], rec["offset"], rec["created_at"], rec["last_claimed_at"],
+        rec["last_acked_at"], range_str(rec["claimed"]), range_str(rec["acked"]),
+        range_str(rec["prev"]), rec["status"], rec["reclaims"], rec["max_reclaims"],
+        rec["reclaim_timeout"], rec["on_max"],
+    ]
+
+
+def pending(rec: dict) -> bool:
+    """Whether the proc holds a claim that is neither acked nor reclaimed."""
+    return rec["claimed"] is not None and rec["claimed"] != rec["acked"]
+
+
+def new_record(topic: str, offset: str, now: int, start: int, max_reclaims: int,
+               reclaim_timeout: float, on_max: str) -> dict:
+    return {
+        "topic": topic, "offset": offset, "created_at": now, "start": start,
+        "claimed": None, "acked": None, "prev": None,
+        "last_claimed_at": 0, "last_acked_at": 0, "status": "active", "reclaims": 0,
+        "max_reclaims": max_reclaims, "reclaim_timeout": reclaim_timeout, "on_max": on_max,
+        "tbase": 0,
+    }
+
+
+def position(view: Any, rec: dict) -> int:
+    """The next sequence the proc would claim, ignoring a pending claim."""
+    meta = view.topic(rec["topic"])
+    first = meta.first if meta is not None else 0
+    if rec["acked"] is not None:
+        return max(rec["acked"][3] + 1, first)
+    off = _ids.parse_offset(rec["offset"])
+    kind = off[0]
+    if kind == ">":
+        return first
+    if kind == "$>":
+        return max(rec["start"], first)
+    if kind == "seq":
+        return max(off[1], first)  # type: ignore[misc]
+    if meta is None:
+        return 0
+    # "<ms>-<seq>": the first log after that id; "<ms>": the first log with ms >= it.
+    return _ids.lower_seq(off, kind == "id", meta.first, meta.next,  # type: ignore[arg-type]
+                          lambda q: view.ms_at(meta.tid, q))
+
+
+def has_work(view: Any, rec: dict) -> bool:
+    """Active, nothing pending, and at least one log to claim."""
+    if rec["status"] != "active" or pending(rec):
+        return False
+    meta = view.topic(rec["topic"])
+    return meta is not None and position(view, rec) < meta.next
+
+
+def lag(view: Any, rec: dict) -> int:
+    """Logs committed to the proc's topic and not yet acked by it."""
+    meta = view.topic(rec["topic"])
+    if meta is None:
+        return 0
+    return max(0, meta.next - position(view, rec))
+
+
+def deadline(rec: dict) -> Optional[int]:
+    """When the pending claim times out (ms), or ``None``."""
+    if not pending(rec) or rec["status"] != "active":
+        return None
+    timeout = rec["reclaim_timeout"]
+    if timeout is None or timeout < 0:
+        return None
+    return rec["tbase"] + int(timeout * 1000)
+
+
+def _get(tx: Any, name: str) -> dict:
+    rec = tx.proc(name)
+    if rec is None:
+        raise InvalidProc(f"proc {name!r} does not exist")
+    return rec
+
+
+def _reclaimed(rec: dict) -> dict:
+    """The record after one reclaim (manual or by timeout): counts, maybe disables."""
+    new = dict(rec)
+    new["claimed"] = rec["acked"]
+    new["reclaims"] = rec["reclaims"] + 1
+    if (rec["max_reclaims"] != -1 and new["reclaims"] >= rec["max_reclaims"]
+            and rec["on_max"] == "disable"):
+        new["status"] = "disabled"
+    return new
+
+
+def _check_claimed(rec: dict, claimed: Optional[Sequence[int]]) -> None:
+    """``claimed`` is ``[lo_ms, lo_seq, hi_ms, hi_seq, n]`` as sent by a client."""
+    if claimed is None:
+        return
+    c = rec["claimed"]
+    if (not pending(rec) or list(claimed[:4]) != c or claimed[4] != c[3] - c[1] + 1):
+        raise StaleClaim(
+            f"the given logs are not proc {rec.get('_name', '')!s}'s pending claim "
+            f"({range_str(c) if pending(rec) else 'nothing pending'})"
+        )
+
+
+def ensure(tx: Any, name: str, topic: str, offset: str, max_reclaims: int,
+           reclaim_timeout: float, on_max: str) -> dict:
+    """The proc's record, created (with these frozen options) when missing."""
+    rec = tx.proc(name)
+    if rec is None:
+        meta = tx.topic(topic)
+        rec = new_record(topic, offset, tx.now, meta.next if meta else 0, max_reclaims,
+                         reclaim_timeout, on_max)
+        tx.put_proc(name, rec)
+    elif rec["topic"] != topic:
+        raise ProcNameNotUnique(f"proc {name!r} already exists on topic {rec['topic']!r}")
+    return rec
+
+
+def expire(tx: Any, name: str, rec: dict) -> dict:
+    """Reclaim the pending claim if its timeout has passed (one write)."""
+    due = deadline(rec)
+    if due is not None and tx.now >= due:
+        rec = _reclaimed(rec)
+        tx.put_proc(name, rec)
+    return rec
+
+
+def claim(tx: Any, name: str, rec: dict, count: int) -> Optional[List[Any]]:
+    """Claim up to ``count`` logs for an active proc with nothing pending.
+
+    Returns the stored records of the claim, or ``None`` (pending, or nothing to claim).
+    """
+    if rec["status"] != "active" or pending(rec):
+        return None
+    meta = tx.topic(rec["topic"])
+    if meta is None:
+        return None
+    lo = position(tx, rec)
+    if lo >= meta.next:
+        return None
+    hi = min(lo + count - 1, meta.next - 1)
+    records = tx.records(meta, lo, hi, count, False, max_bytes=1 << 62)
+    from ._protocol import record_ms
+
+    new = dict(rec)
+    new["prev"] = rec["claimed"]
+    new["claimed"] = [record_ms(records[0]), lo, record_ms(records[-1]), hi]
+    new["last_claimed_at"] = tx.now
+    new["tbase"] = tx.now
+    tx.put_proc(name, new)
+    return records
+
+
+def proc(tx: Any, name: str, topic: str, offset: str, count: int, max_reclaims: int,
+         reclaim_timeout: float, on_max: str) -> Optional[List[Any]]:
+    """``pp.proc``: create if needed, expire a timed-out claim, claim."""
+    rec = ensure(tx, name, topic, offset, max_reclaims, reclaim_timeout, on_max)
+    if rec["status"] != "active":
+        raise ProcIsDisabled(f"proc {name!r} is disabled")
+    rec = expire(tx, name, rec)
+    return claim(tx, name, rec, count)
+
+
+def ack(tx: Any, name: str, claimed: Optional[Sequence[int]]) -> str:
+    """``pp.ack``: make the pending claim the acked range."""
+    rec = _get(tx, name)
+    if not pending(rec):
+        if claimed is not None and rec["acked"] is not None and list(claimed[:4]) == rec["acked"]:
+            return range_str(rec["acked"])  # a retried ack of what is already acked
+        if claimed is not None:
+            _check_claimed(rec, claimed)
+        if rec["acked"] is None:
+            raise InvalidAck(f"proc {name!r} has nothing pending and never acked")
+        return range_str(rec["acked"])
+    _check_claimed(rec, claimed)
+    new = dict(rec)
+    new["acked"] = rec["claimed"]
+    new["reclaims"] = 0
+    new["last_acked_at"] = tx.now
+    tx.put_proc(name, new)
+    return range_str(new["acked"])
+
+
+def check_ack_commit(tx: Any, name: str, claimed: Optional[Sequence[int]]) -> dict:
+    """The checks of ``ack_commit`` (before its logs are written)."""
+    rec = _get(tx, name)
+    if not pending(rec):
+        raise InvalidAck(f"proc {name!r} has no pending claim to ack")
+    _check_claimed(rec, claimed)
+    return rec
+
+
+def reclaim(tx: Any, name: str, claimed: Optional[Sequence[int]]) -> str:
+    """``pp.reclaim``: drop the pending claim, count it, maybe disable."""
+    rec = _get(tx, name)
+    if rec["status"] != "active":
+        raise ProcIsDisabled(f"proc {name!r} is disabled")
+    if not pending(rec):
+        raise NothingToReclaim(f"proc {name!r} has no pending claim")
+    _check_claimed(rec, claimed)
+    new = _reclaimed(rec)
+    tx.put_proc(name, new)
+    return range_str(new["acked"])
+
+
+def disable(tx: Any, name: str) -> list:
+    rec = _get(tx, name)
+    if rec["status"] == "disabled":
+        raise ProcAlreadyDisabled(f"proc {name!r} is already disabled")
+    new = dict(rec, status="disabled")
+    tx.put_proc(name, new)
+    return state(name, new)
+
+
+def resume(tx: Any, name: str) -> list:
+    rec = _get(tx, name)
+    if rec["status"] == "active":
+        raise ProcAlreadyActive(f"proc {name!r} is already active")
+    new = dict(rec, status="active", reclaims=0, tbase=tx.now)
+    tx.put_proc(name, new)
+    return state(name, new)
+
+
+def destroy(tx: Any, name: str) -> list:
+    rec = _get(tx, name)
+    tx.put_proc(name, None)
+    return state(name, rec)
+
+
+def idle(view: Any, names: Optional[Sequence[str]], procs: dict) -> bool:
+    """``wait_for_procs``' condition: every named (default: all) active proc on an existing
+    topic has no pending claim and nothing left to claim."""
+    for name in (procs.keys() if names is None else names):
+        rec = procs.get(name)
+        if rec is None or rec["status"] != "active":
+            continue
+        meta = view.topic(rec["topic"])
+        if meta is None:
+            continue
+        if pending(rec) or position(view, rec) < meta.next:
+            return False
+    return True
+
+
+def gc_upto(view: Any, topic: str, meta: Any, procs_on_topic: List[dict], cutoff_ms: int) -> int:
+    """The GC rule: the first sequence of ``topic`` to keep.
+
+    Logs older than ``cutoff_ms`` go, except from the first log of each active proc's
+    previous claimed range on; a proc that has not claimed twice, or is disabled, protects
+    everything from its position on.
+    """
+    upto = _ids.bisect(meta.first, meta.next, lambda q: view.ms_at(meta.tid, q) >= cutoff_ms)
+    for rec in procs_on_topic:
+        keep = position(view, rec)
+        if rec["prev"] is not None:
+            keep = min(keep, rec["prev"][1])
+        if pending(rec):
+            keep = min(keep, rec["claimed"][1])
+        upto = min(upto, keep)
+    return upto
+
+
+def claimed_key(ids: Sequence[Tuple[int, int]]) -> List[int]:
+    """The ``claimed=`` identity of a list of ``(ms, seq)``: ``[lo_ms, lo_seq, hi_ms, hi_seq, n]``
+    (``n = -1`` when the sequences are not consecutive, which matches no claim)."""
+    lo, hi = ids[0], ids[-1]
+    n = len(ids)
+    for i in range(1, n):
+        if ids[i][1] != ids[i - 1][1] + 1:
+            n = -1
+            break
+    return [lo[0], lo[1], hi[0], hi[1], n]
