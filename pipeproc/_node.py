@@ -48,6 +48,7 @@ import msgpack
 from . import _ids, _procs
 from ._protocol import (
     MAX_FRAME,
+    array_header,
     decode,
     err_reply,
     ok_reply,
@@ -146,6 +147,7 @@ class Conn:
         self.closed = False
         self.worker: Optional[dict] = None  # set by "hello_worker"
         self.claims: Dict[str, list] = {}   # worker claims: proc name -> claimed key
+        self.live: set = set()              # hidden live procs owned by this connection
 
     # -- replies (from any thread; never block the caller on a slow reader)
 
@@ -231,7 +233,7 @@ class Conn:
                     data = c.recv_bytes(MAX_FRAME)
                 except (EOFError, OSError) as exc:
                     if not isinstance(exc, EOFError) and not self.closed:
-                        log.warning("connection %d dropped: %s", self.id, exc)
+                        log.info("connection %d dropped: %s", self.id, exc)
                     break
                 rid = None
                 try:
@@ -333,14 +335,25 @@ class Writer:
         self._thread = threading.Thread(target=self._run, name="writer", daemon=True)
         self._thread.start()
 
+    @property
+    def stopped(self) -> bool:
+        return self._stopped
+
     def submit(self, fn: Callable, done: Callable) -> None:
         with self._lock:
-            self._queue.append((fn, done))
-            if self._busy:
-                return
-            self._busy = True
-            jobs = self._queue
-            self._queue = []
+            if not self._stopped:
+                self._queue.append((fn, done))
+                if self._busy:
+                    return
+                self._busy = True
+                jobs = self._queue
+                self._queue = []
+            else:
+                jobs = None
+        if jobs is None:
+            from .errors import NoActiveNode
+            done(False, NoActiveNode("the node is shutting down"))
+            return
         self._round(jobs)
         with self._lock:
             if self._queue:
@@ -367,10 +380,17 @@ class Writer:
                 self._round(jobs)
 
     def stop(self) -> None:
+        """Refuse new requests, finish the queued ones, stop the thread."""
         with self._lock:
             self._stopped = True
             self._handoff.notify()
-        self._thread.join(timeout=10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self._busy and not self._queue:
+                    break
+            time.sleep(0.002)
+        self._thread.join(timeout=1)
 
     def idle(self) -> bool:
         with self._lock:
@@ -458,7 +478,9 @@ class Node:
             "reclaim": Node.op_reclaim, "inspect": Node.op_inspect,
             "disable": Node.op_disable, "resume": Node.op_resume, "destroy": Node.op_destroy,
             "avail": Node.op_available, "wait_idle": Node.op_wait_idle,
-            "live": Node.op_live, "shutdown": Node.op_shutdown,
+            "live": Node.op_live, "create_live": Node.op_create_live,
+            "sysproc": Node.op_sysproc, "hello_worker": Node.op_hello_worker,
+            "work": Node.op_work, "shutdown": Node.op_shutdown,
         }
         self.ops = {k: (lambda f: (lambda conn, rid, *a: f(self, conn, rid, *a)))(f)
                     for k, f in self.ops.items()}
@@ -511,10 +533,15 @@ class Node:
             for table in (self.idle_waiters, self.claim_waiters):
                 for key in [k for k in table if k[0] == conn.id]:
                     del table[key]
-        if conn.claims:
+        with conn.lock:
             claims = dict(conn.claims)
             conn.claims.clear()
+            live = set(conn.live)
+            conn.live.clear()
+        if claims and not self.writer.stopped:
             self.writer.submit(lambda tx: self._reclaim_dead(tx, claims), lambda ok, v: None)
+        if live and not self.writer.stopped:
+            self.writer.submit(lambda tx: self._drop_live(tx, live), lambda ok, v: None)
         if conn.worker is not None and self.supervisor is not None:
             self.supervisor.worker_gone(conn)
 
@@ -524,6 +551,19 @@ class Node:
             if rec is not None and _procs.pending(rec) and rec["claimed"] == key[:4]:
                 tx.put_proc(name, _procs._reclaimed(rec))
                 log.info("reclaimed %s held by a dead worker", name)
+
+    def _drop_live(self, tx: Any, names: set) -> None:
+        for name in names:
+            if tx.proc(name) is not None:
+                tx.put_proc(name, None)
+
+    def sys_names(self) -> Dict[str, dict]:
+        """proc name -> its system proc definition."""
+        out = {}
+        for d in self.store.sysprocs.values():
+            for pn in d["procs"]:
+                out[pn] = d
+        return out
 
     # -- notifications (called by the writer after every commit)
 
@@ -541,10 +581,17 @@ class Node:
                     if rec["topic"] in topics:
                         signal_procs.add(name)
             woken = []
+            sys_hit = None
             with self.wlock:
                 for key, w in list(self.claim_waiters.items()):
                     interest = w[2]
-                    if interest is None or not interest.isdisjoint(signal_procs):
+                    if interest == "sys":
+                        if sys_hit is None:
+                            sys_hit = not signal_procs.isdisjoint(self.sys_names())
+                        hit = sys_hit
+                    else:
+                        hit = not interest.isdisjoint(signal_procs)
+                    if hit:
                         woken.append(w)
                         del self.claim_waiters[key]
             for w in woken:
@@ -561,22 +608,19 @@ class Node:
                 conn.reply(rid, None)
 
     def writer_retry(self, w: tuple) -> None:
-        conn, rid, interest, attempt = w
-        self._queue_attempt(conn, rid, interest, attempt)
+        self.writer.submit(w[3], w[4])
 
-    def _queue_attempt(self, conn: Conn, rid: int, interest: Optional[set],
-                       attempt: Callable) -> None:
+    def _queue_attempt(self, conn: Conn, rid: int, interest: Any, attempt: Callable) -> None:
         """Run ``attempt(tx)`` in the writer; ``None`` parks the request until a commit
-        touches ``interest`` (a set of proc names; ``None``: any proc)."""
+        touches ``interest`` (a set of proc names, or ``"sys"``: any system proc)."""
 
         def done(ok: bool, value: Any) -> None:
             if not ok:
                 conn.fail(rid, value)
             elif value is None:
-                if conn.closed:
-                    return
                 with self.wlock:
-                    self.claim_waiters[(conn.id, rid)] = (conn, rid, interest, attempt)
+                    if not conn.closed:
+                        self.claim_waiters[(conn.id, rid)] = (conn, rid, interest, attempt, done)
             else:
                 conn.send(value)
 
@@ -633,6 +677,11 @@ class Node:
             self.listener.close()
         except OSError:
             pass
+        with self.wlock:
+            parked = list(self.claim_waiters.values())
+            self.claim_waiters.clear()
+        for w in parked:  # parked workers get "exit", live procs their None
+            self.writer_retry(w)
         if self.supervisor is not None:
             self.supervisor.stop()
         self.stopped.set()
@@ -911,14 +960,10 @@ class Node:
         _ids.check_proc_name(name)
         _ids.parse_offset(offset)
         count = _count(count)
-        opts = (-1, -1.0, "continue")
-
         def attempt(tx: Any) -> Any:
             rec = tx.proc(name)
-            if rec is None:
-                rec = _procs.ensure(tx, name, topic, offset, *opts)
-            elif rec["topic"] != topic:
-                _procs.ensure(tx, name, topic, offset, *opts)
+            if rec is None or rec["topic"] != topic or self.stopping.is_set():
+                return ok_reply(rid, None)  # cancelled (destroyed) or shutting down: the end
             if rec["status"] != "active":
                 return None
             recs = _procs.claim(tx, name, rec, count)
@@ -931,6 +976,163 @@ class Node:
                 if w is not None:
                     conn.reply(rid, None)
             self.timers.after(float(timeout), expire)
+
+    def op_create_live(self, conn: Conn, rid: int, topic: Any, name: Any, offset: Any) -> None:
+        """Create a live proc's hidden proc, owned by this connection (destroyed with it)."""
+        _ids.check_topic(topic)
+        _ids.check_proc_name(name)
+        _ids.parse_offset(offset)
+
+        def fn(tx: Any) -> list:
+            rec = _procs.ensure(tx, name, topic, offset, -1, -1.0, "continue")
+            return _procs.state(name, rec)
+
+        def done(ok: bool, value: Any) -> None:
+            if ok:
+                with conn.lock:
+                    if not conn.closed:
+                        conn.live.add(name)
+                conn.reply(rid, value)
+            else:
+                conn.fail(rid, value)
+        self.writer.submit(fn, done)
+
+    def op_sysproc(self, conn: Conn, rid: int, name: Any, topics: Any, multi: Any, ref: Any,
+                   tos: Any, offset: Any, count: Any, max_reclaims: Any, reclaim_timeout: Any,
+                   on_max: Any) -> None:
+        _ids.check_proc_name(name)
+        if type(topics) is not list or not topics or type(tos) is not list:
+            raise InvalidArgument("from_ and to are topic names or lists of them")
+        for t in topics + tos:
+            _ids.check_topic(t)
+        if type(ref) is not str or not ref:
+            from .errors import InvalidProcessor
+            raise InvalidProcessor("processor must be an import string")
+        _ids.parse_offset(offset)
+        count = _count(count)
+        opts = _opts(max_reclaims, reclaim_timeout, on_max)
+        names = [f"{name}__{t}" for t in topics] if multi else [name]
+        for pn in names:
+            _ids.check_proc_name(pn)
+
+        def fn(tx: Any) -> list:
+            existing = tx.sysproc(name)
+            if existing is not None:
+                return [_procs.state(pn, tx.proc(pn)) for pn in existing["procs"]
+                        if tx.proc(pn) is not None]
+            for pn, t in zip(names, topics):  # check everything before writing
+                rec = tx.proc(pn)
+                if rec is not None and rec["topic"] != t:
+                    from .errors import ProcNameNotUnique
+                    raise ProcNameNotUnique(f"proc {pn!r} already exists on topic {rec['topic']!r}")
+            states = []
+            for pn, t in zip(names, topics):
+                rec = _procs.ensure(tx, pn, t, offset, *opts)
+                states.append(_procs.state(pn, rec))
+            tx.put_sysproc(name, {"procs": names, "topics": topics, "processor": ref,
+                                  "to": tos, "count": count, "multi": bool(multi),
+                                  "created_at": tx.now})
+            return states
+        self._write(conn, rid, fn)
+
+    def op_hello_worker(self, conn: Conn, rid: int, slot: Any, pid: Any) -> None:
+        conn.worker = {"slot": _int(slot, "slot"), "pid": _int(pid, "pid")}
+        if self.supervisor is not None:
+            self.supervisor.hello(slot, pid)
+        conn.reply(rid, None)
+
+    def op_work(self, conn: Conn, rid: int, done: Any, more: Any) -> None:
+        """A worker reports the outcome of its last claim and asks for the next one."""
+        if conn.worker is None:
+            raise Malformed("work from a connection that is not a worker")
+        if done is not None:
+            if type(done) is not list or len(done) != 4 or done[2] not in ("ack", "commit", "reclaim"):
+                raise Malformed("bad work outcome")
+            name, key, kind, items = done
+            _ids.check_proc_name(name)
+            key = _claimed(key)
+            items = _items(items) if kind == "commit" else None
+            if self.supervisor is not None:
+                self.supervisor.count(conn.worker["slot"], kind == "reclaim")
+        st = {"done": None if done is None else (name, key, kind, items)}
+        slot = conn.worker["slot"]
+
+        def attempt(tx: Any) -> Any:
+            d = st["done"]
+            if d is not None:
+                self._apply_outcome(tx, *d)
+            if self.stopping.is_set() or not more:
+                return ("exit", None, ok_reply(rid, "exit"))
+            return self._claim_any(tx, rid)
+
+        def finish(ok: bool, value: Any) -> None:
+            st["done"] = None
+            if not ok:
+                conn.fail(rid, value)
+                return
+            if value is None:
+                with self.wlock:
+                    if not conn.closed:
+                        self.claim_waiters[(conn.id, rid)] = (conn, rid, "sys", attempt, finish)
+                        return
+                return
+            name, key, data = value
+            if key is not None:
+                with conn.lock:
+                    orphan = conn.closed
+                    if not orphan:
+                        conn.claims[name] = key
+                if orphan:  # the worker died while we claimed for it
+                    self.writer.submit(lambda tx: self._reclaim_dead(tx, {name: key}),
+                                       lambda ok, v: None)
+                    return
+            conn.send(data)
+
+        d0 = st["done"]
+        if d0 is not None:
+            with conn.lock:
+                conn.claims.pop(d0[0], None)
+        self.writer.submit(attempt, finish)
+
+    def _apply_outcome(self, tx: Any, name: str, key: list, kind: str, items: Any) -> None:
+        try:
+            if kind == "ack":
+                _procs.ack(tx, name, key)
+            elif kind == "commit":
+                _procs.check_ack_commit(tx, name, key)
+                _procs.ack(tx, name, key)
+                if items:
+                    tx.append(items)
+            else:
+                _procs.reclaim(tx, name, key)
+        except PipeProcError as exc:
+            log.info("worker outcome for %s dropped: %s", name, exc)
+
+    def _claim_any(self, tx: Any, rid: int) -> Any:
+        """Claim for a worker from the system procs with work, round robin."""
+        defs = self.sys_names()
+        names = sorted(defs)
+        n = len(names)
+        for i in range(n):
+            idx = (self.rr + i) % n
+            name = names[idx]
+            rec = tx.proc(name)
+            if rec is None or rec["status"] != "active":
+                continue
+            d = defs[name]
+            rec = _procs.expire(tx, name, rec)
+            recs = _procs.claim(tx, name, rec, d["count"])
+            if recs is None:
+                continue
+            self.rr = idx + 1
+            c = tx.proc(name)["claimed"]
+            key = c + [c[3] - c[1] + 1]
+            data = (b"\x93" + msgpack.packb(rid) + b"\x00\x96" + msgpack.packb(name)
+                    + msgpack.packb(d["processor"]) + msgpack.packb(d["to"])
+                    + (b"\xc3" if d["count"] > 1 else b"\xc2") + array_header(len(recs))
+                    + b"".join(recs) + msgpack.packb(key))
+            return (name, key, data)
+        return None
 
     def op_shutdown(self, conn: Conn, rid: int) -> None:
         conn.reply(rid, None)
@@ -1049,8 +1251,8 @@ def main() -> None:
         conns = list(node.conns.values())
     for c in conns:
         c.close()
+    node.writer.stop()
     with node.store.gate.exclusive():
-        node.writer.stop()
         node.store.close()
     for name in ("node.address",):
         try:

@@ -6,7 +6,7 @@ random bounds of every form — full ids that exist or not, timestamps inside an
 topic, ``:seq`` (existing or not), ``exclusive`` and ``limit`` — and compares the node's
 answer with :func:`model_range`, computed from the committed ids alone.
 
-``model_range`` / ``bound_strategy`` are also used by ``test_commit_model.py``.
+``model_range`` / ``bound_strategy`` / ``resolve_bound`` are also used by ``test_commit_model.py``.
 """
 
 from __future__ import annotations
@@ -84,26 +84,42 @@ def model_range(positions, start=None, end=None, limit=None, exclusive=False, re
     return out
 
 
-def bound_strategy(positions):
-    """Bounds of every form around ``positions`` (a list of (ms, seq), possibly empty)."""
-    ms_values = sorted({p[0] for p in positions}) or [int(time.time() * 1000)]
+# A bound is drawn symbolically (its kind and small offsets, independent of the actual ids)
+# and resolved against the topic's positions, so that data generation does not depend on
+# the clock: hypothesis replays and shrinks it deterministically.
+BOUND_KINDS = ["none", "id", "id_near", "id_any", "ts", "ts_near", "ts_out", "seq", "seq_missing"]
+bound_strategy = st.tuples(
+    st.sampled_from(BOUND_KINDS),
+    st.integers(min_value=0, max_value=10_000),  # which position / which ms
+    st.integers(min_value=-1, max_value=1),  # ms offset
+    st.integers(min_value=-1, max_value=2),  # seq offset
+)
+
+
+def resolve_bound(positions, sym):
+    """The bound string (or None) that ``sym`` (drawn from bound_strategy) names."""
+    kind, idx, dms, dseq = sym
     n = len(positions)
-    lo_ms, hi_ms = ms_values[0], ms_values[-1]
-    ms_near = st.sampled_from(ms_values).flatmap(
-        lambda m: st.sampled_from([m - 1, m, m, m + 1])
-    ) | st.sampled_from([0, lo_ms - 1000, hi_ms + 1000])
-    seq_near = st.integers(min_value=0, max_value=n + 2)
-    options = [
-        st.none(),
-        st.builds(lambda m, s: f"{m}-{s}", ms_near, seq_near),  # full id, exists or not
-        ms_near.map(str),  # timestamp inside / outside
-        st.integers(min_value=0, max_value=n + 1).map(lambda s: f":{s}"),  # :seq (n, n+1 missing)
-    ]
-    if positions:
-        options.append(st.sampled_from(positions).map(lambda p: f"{p[0]}-{p[1]}"))  # existing id
-        options.append(st.sampled_from(positions).map(lambda p: str(p[0])))  # existing ms
-        options.append(st.integers(min_value=0, max_value=n - 1).map(lambda s: f":{s}"))
-    return st.one_of(*options)
+    ms_values = sorted({p[0] for p in positions}) or [int(time.time() * 1000)]
+    if kind == "none":
+        return None
+    if kind == "seq_missing":
+        return f":{n + idx % 3}"
+    if kind == "seq":
+        return f":{idx % (n + 1)}"  # exists unless it is n
+    if kind == "ts_out":
+        return str([0, ms_values[0] - 1000, ms_values[-1] + 1000][idx % 3])
+    ms = ms_values[idx % len(ms_values)]
+    if kind == "ts":
+        return str(ms)
+    if kind == "ts_near":
+        return str(ms + dms)
+    if kind == "id_any":  # any ms of the topic with any seq around it: mismatched pairs
+        return f"{ms + dms}-{max(0, (idx // 7) % (n + 2))}"
+    pos = positions[idx % n] if n else (ms, 0)
+    if kind == "id":
+        return f"{pos[0]}-{pos[1]}"
+    return f"{pos[0] + dms}-{max(0, pos[1] + dseq)}"  # id_near
 
 
 limit_strategy = st.one_of(st.none(), st.integers(min_value=-3, max_value=12))
@@ -190,32 +206,30 @@ plan_strategy = st.lists(
 query_strategy = st.tuples(st.booleans(), st.booleans(), limit_strategy, st.booleans())
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(plan=plan_strategy, data=st.data())
 def test_range_matches_model(shared_node, plan, data):
     pp = shared_node
     topic, positions = _build_topic(pp, plan)
     assert [parse_id(log.id) for log in pp.range(topic)] == positions
     assert pp.length(topic) == len(positions)
-    bounds = bound_strategy(positions)
     for _ in range(8):
-        start = data.draw(bounds, label="start")
-        end = data.draw(bounds, label="end")
+        start = resolve_bound(positions, data.draw(bound_strategy, label="start"))
+        end = resolve_bound(positions, data.draw(bound_strategy, label="end"))
         exclusive, reverse, limit, lazy = data.draw(query_strategy, label="query")
         page_size = data.draw(st.integers(min_value=1, max_value=4), label="page") if lazy else None
         check_read(pp, topic, positions, start, end, limit, exclusive, reverse, page_size)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(plan=plan_strategy, data=st.data())
 def test_range_and_revrange_are_mirror_images(shared_node, plan, data):
     """revrange(start=hi, end=lo) is range(start=lo, end=hi) reversed (no limit)."""
     pp = shared_node
     topic, positions = _build_topic(pp, plan)
-    bounds = bound_strategy(positions)
     for _ in range(6):
-        lo = data.draw(bounds, label="lo")
-        hi = data.draw(bounds, label="hi")
+        lo = resolve_bound(positions, data.draw(bound_strategy, label="lo"))
+        hi = resolve_bound(positions, data.draw(bound_strategy, label="hi"))
         exclusive = data.draw(st.booleans(), label="exclusive")
         try:
             model_range(positions, lo, hi, None, exclusive, False)
@@ -227,14 +241,13 @@ def test_range_and_revrange_are_mirror_images(shared_node, plan, data):
         check_read(pp, topic, positions, lo, hi, None, exclusive, False)
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(plan=plan_strategy, data=st.data())
 def test_limit_is_prefix_of_unlimited(shared_node, plan, data):
     pp = shared_node
     topic, positions = _build_topic(pp, plan)
-    bounds = bound_strategy(positions)
-    start = data.draw(bounds, label="start")
-    end = data.draw(bounds, label="end")
+    start = resolve_bound(positions, data.draw(bound_strategy, label="start"))
+    end = resolve_bound(positions, data.draw(bound_strategy, label="end"))
     exclusive, reverse = data.draw(st.booleans()), data.draw(st.booleans())
     call = pp.revrange if reverse else pp.range
     try:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -25,7 +25,7 @@ from hypothesis.stateful import (
 )
 
 import pipeproc
-from test_bounds_model import bound_strategy, check_read, limit_strategy, parse_id
+from test_bounds_model import bound_strategy, check_read, limit_strategy, parse_id, resolve_bound
 
 
 class NodeHolder:
@@ -162,9 +162,8 @@ class CommitMachine(RuleBasedStateMachine):
                 assert e.value.code == "invalid_topic"
             return
         positions = self._positions(topic)
-        bounds = bound_strategy(positions)
-        start = data.draw(bounds, label="start")
-        end = data.draw(bounds, label="end")
+        start = resolve_bound(positions, data.draw(bound_strategy, label="start"))
+        end = resolve_bound(positions, data.draw(bound_strategy, label="end"))
         limit = data.draw(limit_strategy, label="limit")
         exclusive = data.draw(st.booleans(), label="exclusive")
         reverse = data.draw(st.booleans(), label="reverse")
@@ -184,6 +183,7 @@ class CommitMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.steps_since_restart >= 6)
     @rule()
     def restart(self):
+        event("restart")
         self.steps_since_restart = 0
         self.holder.restart()
         if self.holder.memory:
@@ -239,8 +239,8 @@ def test_commit_state_machine(tmp_path, memory):
         run_state_machine_as_test(
             lambda: CommitMachine(holder),
             settings=settings(
-                max_examples=25,
-                stateful_step_count=25,
+                max_examples=100,
+                stateful_step_count=30,
                 deadline=None,
                 suppress_health_check=[HealthCheck.too_slow],
             ),
