@@ -15,7 +15,14 @@ import subprocess
 import sys
 import threading
 import time
-from multiprocessing.connection import AuthenticationError, Client
+import socket
+import struct
+from multiprocessing.connection import (
+    AuthenticationError,
+    Connection,
+    answer_challenge,
+    deliver_challenge,
+)
 from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import msgpack
@@ -154,6 +161,51 @@ def _check_offset(offset: Any) -> str:
     return offset
 
 
+HANDSHAKE_TIMEOUT = 5.0
+_NO_TIMEOUT = struct.pack("ll", 0, 0)
+
+
+def open_connection(address: Any, authkey: bytes, timeout: float = HANDSHAKE_TIMEOUT) -> Connection:
+    """Connect and authenticate (``multiprocessing.connection`` handshake), never hanging:
+    connect and handshake are bounded by ``timeout`` seconds.
+
+    Raises:
+        NoActiveNode: nothing answered in time. AuthFailed: the key was refused.
+    """
+    family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(address)
+        sock.settimeout(None)
+        if family == socket.AF_INET:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        secs = max(timeout, 0.001)
+        tv = struct.pack("ll", int(secs), int((secs % 1) * 1_000_000))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+    except OSError as exc:
+        sock.close()
+        raise NoActiveNode(f"no node at {address!r}: {exc}") from None
+    c = Connection(sock.detach())
+    try:
+        answer_challenge(c, authkey)
+        deliver_challenge(c, authkey)
+    except AuthenticationError:
+        c.close()
+        raise AuthFailed("the node refused the authkey") from None
+    except (OSError, EOFError) as exc:
+        c.close()
+        raise NoActiveNode(f"no node answered at {address!r}: {exc}") from None
+    s = socket.socket(fileno=c.fileno())
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _NO_TIMEOUT)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _NO_TIMEOUT)
+    finally:
+        s.detach()
+    return c
+
+
 class PipeProc:
     """A client of a pipeproc node (returned by :func:`spawn` and :func:`connect`).
 
@@ -198,13 +250,7 @@ class PipeProc:
         return self._location
 
     def _connect(self) -> Any:
-        family = "AF_UNIX" if isinstance(self._address, str) else "AF_INET"
-        try:
-            c = Client(self._address, family=family, authkey=self._authkey)
-        except AuthenticationError:
-            raise AuthFailed("the node refused the authkey") from None
-        except (OSError, EOFError) as exc:
-            raise NoActiveNode(f"no node at {self._address!r}: {exc}") from None
+        c = open_connection(self._address, self._authkey)
         with self._lock:
             self._conns.add(c)
         return c
@@ -610,7 +656,8 @@ def spawn(location: Any = None, *, memory: bool = False, workers: int = 1,
     Raises:
         NodeAlreadyActive: a running node owns the location or address.
     """
-    if memory and location is None:
+    temp_location = memory and location is None
+    if temp_location:
         import tempfile
         loc = tempfile.mkdtemp(prefix="pipeproc-")
     else:
@@ -631,7 +678,7 @@ def spawn(location: Any = None, *, memory: bool = False, workers: int = 1,
         "gc": _gc_settings(gc), "durability": durability, "address": _address(address),
         "authkey": bytes(authkey) if authkey else None, "max_map_size": max_map_size,
         "sys_path": [p for p in sys.path if isinstance(p, str)], "cwd": os.getcwd(),
-        "log_level": log_level,
+        "log_level": log_level, "temp_location": temp_location,
     }
     read_fd, write_fd = os.pipe()
     cfg["ready_fd"] = write_fd
@@ -655,10 +702,14 @@ def spawn(location: Any = None, *, memory: bool = False, workers: int = 1,
     except BaseException:
         proc.kill()
         proc.wait()
+        if proc.stdin is not None:
+            proc.stdin.close()
         raise
     finally:
         os.close(read_fd)
     if "error" in msg:
+        if proc.stdin is not None:
+            proc.stdin.close()
         proc.wait(10)
         code, message = msg["error"]
         raise from_code(code, message)
@@ -670,6 +721,8 @@ def spawn(location: Any = None, *, memory: bool = False, workers: int = 1,
     except BaseException:
         proc.kill()
         proc.wait()
+        if proc.stdin is not None:
+            proc.stdin.close()
         raise
     return pp
 
@@ -727,7 +780,11 @@ def connect(location: Any = None, *, address: Any = None, authkey: Optional[byte
                 addr = addr if addr is not None else (tuple(a) if isinstance(a, list) else a)
                 key = key if key is not None else file_key
             pp = PipeProc(addr, key, location=loc)
-            pp._release(pp._connect())
+            left = max(0.05, deadline - time.monotonic())
+            c = open_connection(addr, key, min(left, HANDSHAKE_TIMEOUT))
+            with pp._lock:
+                pp._conns.add(c)
+            pp._release(c)
             return pp
         except AuthFailed:
             raise

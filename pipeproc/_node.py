@@ -1264,6 +1264,9 @@ def main() -> None:
             os.unlink(node.address)
         except OSError:
             pass
+    if cfg.get("temp_location"):
+        import shutil
+        shutil.rmtree(location, ignore_errors=True)
     log.info("stopped")
     logging.shutdown()
     # daemon threads (connections, lifeline) may sit in blocking reads: leave without

@@ -144,7 +144,7 @@ def _check_claimed(rec: dict, claimed: Optional[Sequence[int]]) -> None:
     c = rec["claimed"]
     if (not pending(rec) or list(claimed[:4]) != c or claimed[4] != c[3] - c[1] + 1):
         raise StaleClaim(
-            f"the given logs are not proc {rec.get('_name', '')!s}'s pending claim "
+            "the given logs are not the proc's pending claim "
             f"({range_str(c) if pending(rec) else 'nothing pending'})"
         )
 
@@ -212,12 +212,9 @@ def ack(tx: Any, name: str, claimed: Optional[Sequence[int]]) -> str:
     """``pp.ack``: make the pending claim the acked range."""
     rec = _get(tx, name)
     if not pending(rec):
-        if claimed is not None and rec["acked"] is not None and list(claimed[:4]) == rec["acked"]:
-            return range_str(rec["acked"])  # a retried ack of what is already acked
-        if claimed is not None:
-            _check_claimed(rec, claimed)
         if rec["acked"] is None:
             raise InvalidAck(f"proc {name!r} has nothing pending and never acked")
+        _check_claimed(rec, claimed)  # claimed= names no pending claim: stale
         return range_str(rec["acked"])
     _check_claimed(rec, claimed)
     new = dict(rec)

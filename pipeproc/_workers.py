@@ -26,7 +26,6 @@ import logging
 import os
 import sys
 import threading
-from multiprocessing.connection import Client
 from typing import Any, Callable, Dict, Optional
 
 from ._protocol import ERR, MAX_FRAME, decode, encode_body, pack
@@ -164,10 +163,10 @@ class _Loop:
 
     def run(self) -> None:
         cfg = self.cfg
+        from ._client import open_connection
         address = cfg["address"]
-        family = "AF_UNIX" if isinstance(address, str) else "AF_INET"
-        c = Client(address if isinstance(address, str) else tuple(address), family=family,
-                   authkey=cfg["authkey"])
+        c = open_connection(address if isinstance(address, str) else tuple(address),
+                            cfg["authkey"])
         rid = 0
         done: Optional[list] = None
         try:

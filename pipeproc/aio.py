@@ -1,0 +1,1040 @@
+"""The asyncio client: :class:`AsyncPipeProc`, :func:`spawn`, :func:`connect`, :class:`AsyncLiveProc`.
+
+The async twin of :class:`pipeproc.PipeProc`: the same method names, arguments, return
+values and errors, as coroutines. Arguments are validated and bodies encoded by the same
+helpers as the sync client, so both clients accept and refuse exactly the same things.
+
+One client holds **one connection** and pipelines on it: every call sends
+``[rid, op, *args]`` and awaits a future; a reader task matches each reply to its future by
+``rid`` (the node answers out of order: writes after their group commit, waits when they
+are satisfied). Any number of coroutines may await calls on one client at once, and a
+blocking call (``wait_for_procs``, a live proc waiting for logs) is just a parked request on
+that connection: it holds up nothing else. A client belongs to the event loop it was
+created in.
+
+**Cancellation.** Cancelling a call (``task.cancel()``, ``asyncio.wait_for`` running out)
+drops its future; a reply that arrives later for it is discarded and the connection stays in
+step, so the client remains usable. The request may already have reached the node, though:
+**a cancelled** ``commit`` **(or ack, reclaim, …) may still have happened** — read back (for
+instance with ``revrange``) before retrying if duplicates matter. A cancelled ``proc`` may
+likewise have claimed logs: the claim stays pending until ``reclaim`` or its
+``reclaim_timeout``. A live proc whose wait is cancelled hands back a claim that arrives
+afterwards (it is reclaimed and delivered again), so no log is lost.
+
+If the connection drops, calls in flight fail with ``connection_lost`` and the next call
+opens a new connection (``no_active_node`` if the node is gone).
+
+Example:
+    >>> import asyncio, tempfile
+    >>> import pipeproc.aio
+    >>> async def main():
+    ...     async with await pipeproc.aio.spawn(tempfile.mkdtemp(), workers=0) as pp:
+    ...         ids = await asyncio.gather(
+    ...             *(pp.commit({"topic": "numbers", "body": {"n": n}}) for n in range(100)))
+    ...         logs = await pp.range("numbers")
+    ...         claimed = await pp.proc("numbers", name="summer", count=100)
+    ...         await pp.ack("summer", claimed=claimed)
+    ...         return len(ids), sum(log.body["n"] for log in logs)
+    >>> asyncio.run(main())
+    (100, 4950)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import inspect
+import itertools
+import logging
+import os
+import struct
+import subprocess
+import time
+from typing import (
+    Any,
+    AsyncIterator,
+    Callable,
+    Dict,
+    List,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+)
+
+import msgpack
+
+from . import _client, _ids
+from ._client import (
+    DEFAULT_PAGE,
+    AckCommit,
+    Log,
+    ProcState,
+    _check_bound,
+    _check_count,
+    _check_limit,
+    _check_offset,
+    _check_opts,
+    _claim_key,
+    _claim_result,
+    _encode_logs,
+    _logs,
+)
+from ._protocol import ERR, MAX_FRAME, decode, pack
+from .errors import (
+    AuthFailed,
+    ConnectionLost,
+    InvalidArgument,
+    InvalidLogFormat,
+    InvalidProc,
+    NoActiveNode,
+    PipeProcError,
+    from_code,
+)
+
+__all__ = ["AsyncPipeProc", "AsyncLiveProc", "spawn", "connect"]
+
+log = logging.getLogger("pipeproc.aio")
+
+# multiprocessing.connection framing and handshake (Lib/multiprocessing/connection.py):
+# a frame is a 4-byte big-endian signed length then the payload (-1 announces an 8-byte
+# length for payloads of 2 GiB or more); the handshake messages are such frames.
+_HEADER = struct.Struct("!i")
+_BIG_HEADER = struct.Struct("!Q")
+_CHALLENGE = b"#CHALLENGE#"
+_WELCOME = b"#WELCOME#"
+_FAILURE = b"#FAILURE#"
+_MESSAGE_LENGTH = 20
+_HANDSHAKE_MAX = 256
+
+
+# ------------------------------------------------------------------ framing and handshake
+
+def _frame(data: bytes) -> bytes:
+    n = len(data)
+    if n > 0x7FFFFFFF:
+        return _HEADER.pack(-1) + _BIG_HEADER.pack(n) + data
+    return _HEADER.pack(n) + data
+
+
+async def _recv_frame(reader: asyncio.StreamReader, maxsize: int) -> bytes:
+    (n,) = _HEADER.unpack(await reader.readexactly(4))
+    if n == -1:
+        (n,) = _BIG_HEADER.unpack(await reader.readexactly(8))
+    if n < 0 or n > maxsize:
+        raise OSError(f"bad message length {n}")
+    return await reader.readexactly(n)
+
+
+def _response(authkey: bytes, message: bytes) -> bytes:
+    """The HMAC answer to a challenge: legacy MD5 (Python <= 3.11 nodes), or the
+    ``{digest}``-prefixed form of newer multiprocessing versions."""
+    if message.startswith(b"{"):
+        end = message.find(b"}", 1, 21)
+        if end > 1:
+            name = message[1:end].decode("ascii")
+            return b"{" + name.encode("ascii") + b"}" + hmac.new(authkey, message, name).digest()
+    return hmac.new(authkey, message, "md5").digest()
+
+
+async def _handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     authkey: bytes) -> None:
+    """The client side of ``Client()``: ``answer_challenge`` then ``deliver_challenge``."""
+    # answer_challenge: the node challenges us
+    message = await _recv_frame(reader, _HANDSHAKE_MAX)
+    if not message.startswith(_CHALLENGE):
+        raise OSError("the peer did not start the authkey handshake")
+    writer.write(_frame(_response(authkey, message[len(_CHALLENGE):])))
+    if await _recv_frame(reader, _HANDSHAKE_MAX) != _WELCOME:
+        raise AuthFailed("the node refused the authkey")
+    # deliver_challenge: we challenge the node
+    message = os.urandom(_MESSAGE_LENGTH)
+    writer.write(_frame(_CHALLENGE + message))
+    answer = await _recv_frame(reader, _HANDSHAKE_MAX)
+    if hmac.compare_digest(answer, _response(authkey, message)):
+        writer.write(_frame(_WELCOME))
+    else:
+        writer.write(_frame(_FAILURE))
+        raise AuthFailed("the node does not hold this authkey")
+    await writer.drain()
+
+
+# ------------------------------------------------------------------ the connection
+
+class _Conn:
+    """One authenticated stream to the node and the reader task that dispatches replies."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.pending: Dict[int, asyncio.Future] = {}
+        # rids whose caller went away but whose reply still needs handling (live claims)
+        self.orphans: Dict[int, Callable[[list], None]] = {}
+        self.alive = True
+        self.closing = False
+        self.task = asyncio.get_running_loop().create_task(self._read_loop())
+
+    @classmethod
+    async def open(cls, address: Any, authkey: bytes) -> "_Conn":
+        try:
+            if isinstance(address, str):
+                reader, writer = await asyncio.open_unix_connection(address)
+            else:
+                reader, writer = await asyncio.open_connection(address[0], address[1])
+        except OSError as exc:
+            raise NoActiveNode(f"no node at {address!r}: {exc}") from None
+        try:
+            await _handshake(reader, writer, bytes(authkey))
+        except AuthFailed:
+            writer.close()
+            raise
+        except (OSError, EOFError, asyncio.IncompleteReadError) as exc:
+            writer.close()
+            raise NoActiveNode(f"no node at {address!r}: {exc!r}") from None
+        except BaseException:
+            writer.close()
+            raise
+        return cls(reader, writer)
+
+    def send(self, obj: Any) -> None:
+        """Queue one request frame (synchronous: a frame is never split by a cancellation)."""
+        data = pack(obj)
+        self.writer.write(_frame(data))
+
+    async def _read_loop(self) -> None:
+        reason = "the node closed the connection"
+        try:
+            while True:
+                reply = decode(await _recv_frame(self.reader, MAX_FRAME))
+                rid = reply[0]
+                fut = self.pending.pop(rid, None)
+                if fut is not None:
+                    if not fut.done():
+                        fut.set_result(reply)
+                    continue
+                handler = self.orphans.pop(rid, None)
+                if handler is not None:
+                    try:
+                        handler(reply)
+                    except Exception:  # pragma: no cover - a bug in a handler
+                        log.exception("handling a late reply failed")
+        except asyncio.CancelledError:
+            reason = "this client is closed"
+        except (asyncio.IncompleteReadError, EOFError, OSError) as exc:
+            if not isinstance(exc, asyncio.IncompleteReadError):
+                reason = f"the connection failed: {exc}"
+        except Exception as exc:  # an undecodable reply: the stream cannot be trusted
+            reason = f"a malformed reply ({type(exc).__name__}: {exc})"
+        finally:
+            self.alive = False
+            self.orphans.clear()
+            pending, self.pending = self.pending, {}
+            for fut in pending.values():
+                if not fut.done():
+                    if self.closing:
+                        fut.set_exception(NoActiveNode("this client is closed"))
+                    else:
+                        fut.set_exception(ConnectionLost(f"the node went away: {reason}"))
+            self.writer.close()
+
+    async def close(self) -> None:
+        self.closing = True
+        self.alive = False
+        if not self.task.done():
+            self.task.cancel()
+            await asyncio.wait([self.task])  # the reader fails what is still pending
+        self.writer.close()
+        try:
+            await self.writer.wait_closed()
+        except (OSError, ConnectionError):
+            pass
+
+
+# ------------------------------------------------------------------ the client
+
+class AsyncPipeProc:
+    """An asyncio client of a pipeproc node (returned by :func:`spawn` and :func:`connect`).
+
+    Every method of :class:`pipeproc.PipeProc` is here as a coroutine, with the same
+    arguments, results and errors; ``iter_range`` is an async generator. Calls from many
+    coroutines are pipelined on one connection. Use it with ``async with`` to shut the node
+    down (spawning client) or disconnect (connecting client) on exit.
+
+    Example:
+        >>> import asyncio, tempfile
+        >>> import pipeproc.aio
+        >>> async def main():
+        ...     async with await pipeproc.aio.spawn(tempfile.mkdtemp(), workers=0) as pp:
+        ...         await pp.commit({"topic": "greetings", "body": {"hello": "world"}})
+        ...         return (await pp.range("greetings"))[0].body
+        >>> asyncio.run(main())
+        {'hello': 'world'}
+    """
+
+    def __init__(self, address: Any, authkey: bytes, *,
+                 process: Optional[subprocess.Popen] = None,
+                 location: Optional[str] = None) -> None:
+        self._address = address
+        self._authkey = bytes(authkey)
+        self._process = process
+        self._location = location
+        self._rids = itertools.count(1)
+        self._conn: Optional[_Conn] = None
+        self._conn_lock: Optional[asyncio.Lock] = None
+        self._closed = False
+
+    # ------------------------------------------------------------------ connection
+
+    @property
+    def address(self) -> Any:
+        """The address the node is bound to: a Unix socket path or ``(host, port)``."""
+        return self._address
+
+    @property
+    def authkey(self) -> bytes:
+        """The node's authentication key (give it to :func:`connect` with ``address``)."""
+        return self._authkey
+
+    @property
+    def location(self) -> Optional[str]:
+        """The node's location directory, when known."""
+        return self._location
+
+    async def _connection(self) -> _Conn:
+        if self._closed:
+            raise NoActiveNode("this client is closed")
+        c = self._conn
+        if c is not None and c.alive:
+            return c
+        if self._conn_lock is None:
+            self._conn_lock = asyncio.Lock()
+        async with self._conn_lock:
+            if self._closed:
+                raise NoActiveNode("this client is closed")
+            c = self._conn
+            if c is None or not c.alive:
+                if c is not None:
+                    await c.close()
+                c = self._conn = await _Conn.open(self._address, self._authkey)
+            return c
+
+    async def _call(self, op: str, *args: Any,
+                    orphan: Optional[Callable[[list], None]] = None) -> Any:
+        """Send one request and await its reply.
+
+        ``orphan`` handles a reply that comes back after the caller was cancelled.
+        """
+        conn = await self._connection()
+        rid = next(self._rids)
+        fut = asyncio.get_running_loop().create_future()
+        conn.pending[rid] = fut
+        try:
+            conn.send([rid, op, *args])
+            await conn.writer.drain()
+            reply = await fut
+        except BaseException as exc:
+            if conn.pending.pop(rid, None) is not None:
+                if orphan is not None and conn.alive:
+                    conn.orphans[rid] = orphan
+            elif (orphan is not None and fut.done() and not fut.cancelled()
+                  and fut.exception() is None):
+                orphan(fut.result())  # the reply came in, but our caller is gone
+            if isinstance(exc, (ConnectionError, OSError)):
+                if self._closed:
+                    raise NoActiveNode("this client is closed") from None
+                raise ConnectionLost(f"the node went away during {op}: {exc}") from None
+            raise
+        if reply[1] == ERR:
+            code, message = reply[2]
+            raise from_code(code, message)
+        return reply[2]
+
+    def _send_quietly(self, op: str, *args: Any) -> None:
+        """Fire a request whose reply nobody waits for (it is discarded on arrival)."""
+        c = self._conn
+        if c is not None and c.alive and not self._closed:
+            try:
+                c.send([next(self._rids), op, *args])
+            except (OSError, RuntimeError):  # pragma: no cover - transport closing
+                pass
+
+    async def close(self) -> None:
+        """Disconnect this client; the node keeps running. Calls in flight fail with
+        ``no_active_node``."""
+        self._closed = True
+        c, self._conn = self._conn, None
+        if c is not None:
+            await c.close()
+
+    async def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop the node (its workers too) and close the store, then disconnect.
+
+        Args:
+            timeout: seconds to wait for the node process to exit before killing it.
+        """
+        if not self._closed:
+            try:
+                await self._call("shutdown")
+            except PipeProcError:
+                pass
+        await self.close()
+        proc, self._process = self._process, None
+        if proc is not None:
+            def wait() -> None:
+                try:
+                    proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+                if proc.stdin is not None:
+                    try:
+                        proc.stdin.close()
+                    except OSError:
+                        pass
+            await asyncio.to_thread(wait)
+
+    async def __aenter__(self) -> "AsyncPipeProc":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        if self._process is not None:
+            await self.shutdown()
+        else:
+            await self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "connected"
+        return f"<AsyncPipeProc {state} to {self._address!r}>"
+
+    # ------------------------------------------------------------------ commit and read
+
+    async def commit(self, logs: Union[dict, Sequence[dict]]) -> Union[str, List[str]]:
+        """Commit one log (returns its id) or a list of logs atomically (returns a list of ids).
+
+        A commit whose await is cancelled may still have been written.
+
+        Args:
+            logs: ``{"topic": str, "body": dict | list | bytes}`` or a list of such dicts,
+                possibly to several topics: all of a list are written or none.
+
+        Returns:
+            The id ``"<ms>-<seq>"``, or the list of ids in the order given.
+
+        Raises:
+            InvalidTopicFormat, InvalidLogFormat: before anything is written.
+        """
+        if isinstance(logs, dict):
+            item = _encode_logs([logs])[0]
+            ms, seq = await self._call("c1", item[0], item[1])
+            return f"{ms}-{seq}"
+        if isinstance(logs, (list, tuple)):
+            items = _encode_logs(logs)
+            if not items:
+                return []
+            ms, seqs = await self._call("c", items)
+            return [f"{ms}-{s}" for s in seqs]
+        raise InvalidLogFormat(f"commit takes a log dict or a list of them, got {type(logs).__name__!r}")
+
+    async def _range(self, topic: str, start: Any, end: Any, limit: Any, exclusive: bool,
+                     reverse: bool, page_size: int) -> AsyncIterator[List[Log]]:
+        _ids.check_topic(topic)
+        _check_bound(start)
+        _check_bound(end)
+        n = _check_limit(limit)
+        rows, tail = await self._call("range", topic, start, end, n, bool(exclusive), reverse,
+                                      page_size)
+        yield _logs(rows)
+        while tail is not None:
+            lo, hi, left = tail
+            rows, tail = await self._call("page", topic, lo, hi, left, reverse, page_size)
+            yield _logs(rows)
+
+    async def _collect(self, topic: str, start: Any, end: Any, limit: Any, exclusive: bool,
+                       reverse: bool) -> List[Log]:
+        out: List[Log] = []
+        pages = self._range(topic, start, end, limit, exclusive, reverse, 10_000)
+        try:
+            async for chunk in pages:
+                out.extend(chunk)
+        finally:
+            await pages.aclose()
+        return out
+
+    async def range(self, topic: str, start: Optional[str] = None, end: Optional[str] = None,
+                    limit: Optional[int] = None, exclusive: bool = False) -> List[Log]:
+        """Logs of ``topic`` from ``start`` up to ``end`` (oldest first).
+
+        Args:
+            topic: the topic name.
+            start: lower bound: ``"<ms>-<seq>"``, ``"<ms>"`` or ``":<seq>"`` (None: the start).
+            end: upper bound, same forms (None: the end).
+            limit: at most this many logs (None, 0 or negative: no limit).
+            exclusive: exclude the bound logs themselves (full-id and ``:seq`` bounds).
+
+        Returns:
+            The logs, oldest first.
+
+        Raises:
+            InvalidTopic: the topic never had a commit.
+            InvalidRangeOffset, InvalidToneIdSearch, InvalidArgument: bad bounds.
+        """
+        return await self._collect(topic, start, end, limit, exclusive, False)
+
+    async def revrange(self, topic: str, start: Optional[str] = None, end: Optional[str] = None,
+                       limit: Optional[int] = None, exclusive: bool = False) -> List[Log]:
+        """Like :meth:`range`, newest first: ``start`` is the upper bound, ``end`` the lower.
+
+        ``await revrange(topic, limit=1)`` is the newest log.
+
+        Returns:
+            The logs, newest first.
+        """
+        return await self._collect(topic, start, end, limit, exclusive, True)
+
+    async def iter_range(self, topic: str, start: Optional[str] = None,
+                         end: Optional[str] = None, limit: Optional[int] = None,
+                         exclusive: bool = False, *, page_size: int = DEFAULT_PAGE,
+                         reverse: bool = False) -> AsyncIterator[Log]:
+        """Yield the logs of a range lazily (``async for``), fetching ``page_size`` logs per
+        round trip.
+
+        Args:
+            topic, start, end, limit, exclusive: as for :meth:`range`.
+            page_size: logs per round trip (>= 1).
+            reverse: walk newest first, as :meth:`revrange`.
+
+        Yields:
+            Each :class:`~pipeproc.Log` of the range.
+        """
+        if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
+            raise InvalidArgument("page_size must be an int >= 1")
+        pages = self._range(topic, start, end, limit, exclusive, bool(reverse), page_size)
+        try:
+            async for chunk in pages:
+                for item in chunk:
+                    yield item
+        finally:
+            await pages.aclose()
+
+    async def length(self, topic: str) -> int:
+        """The number of logs ever committed to ``topic`` (also after the GC removed some).
+
+        Raises:
+            InvalidTopic: the topic never had a commit.
+        """
+        _ids.check_topic(topic)
+        return await self._call("length", topic)
+
+    async def topics(self) -> List[str]:
+        """The names of all topics, sorted."""
+        return await self._call("topics")
+
+    async def stats(self) -> Dict[str, Any]:
+        """Node, workers, topics and procs figures (see the SPEC §3)."""
+        return await self._call("stats")
+
+    # ------------------------------------------------------------------ procs
+
+    async def proc(self, topic: str, *, name: str, offset: str = ">", count: int = 1,
+                   max_reclaims: int = 10, reclaim_timeout: Optional[float] = 10.0,
+                   on_max_reclaims_reached: str = "disable") -> Union[Log, List[Log], None]:
+        """Claim the next logs of ``topic`` for the proc ``name`` (created on first use).
+
+        Args:
+            topic: the topic to consume.
+            name: the proc's name (unique across topics).
+            offset: where the first claim starts (frozen at creation; SPEC §5).
+            count: logs per claim (>= 1).
+            max_reclaims, reclaim_timeout, on_max_reclaims_reached: frozen at creation.
+
+        Returns:
+            A ``Log`` (``count == 1``), a list of logs (``count > 1``), or ``None`` when a
+            claim is pending or nothing is left to claim.
+
+        Raises:
+            ProcNameNotUnique, ProcIsDisabled, InvalidRangeOffset, InvalidArgument.
+        """
+        _ids.check_topic(topic)
+        _ids.check_proc_name(name)
+        _check_offset(offset)
+        _check_count(count)
+        opts = _check_opts(max_reclaims, reclaim_timeout, on_max_reclaims_reached)
+        res = await self._call("proc", topic, name, offset, count, *opts)
+        return _claim_result(res, count)
+
+    async def ack(self, name: str, *, claimed: Any = None) -> str:
+        """Ack the pending claim; returns the acked range ``"first..last"``.
+
+        Args:
+            name: the proc.
+            claimed: the ``Log`` / list that ``proc`` returned: act only on that claim.
+
+        Raises:
+            InvalidProc, InvalidAck, StaleClaim.
+        """
+        _ids.check_proc_name(name)
+        return await self._call("ack", name, _claim_key(claimed))
+
+    async def ack_commit(self, name: str, log_or_logs: Union[dict, Sequence[dict]], *,
+                         claimed: Any = None) -> AckCommit:
+        """Ack the pending claim and commit log(s) in one atomic write.
+
+        Returns:
+            ``AckCommit(acked, id)``; ``id`` is a list when a list was given.
+
+        Raises:
+            InvalidProc, InvalidAck, StaleClaim, InvalidLogFormat, InvalidTopicFormat.
+        """
+        _ids.check_proc_name(name)
+        single = isinstance(log_or_logs, dict)
+        if not single and not isinstance(log_or_logs, (list, tuple)):
+            raise InvalidLogFormat("ack_commit takes a log dict or a list of them")
+        items = _encode_logs([log_or_logs] if single else log_or_logs)
+        acked, ms, seqs = await self._call("ackc", name, items, _claim_key(claimed))
+        ids = [f"{ms}-{s}" for s in seqs]
+        return AckCommit(acked, ids[0] if single else ids)
+
+    async def reclaim(self, name: str, *, claimed: Any = None) -> str:
+        """Drop the pending claim (its logs will be delivered again).
+
+        Returns:
+            The last acked range (``""`` if the proc never acked).
+
+        Raises:
+            InvalidProc, ProcIsDisabled, NothingToReclaim, StaleClaim.
+        """
+        _ids.check_proc_name(name)
+        return await self._call("reclaim", name, _claim_key(claimed))
+
+    async def inspect_proc(self, name: str) -> ProcState:
+        """The proc's current state.
+
+        Raises:
+            InvalidProc: no such proc.
+        """
+        _ids.check_proc_name(name)
+        return ProcState(*await self._call("inspect", name))
+
+    async def disable_proc(self, name: str) -> ProcState:
+        """Disable the proc (proc / reclaim then fail with ``proc_is_disabled``).
+
+        Raises:
+            InvalidProc, ProcAlreadyDisabled.
+        """
+        _ids.check_proc_name(name)
+        return ProcState(*await self._call("disable", name))
+
+    async def resume_proc(self, name: str) -> ProcState:
+        """Re-activate a disabled proc; resets reclaims, keeps a pending claim.
+
+        Raises:
+            InvalidProc, ProcAlreadyActive.
+        """
+        _ids.check_proc_name(name)
+        return ProcState(*await self._call("resume", name))
+
+    async def destroy_proc(self, name: str) -> ProcState:
+        """Delete the proc (and its system proc, if any); returns its last state.
+
+        Raises:
+            InvalidProc: no such proc.
+        """
+        _ids.check_proc_name(name)
+        return ProcState(*await self._call("destroy", name))
+
+    async def wait_for_procs(self, names: Optional[Sequence[str]] = None,
+                             timeout: Optional[float] = None) -> None:
+        """Wait until every named (default: all) active proc on an existing topic has no
+        pending claim and nothing left to claim. Other calls proceed meanwhile.
+
+        Args:
+            names: proc names (unknown ones are ignored), or None for all.
+            timeout: seconds, or None to wait as long as it takes.
+
+        Raises:
+            Timeout: ``timeout`` seconds passed first.
+        """
+        if names is not None:
+            if isinstance(names, str):
+                names = [names]
+            names = list(names)
+            for n in names:
+                _ids.check_proc_name(n)
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                    or timeout < 0):
+            raise InvalidArgument("timeout must be a number >= 0 or None")
+        await self._call("wait_idle", names, timeout)
+
+    async def available_proc(self, specs: Sequence[dict]) -> Optional[Tuple[str, Any]]:
+        """Claim work from the first listed proc that does not exist yet, otherwise round
+        robin over the listed procs that have work.
+
+        Args:
+            specs: ``[{"topic": …, "name": …, "offset": …, "count": …, …}, …]``.
+
+        Returns:
+            ``(name, Log | list[Log])``, or None when no listed proc has work.
+        """
+        if not isinstance(specs, (list, tuple)):
+            raise InvalidArgument("available_proc takes a list of proc specs")
+        wire = []
+        for s in specs:
+            if not isinstance(s, dict):
+                raise InvalidArgument("a proc spec is a dict")
+            _ids.check_topic(s.get("topic"))
+            _ids.check_proc_name(s.get("name"))
+            offset = _check_offset(s.get("offset", ">"))
+            count = _check_count(s.get("count", 1))
+            opts = _check_opts(s.get("max_reclaims", 10), s.get("reclaim_timeout", 10.0),
+                               s.get("on_max_reclaims_reached", "disable"))
+            wire.append([s["topic"], s["name"], offset, count, *opts])
+        res = await self._call("avail", wire)
+        if res is None:
+            return None
+        name, many, rows = res
+        logs = _logs(rows[0])
+        return name, (logs if many else logs[0])
+
+    # ------------------------------------------------------------------ system and live procs
+
+    async def system_proc(self, *, name: str, from_: Union[str, Sequence[str]], processor: Any,
+                          to: Union[str, Sequence[str], None] = None, offset: str = ">",
+                          count: int = 1, max_reclaims: int = 10,
+                          reclaim_timeout: Optional[float] = 10.0,
+                          on_max_reclaims_reached: str = "disable",
+                          ) -> Union[ProcState, List[ProcState]]:
+        """Register a processor run by the node's workers on ``from_``'s logs (SPEC §6).
+
+        Returns:
+            The proc's state, or a list of states (one per topic) when ``from_`` is a list.
+
+        Raises:
+            InvalidProcessor: ``processor`` cannot be imported by workers.
+        """
+        from ._workers import processor_ref
+        _ids.check_proc_name(name)
+        multi = not isinstance(from_, str)
+        topics = [from_] if not multi else list(from_)
+        if not topics:
+            raise InvalidArgument("from_ needs at least one topic")
+        for t in topics:
+            _ids.check_topic(t)
+        tos = [] if to is None else ([to] if isinstance(to, str) else list(to))
+        for t in tos:
+            _ids.check_topic(t)
+        _check_offset(offset)
+        _check_count(count)
+        opts = _check_opts(max_reclaims, reclaim_timeout, on_max_reclaims_reached)
+        ref = processor_ref(processor)
+        states = await self._call("sysproc", name, topics, multi, ref, tos, offset, count, *opts)
+        out = [ProcState(*s) for s in states]
+        return out if multi else out[0]
+
+    async def live_proc(self, topic: str, *, mode: str = "live", count: int = 1) -> "AsyncLiveProc":
+        """Follow ``topic`` from this process (SPEC §7); see :class:`AsyncLiveProc`.
+
+        Args:
+            topic: the topic to follow.
+            mode: ``"live"`` (logs committed after this call) or ``"all"`` (from the start).
+            count: logs per delivery (a list when > 1).
+
+        Returns:
+            The live proc, its hidden proc created on the node.
+        """
+        live = AsyncLiveProc(self, topic, mode=mode, count=count)
+        await live._create()
+        return live
+
+
+# ------------------------------------------------------------------ live procs
+
+class AsyncLiveProc:
+    """Logs of a topic delivered as they are committed (``async for``), with explicit acks.
+
+    Created by :meth:`AsyncPipeProc.live_proc`. It runs on a hidden proc
+    ``liveproc-<uuid>`` owned by the client's connection (the node destroys it when that
+    connection goes away). Its waits are parked requests on the client's connection, so they
+    hold up none of the client's other calls. Iteration ends after :meth:`cancel` or
+    :meth:`destroy`. A wait that is cancelled hands a claim that arrives afterwards back to
+    the node (reclaimed, so it is delivered again).
+
+    Example:
+        >>> import asyncio, tempfile
+        >>> import pipeproc.aio
+        >>> async def main():
+        ...     async with await pipeproc.aio.spawn(tempfile.mkdtemp(), workers=0) as pp:
+        ...         live = await pp.live_proc("events", mode="all")
+        ...         await pp.commit({"topic": "events", "body": {"n": 1}})
+        ...         async for log in live:
+        ...             await live.ack()
+        ...             break
+        ...         await live.cancel()
+        ...         return log.body
+        >>> asyncio.run(main())
+        {'n': 1}
+    """
+
+    def __init__(self, pp: AsyncPipeProc, topic: str, *, mode: str = "live",
+                 count: int = 1) -> None:
+        import uuid
+        _ids.check_topic(topic)
+        if mode not in ("live", "all"):
+            raise InvalidArgument("mode is 'live' or 'all'")
+        _check_count(count)
+        self._pp = pp
+        self.topic = topic
+        self.mode = mode
+        self.count = count
+        self.name = f"liveproc-{uuid.uuid4()}"
+        self.offset = ">" if mode == "all" else "$>"
+        self._last: Any = None
+        self._cancelled = False
+        self._task: Optional[asyncio.Task] = None
+
+    async def _create(self) -> None:
+        await self._pp._call("create_live", self.topic, self.name, self.offset)
+
+    def _hand_back(self, reply: list) -> None:
+        """A claim answered to a wait whose caller was cancelled: reclaim it."""
+        if reply[1] == ERR or reply[2] is None:
+            return
+        try:
+            key = _claim_key(_logs(reply[2][0]))
+        except PipeProcError:  # pragma: no cover - an empty claim
+            return
+        self._pp._send_quietly("reclaim", self.name, key)
+
+    # -- delivery
+
+    def __aiter__(self) -> "AsyncLiveProc":
+        return self
+
+    async def __anext__(self) -> Any:
+        """Wait until logs are claimed for this live proc (a Log, or a list when count > 1).
+
+        Raises:
+            StopAsyncIteration: the live proc was cancelled or destroyed, or the node is
+                shutting down.
+        """
+        if self._cancelled:
+            raise StopAsyncIteration
+        try:
+            res = await self._pp._call("live", self.topic, self.name, self.offset, self.count,
+                                       None, orphan=self._hand_back)
+        except NoActiveNode:
+            if self._cancelled:
+                raise StopAsyncIteration from None
+            raise
+        if res is None:
+            raise StopAsyncIteration
+        logs = _claim_result(res, self.count)
+        self._last = logs
+        return logs
+
+    def changes(self, callback: Callable[["AsyncLiveProc", Any], Any]) -> "AsyncLiveProc":
+        """Call ``callback(live, logs)`` for each delivery, in a task of the running loop.
+
+        The callback may be a plain function or a coroutine function; it acks explicitly.
+        An exception in it reclaims the logs. :meth:`cancel` stops the task.
+
+        Returns:
+            This live proc.
+        """
+        async def run() -> None:
+            try:
+                async for logs in self:
+                    try:
+                        res = callback(self, logs)
+                        if inspect.isawaitable(res):
+                            await res
+                    except Exception:
+                        log.exception("live proc callback failed; reclaiming")
+                        try:
+                            await self.reclaim()
+                        except PipeProcError:
+                            pass
+            except PipeProcError as exc:
+                if not self._cancelled:
+                    log.warning("live proc %s stopped: %s", self.name, exc)
+        self._task = asyncio.get_running_loop().create_task(run(), name=self.name)
+        return self
+
+    # -- proc operations on the hidden proc
+
+    async def ack(self) -> str:
+        """Ack the last delivery.
+
+        Returns:
+            The acked range ``"first..last"``.
+        """
+        return await self._pp.ack(self.name, claimed=self._last)
+
+    async def ack_commit(self, log_or_logs: Union[dict, List[dict]]) -> AckCommit:
+        """Ack the last delivery and commit log(s), atomically.
+
+        Returns:
+            ``AckCommit(acked, id)``.
+        """
+        return await self._pp.ack_commit(self.name, log_or_logs, claimed=self._last)
+
+    async def reclaim(self) -> str:
+        """Hand the last delivery back; it is delivered again.
+
+        Returns:
+            The last acked range.
+        """
+        return await self._pp.reclaim(self.name, claimed=self._last)
+
+    async def inspect(self) -> ProcState:
+        """The hidden proc's state."""
+        return await self._pp.inspect_proc(self.name)
+
+    async def disable(self) -> ProcState:
+        """Disable the hidden proc (delivery pauses until :meth:`resume`)."""
+        return await self._pp.disable_proc(self.name)
+
+    async def resume(self) -> ProcState:
+        """Resume the hidden proc."""
+        return await self._pp.resume_proc(self.name)
+
+    async def destroy(self) -> ProcState:
+        """Destroy the hidden proc (delivery ends)."""
+        return await self._pp.destroy_proc(self.name)
+
+    async def cancel(self) -> None:
+        """Stop delivery and destroy the hidden proc (waits for a :meth:`changes` task)."""
+        if self._cancelled:
+            return
+        self._cancelled = True
+        try:
+            await self._pp.destroy_proc(self.name)
+        except (InvalidProc, NoActiveNode, ConnectionLost):
+            pass
+        t, self._task = self._task, None
+        if t is not None and t is not asyncio.current_task():
+            try:
+                await asyncio.wait_for(asyncio.shield(t), 5)
+            except asyncio.TimeoutError:  # pragma: no cover - a node that stopped answering
+                t.cancel()
+
+    async def __aenter__(self) -> "AsyncLiveProc":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.cancel()
+
+    def __repr__(self) -> str:
+        return f"<AsyncLiveProc {self.name} on {self.topic!r} mode={self.mode}>"
+
+
+# ------------------------------------------------------------------ spawn and connect
+
+async def spawn(location: Any = None, *, memory: bool = False, workers: int = 1,
+                worker_concurrency: int = 1, worker_restart_after: int = 0, gc: Any = False,
+                durability: str = "full", address: Any = None, authkey: Optional[bytes] = None,
+                max_map_size: Optional[int] = None, log_level: Optional[str] = None,
+                timeout: float = 60.0) -> AsyncPipeProc:
+    """Start a node process and return an async client connected to it.
+
+    The same arguments as :func:`pipeproc.spawn` (the node is started by the same code, in
+    a thread, so the event loop keeps running meanwhile).
+
+    Args:
+        location: the node's directory (``None``: ``./pipeproc_data``, or a private
+            temporary directory with ``memory=True``).
+        memory: keep the store in memory; nothing of it persists.
+        workers: worker processes running system procs (0: none).
+        worker_concurrency: processor loops per worker.
+        worker_restart_after: recycle a worker after this many executions (0: never).
+        gc: ``False``, ``True`` or ``{"min_prune_time": s, "interval": s}``.
+        durability: ``"full"`` (fsync per request) or ``"fast"`` (no fsync).
+        address: a Unix socket path, or ``("127.0.0.1", port)`` for TCP (port 0: any).
+        authkey: the key clients must present (default: a random one).
+        max_map_size: cap of the store's size in bytes (``storage_full`` beyond it).
+        log_level: the node's log level on stderr (default WARNING).
+        timeout: seconds to wait for the node to be ready.
+
+    Returns:
+        A connected :class:`AsyncPipeProc`; ``await shutdown()`` stops the node.
+
+    Raises:
+        NodeAlreadyActive: a running node owns the location or address.
+    """
+    sync = await asyncio.to_thread(
+        _client.spawn, location, memory=memory, workers=workers,
+        worker_concurrency=worker_concurrency, worker_restart_after=worker_restart_after,
+        gc=gc, durability=durability, address=address, authkey=authkey,
+        max_map_size=max_map_size, log_level=log_level, timeout=timeout)
+    proc = sync._process
+    sync._process = None  # the async client owns the node process from now on
+    sync.close()
+    pp = AsyncPipeProc(sync.address, sync.authkey, process=proc, location=sync.location)
+    try:
+        await pp._connection()
+    except BaseException:
+        if proc is not None:
+            proc.kill()
+            await asyncio.to_thread(proc.wait)
+        raise
+    return pp
+
+
+async def connect(location: Any = None, *, address: Any = None, authkey: Optional[bytes] = None,
+                  timeout: float = 5.0) -> AsyncPipeProc:
+    """Connect to a running node, by its location or by ``address`` and ``authkey``.
+
+    Retries until ``timeout`` seconds have passed; never hangs.
+
+    Args:
+        location: the node's directory (``None``: ``./pipeproc_data``), where its address
+            and key are read from.
+        address: the node's address (``pp.address``), instead of ``location``.
+        authkey: the node's key (``pp.authkey``), with ``address``.
+        timeout: seconds to keep trying.
+
+    Returns:
+        A connected :class:`AsyncPipeProc`.
+
+    Raises:
+        NoActiveNode: no node answered within ``timeout``.
+        AuthFailed: the node refused the key.
+    """
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0:
+        raise InvalidArgument("timeout must be a number of seconds")
+    address = _client._address(address)
+    loc = None if address is not None and location is None else _client._location(location)
+    deadline = time.monotonic() + timeout
+    delay = 0.01
+    last: PipeProcError = NoActiveNode("no node")
+    while True:
+        try:
+            addr, key = address, authkey
+            if addr is None or key is None:
+                assert loc is not None
+                try:
+                    with open(os.path.join(loc, "node.address"), "rb") as f:
+                        info = msgpack.unpackb(f.read(), raw=False)
+                    with open(os.path.join(loc, "node.key"), "rb") as f:
+                        file_key = f.read()
+                except OSError as exc:
+                    raise NoActiveNode(f"no node at {loc}: {exc}") from None
+                a = info["address"]
+                addr = addr if addr is not None else (tuple(a) if isinstance(a, list) else a)
+                key = key if key is not None else file_key
+            if not isinstance(key, (bytes, bytearray)):
+                raise InvalidArgument("authkey must be bytes")
+            pp = AsyncPipeProc(addr, key, location=loc)
+            left = max(deadline - time.monotonic(), 0.5)
+            try:
+                await asyncio.wait_for(pp._connection(), left)
+            except asyncio.TimeoutError:
+                raise NoActiveNode(f"no answer from {addr!r}") from None
+            return pp
+        except AuthFailed:
+            raise
+        except NoActiveNode as exc:
+            last = exc
+        if time.monotonic() + delay > deadline:
+            raise NoActiveNode(f"{last.message} (gave up after {timeout} s)")
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.2)
