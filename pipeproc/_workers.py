@@ -34,7 +34,13 @@ from .errors import InvalidProcessor, PipeProcError
 log = logging.getLogger("pipeproc.worker")
 
 
+SCRIPT = "script:"
+
+
 def _split(ref: str) -> tuple:
+    if ref.startswith(SCRIPT):
+        path, _, func = ref[len(SCRIPT):].rpartition(":")
+        return "script", path, func
     path, sep, func = ref.rpartition(":")
     if sep and path.endswith(".py"):
         return "file", path, func
@@ -67,7 +73,9 @@ def processor_ref(processor: Any) -> str:
             if spec is not None and spec.name and spec.name != "__main__":
                 ref = f"{spec.name}:{qual}"
             elif getattr(main, "__file__", None):
-                ref = f"{os.path.abspath(main.__file__)}:{qual}"  # type: ignore[union-attr]
+                # the application's own script: workers must not run it again (it may call
+                # spawn() at top level), so they load only its definitions (see _load_script)
+                ref = f"{SCRIPT}{os.path.abspath(main.__file__)}:{qual}"  # type: ignore[union-attr]
             else:
                 raise InvalidProcessor(
                     "a function defined in an interactive session cannot be imported by "
@@ -84,9 +92,36 @@ def processor_ref(processor: Any) -> str:
         path = os.path.abspath(path)
         ref = f"{path}:{func}"
         _check_file(path, func)
+    elif kind == "script":
+        _check_file(path, func)
     else:
         load(ref)
     return ref
+
+
+def _safe_statement(node: ast.stmt) -> bool:
+    """Top-level statements of an application script that workers execute: imports,
+    function and class definitions, and assignments that call nothing."""
+    if isinstance(node, (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef,
+                         ast.ClassDef)):
+        return True
+    if isinstance(node, (ast.Assign, ast.AnnAssign)):
+        return node.value is not None and not any(
+            isinstance(n, (ast.Call, ast.Await)) for n in ast.walk(node.value))
+    return False
+
+
+def _load_script(path: str) -> Any:
+    """Load the definitions of the application's main script without running it."""
+    import types
+    with open(path, "rb") as f:
+        tree = ast.parse(f.read(), filename=path)
+    tree.body = [n for n in tree.body if _safe_statement(n)]
+    mod = types.ModuleType("__pipeproc_script__")
+    mod.__file__ = path
+    sys.modules[mod.__name__] = mod
+    exec(compile(tree, path, "exec"), mod.__dict__)
+    return mod
 
 
 def _check_file(path: str, func: str) -> None:
@@ -123,7 +158,9 @@ def load(ref: str) -> Callable:
             return fn
         kind, path, func = _split(ref)
         try:
-            if kind == "file":
+            if kind == "script":
+                mod = _load_script(path)
+            elif kind == "file":
                 name = "pipeproc_processor_" + str(abs(hash(path)))
                 mod = sys.modules.get(name)
                 if mod is None:
@@ -165,8 +202,11 @@ class _Loop:
         cfg = self.cfg
         from ._client import open_connection
         address = cfg["address"]
-        c = open_connection(address if isinstance(address, str) else tuple(address),
-                            cfg["authkey"])
+        try:
+            c = open_connection(address if isinstance(address, str) else tuple(address),
+                                cfg["authkey"])
+        except PipeProcError:
+            return  # the node is gone (shutting down)
         rid = 0
         done: Optional[list] = None
         try:

@@ -98,6 +98,13 @@ def parse_address(text: Optional[str]) -> Any:
     return text
 
 
+def format_address(address: Any) -> str:
+    """``(host, port)`` -> ``"host:port"``; a Unix socket path as is."""
+    if isinstance(address, (tuple, list)):
+        return f"{address[0]}:{address[1]}"
+    return str(address)
+
+
 def _jsonable(value: Any) -> Any:
     """Bodies may hold bytes; JSON output carries them as base64 strings."""
     if isinstance(value, (bytes, bytearray, memoryview)):
@@ -193,7 +200,7 @@ def cmd_node(args: argparse.Namespace) -> int:
                         durability=args.durability, log_level=level)
     try:
         log.info("node ready: location=%s address=%s workers=%d gc=%s durability=%s%s",
-                 os.path.abspath(args.location), pp.address, args.workers,
+                 os.path.abspath(args.location), format_address(pp.address), args.workers,
                  "on" if args.gc else "off", args.durability, " memory" if args.memory else "")
         log.info("stop with Ctrl-C or SIGTERM")
         proc = getattr(pp, "_process", None)
