@@ -329,6 +329,8 @@ class AsyncPipeProc:
         fut = asyncio.get_running_loop().create_future()
         conn.pending[rid] = fut
         try:
+            if not conn.alive:  # lost since: the reader has failed everything pending
+                raise ConnectionResetError("the connection is closed")
             conn.send([rid, op, *args])
             await conn.writer.drain()
             reply = await fut

@@ -101,7 +101,7 @@ def test_sigkill_mid_stream_loses_no_returned_batch(spawner, tmp_path, durabilit
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     present: set[int] = set()
     unrecorded: set[int] = set()  # batches in flight at a kill that made it into the store
-    for _round in range(4):
+    for _round in range(8):
         pp = spawner(loc, durability=durability)
         recorded_before = set(read_progress(progress))
         present = check_store(pp, recorded_before)

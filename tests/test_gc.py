@@ -314,3 +314,17 @@ def test_gc_after_destroy_proc_topic_is_proc_less(spawner):
     pp.destroy_proc("p")
     wait_until(lambda: pp.range("t") == [], what="collected once its only proc was destroyed")
     assert pp.length("t") == 5
+
+
+def test_gc_with_procs_still_waits_for_min_prune_time(spawner):
+    prune = 1.5
+    pp = spawner(gc={"min_prune_time": prune, "interval": 0.1})
+    ids = commit_n(pp, "t", 10)
+    claim_and_ack(pp, "t", "p", 5)
+    pp.proc("t", name="p", reclaim_timeout=-1)  # previous_claimed_range 4..4
+    if now_ms() - ms(ids[0]) < prune * 1000 - 300:
+        assert stored_seqs(pp, "t") == list(range(10))
+    wait_until(lambda: first_stored(pp, "t") == 4, what="collected once old enough")
+    assert now_ms() - ms(ids[0]) >= prune * 1000 - 5
+    assert pp.stats()["procs"]["p"]["lag"] == 5  # lag counts by sequence, not stored logs
+    assert pp.inspect_proc("p").status == "active"

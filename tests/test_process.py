@@ -162,7 +162,7 @@ def test_connect_to_location_of_stopped_node(spawner, tmp_path):
     assert time.monotonic() - t0 < 4.0
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.timeout(15)
 def test_connect_to_a_socket_nobody_answers(tmp_path):
     """A listening socket that never answers the handshake must not make connect hang."""
     loc = tmp_path / "store"
@@ -318,7 +318,7 @@ def test_tcp_explicit_port(spawner, tmp_path):
         c.close()
 
 
-def test_long_location_path(spawner, tmp_path):
+def test_long_location_path(spawner, tmp_path, private_tmp):
     loc = tmp_path
     for i in range(6):
         loc = loc / ("d" * 30 + str(i))
@@ -330,6 +330,11 @@ def test_long_location_path(spawner, tmp_path):
         assert c.length("t") == 1
     finally:
         c.close()
+    pp.shutdown()
+    # the private runtime directory holding the socket does not outlive the node
+    assert os.listdir(private_tmp) == [], os.listdir(private_tmp)
+    pp2 = spawner(loc)
+    assert pp2.length("t") == 1
 
 
 def test_default_location_is_pipeproc_data(tmp_path, monkeypatch):
@@ -373,13 +378,28 @@ def test_restart_keeps_topics_and_counters(spawner, tmp_path):
     assert pp3.length("a") == 4 and pp3.length("b") == 2
 
 
-def _tmp_entries():
+@pytest.fixture
+def private_tmp(tmp_path, monkeypatch):
+    """A private TMPDIR for this test and the nodes it starts, to see what they leave."""
+    d = tmp_path / "tmpdir"
+    d.mkdir()
+    monkeypatch.setenv("TMPDIR", str(d))
+    monkeypatch.setattr(tempfile, "tempdir", str(d))
+    return d
+
+
+def _node_files(pid, exclude):
+    """Paths of the regular files the process ``pid`` has open, outside ``exclude``."""
     out = set()
-    for d in {tempfile.gettempdir(), "/dev/shm", os.environ.get("XDG_RUNTIME_DIR") or "/nonexistent"}:
+    fd_dir = f"/proc/{pid}/fd"
+    for fd in os.listdir(fd_dir):
         try:
-            out |= {os.path.join(d, n) for n in os.listdir(d)}
+            target = os.readlink(os.path.join(fd_dir, fd))
         except OSError:
-            pass
+            continue
+        if target.startswith("/") and not target.startswith(("/dev/null", "/proc", str(exclude))):
+            if os.path.isfile(target):
+                out.add(target)
     return out
 
 
@@ -394,38 +414,40 @@ def _tree_size(path) -> int:
     return total
 
 
-def test_memory_mode_starts_empty_and_leaves_nothing(spawner, tmp_path):
+def test_memory_mode_starts_empty_and_leaves_nothing(spawner, tmp_path, private_tmp):
     loc = tmp_path / "mem"
-    before = _tmp_entries()
     pp = spawner(loc, memory=True)
     pp.commit([{"topic": "t", "body": {"blob": b"x" * 100_000}} for _ in range(10)])
     assert pp.length("t") == 10
     # a second client reaches a memory node through its location
     c = pipeproc.connect(loc)
     try:
-        assert c.length("t") == 1_0
+        assert c.length("t") == 10
     finally:
         c.close()
     # the location holds only the socket, lock and key: no store
     assert _tree_size(loc) < 64 * 1024
     for _root, _dirs, files in os.walk(loc):
         assert not any(f.endswith(".mdb") for f in files), files
+    store_files = _node_files(pp.stats()["node"]["pid"], loc)  # e.g. a RAM-disk store
     pp.shutdown()
     assert _tree_size(loc) < 64 * 1024
-    leftovers = _tmp_entries() - before
-    assert not leftovers, leftovers
+    assert not [f for f in store_files if os.path.exists(f)], store_files
+    assert os.listdir(private_tmp) == []
     pp2 = spawner(loc, memory=True)
     assert pp2.topics() == []
     expect_code("invalid_topic", pp2.length, "t")
     assert pp2.commit({"topic": "t", "body": {}}).endswith("-0")
 
 
-def test_memory_mode_without_location(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    before = _tmp_entries()
+def test_memory_mode_without_location(tmp_path, monkeypatch, private_tmp):
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
     pp = pipeproc.spawn(memory=True, workers=0)
     try:
         pp.commit({"topic": "t", "body": {}})
+        store_files = _node_files(pp.stats()["node"]["pid"], "/nonexistent")
         c = pipeproc.connect(address=pp.address, authkey=pp.authkey)
         try:
             assert c.length("t") == 1
@@ -433,10 +455,10 @@ def test_memory_mode_without_location(tmp_path, monkeypatch):
             c.close()
     finally:
         pp.shutdown()
-    assert not (tmp_path / "pipeproc_data").exists()
-    assert os.listdir(tmp_path) == []
-    leftovers = _tmp_entries() - before
-    assert not leftovers, leftovers
+    assert os.listdir(work) == []  # no ./pipeproc_data
+    assert not [f for f in store_files if os.path.exists(f)], store_files
+    # the private temporary directory (socket, lock, key) is gone too
+    assert os.listdir(private_tmp) == [], os.listdir(private_tmp)
 
 
 def test_memory_node_does_not_touch_disk_store(spawner, tmp_path):
@@ -470,7 +492,12 @@ def _check_private(loc):
             if stat.S_ISLNK(st_.st_mode):
                 continue
             mode = stat.S_IMODE(st_.st_mode)
-            if mode != 0o600:
+            if stat.S_ISSOCK(st_.st_mode):
+                # a socket is neither a file nor a directory: our reading of "private to
+                # its owner" is no group / other bits at all
+                if mode & 0o077:
+                    bad.append((p, oct(mode)))
+            elif mode != 0o600:
                 bad.append((p, oct(mode)))
     assert not bad, bad
 

@@ -1125,3 +1125,93 @@ def test_procs_persist_across_restart(spawner, tmp_path):
     assert code_of(pp.proc, "other", name="topicless") == "proc_name_not_unique"
     n = commit_n(pp, "not_yet", 1)
     assert pp.proc("not_yet", name="topicless").id == n[0]
+
+
+def test_claim_timeout_survives_restart(spawner, tmp_path):
+    loc = tmp_path / "store"
+    pp = spawner(loc)
+    ids = commit_n(pp, "t", 2)
+    log = pp.proc("t", name="p", reclaim_timeout=0.5)
+    pp.shutdown()
+    pp = spawner(loc)
+    st = wait_until(lambda: (s := pp.inspect_proc("p")).reclaims == 1 and s, what="timed out")
+    assert st.last_claimed_range == "" and st.status == "active"
+    assert pp.proc("t", name="p") == log
+    assert pp.ack("p", claimed=log) == rng(ids[0])
+
+
+# ---------------------------------------------------------------- concurrency
+
+
+def test_one_pending_claim_under_concurrent_callers(any_node):
+    pp = any_node
+    other = pipeproc.connect(address=pp.address, authkey=pp.authkey)
+    try:
+        ids = commit_n(pp, "t", 4)
+        pp.proc("t", name="p", count=1)  # create
+        pp.ack("p")
+        delivered: list[str] = []
+        for _ in range(3):
+            barrier = threading.Barrier(8)
+            results: list = []
+            errors: list[BaseException] = []
+
+            def worker(client):
+                try:
+                    barrier.wait(10)
+                    results.append(client.proc("t", name="p"))
+                except BaseException as e:
+                    errors.append(e)
+
+            threads = [threading.Thread(target=worker, args=(pp if i % 2 else other,))
+                       for i in range(8)]
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join(30)
+            assert not errors, errors
+            got = [r for r in results if r is not None]
+            assert len(got) == 1, results
+            delivered.append(got[0].id)
+            assert other.ack("p", claimed=got[0]) == rng(got[0].id)  # ack from another client
+        assert delivered == ids[1:4]
+    finally:
+        other.close()
+
+
+def test_wait_for_procs_returns_when_proc_destroyed_or_disabled(any_node):
+    pp = any_node
+    commit_n(pp, "t", 3)
+    for name, end in (("gone", pp.destroy_proc), ("off", pp.disable_proc)):
+        pp.proc("t", name=name)
+        done = threading.Event()
+        errors: list[BaseException] = []
+
+        def waiter(n=name):
+            try:
+                pp.wait_for_procs([n], timeout=20)
+            except BaseException as e:
+                errors.append(e)
+            finally:
+                done.set()
+
+        th = threading.Thread(target=waiter, daemon=True)
+        th.start()
+        time.sleep(0.2)
+        assert not done.is_set()  # the proc has work: still waiting
+        end(name)
+        assert done.wait(10), f"wait_for_procs not released by {end.__name__}"
+        th.join(10)
+        assert not errors, errors
+
+
+def test_available_proc_argument_errors(any_node):
+    pp = any_node
+    commit_n(pp, "t", 1)
+    for specs in ([{"topic": "t"}], [{"name": "p"}], [{"topic": "t", "name": "p", "count": 0}],
+                  [{"topic": "t", "name": "p", "offset": "bogus"}]):
+        with pytest.raises(pipeproc.PipeProcError) as e:
+            pp.available_proc(specs)
+        assert isinstance(e.value, ValueError), e.value
+    assert code_of(pp.inspect_proc, "p") == "invalid_proc"
+    assert pp.available_proc([{"topic": "t", "name": "p"}])[1].body == {"i": 0}
