@@ -67,6 +67,7 @@ import msgpack
 from . import _client, _ids
 from ._client import (
     DEFAULT_PAGE,
+    HANDSHAKE_TIMEOUT,
     AckCommit,
     Log,
     ProcState,
@@ -175,24 +176,37 @@ class _Conn:
         self.task = asyncio.get_running_loop().create_task(self._read_loop())
 
     @classmethod
-    async def open(cls, address: Any, authkey: bytes) -> "_Conn":
-        try:
+    async def open(cls, address: Any, authkey: bytes,
+                   timeout: float = HANDSHAKE_TIMEOUT) -> "_Conn":
+        """Connect and authenticate, bounded by ``timeout`` seconds (as the sync client).
+
+        Raises:
+            NoActiveNode: nothing answered in time. AuthFailed: the key was refused.
+        """
+        writer: Optional[asyncio.StreamWriter] = None
+
+        async def establish() -> Tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+            nonlocal writer
             if isinstance(address, str):
                 reader, writer = await asyncio.open_unix_connection(address)
             else:
                 reader, writer = await asyncio.open_connection(address[0], address[1])
-        except OSError as exc:
-            raise NoActiveNode(f"no node at {address!r}: {exc}") from None
-        try:
             await _handshake(reader, writer, bytes(authkey))
+            return reader, writer
+
+        try:
+            reader, writer = await asyncio.wait_for(establish(), max(timeout, 0.001))
         except AuthFailed:
-            writer.close()
+            if writer is not None:
+                writer.close()
             raise
-        except (OSError, EOFError, asyncio.IncompleteReadError) as exc:
-            writer.close()
+        except (OSError, EOFError, asyncio.IncompleteReadError, asyncio.TimeoutError) as exc:
+            if writer is not None:
+                writer.close()
             raise NoActiveNode(f"no node at {address!r}: {exc!r}") from None
         except BaseException:
-            writer.close()
+            if writer is not None:
+                writer.close()
             raise
         return cls(reader, writer)
 
@@ -1026,11 +1040,8 @@ async def connect(location: Any = None, *, address: Any = None, authkey: Optiona
             if not isinstance(key, (bytes, bytearray)):
                 raise InvalidArgument("authkey must be bytes")
             pp = AsyncPipeProc(addr, key, location=loc)
-            left = max(deadline - time.monotonic(), 0.5)
-            try:
-                await asyncio.wait_for(pp._connection(), left)
-            except asyncio.TimeoutError:
-                raise NoActiveNode(f"no answer from {addr!r}") from None
+            left = deadline - time.monotonic()
+            pp._conn = await _Conn.open(addr, pp.authkey, min(max(left, 0.05), HANDSHAKE_TIMEOUT))
             return pp
         except AuthFailed:
             raise
