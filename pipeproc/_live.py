@@ -65,8 +65,8 @@ class LiveProc:
                 self._conn.send_bytes(pack([self._rid, op, *args]))
                 reply = decode(self._conn.recv_bytes(MAX_FRAME))
             except (OSError, EOFError, TypeError, AttributeError) as exc:
-                if self._cancelled:
-                    return None
+                if self._cancelled or self._pp._closed:
+                    return None  # cancelled, or its client closed: delivery ends
                 raise ConnectionLost(f"the node went away: {exc}") from None
         if reply[1] == ERR:
             raise from_code(*reply[2])

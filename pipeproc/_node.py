@@ -73,6 +73,7 @@ _HEADER = struct.Struct("!i")
 # grouped into one transaction and one fsync instead of paying one each.
 _tls = threading.local()
 MAX_BACKLOG = 256 * 1024 * 1024
+LIVE_PREFIX = "liveproc-"
 
 
 class Malformed(Exception):
@@ -495,6 +496,10 @@ class Node:
                     for k, f in self.ops.items()}
         for name in list(self.store.procs):
             self.arm_timeout(name)
+        # hidden live procs belong to connections of an earlier life of the node: gone
+        stale = {n for n in self.store.procs if n.startswith(LIVE_PREFIX)}
+        if stale:
+            self.writer.submit(lambda tx: self._drop_live(tx, stale), lambda ok, v: None)
         gc = cfg.get("gc")
         if gc:
             self.gc_min_prune = float(gc["min_prune_time"])
@@ -1258,6 +1263,13 @@ def main() -> None:
     node.timers.stop()
     with node.conns_lock:
         conns = list(node.conns.values())
+    live = set()
+    for c in conns:
+        with c.lock:
+            live |= c.live
+            c.live.clear()
+    if live:  # the live procs' connections die with the node: their hidden procs too
+        node.writer.submit(lambda tx: node._drop_live(tx, live), lambda ok, v: None)
     for c in conns:
         c.close()
     node.writer.stop()

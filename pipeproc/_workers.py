@@ -69,10 +69,7 @@ def processor_ref(processor: Any) -> str:
             )
         if module == "__main__":
             main = sys.modules.get("__main__")
-            spec = getattr(main, "__spec__", None)
-            if spec is not None and spec.name and spec.name != "__main__":
-                ref = f"{spec.name}:{qual}"
-            elif getattr(main, "__file__", None):
+            if getattr(main, "__file__", None):
                 # the application's own script: workers must not run it again (it may call
                 # spawn() at top level), so they load only its definitions (see _load_script)
                 ref = f"{SCRIPT}{os.path.abspath(main.__file__)}:{qual}"  # type: ignore[union-attr]
@@ -92,6 +89,7 @@ def processor_ref(processor: Any) -> str:
         path = os.path.abspath(path)
         ref = f"{path}:{func}"
         _check_file(path, func)
+        load(ref)  # what workers could not import is refused now, not at the first log
     elif kind == "script":
         _check_file(path, func)
     else:

@@ -1,0 +1,1 @@
+"""Processor modules for the system-proc tests (importable as ``procmods.<module>:<function>``)."""
