@@ -116,7 +116,7 @@ def _encode_logs(logs: Sequence[Any]) -> list:
         if not isinstance(item, dict):
             raise InvalidLogFormat(f"a log is a dict with 'topic' and 'body', got {type(item).__name__!r}")
         _ids.check_topic(item.get("topic"))
-        if "body" not in item or item["body"] is None:
+        if "body" not in item:
             raise InvalidLogFormat("a log needs a body (a dict, a list or bytes)")
         out.append([item["topic"], encode_body(item["body"])])
     return out
@@ -127,7 +127,7 @@ def _check_limit(limit: Any) -> int:
         return 0
     if isinstance(limit, bool) or not isinstance(limit, int):
         raise InvalidArgument(f"limit must be an int or None, got {type(limit).__name__}")
-    return max(limit, 0)
+    return 0 if limit >= 2**62 else max(limit, 0)  # beyond any topic: no limit
 
 
 def _check_bound(value: Any) -> Any:
@@ -136,20 +136,24 @@ def _check_bound(value: Any) -> Any:
     return value
 
 
+MAX_COUNT = 2**31 - 1
+MAX_TIMEOUT = 10 * 365 * 24 * 3600.0  # seconds; beyond that, use -1 (never)
+
+
 def _check_count(count: Any) -> int:
-    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_COUNT:
         raise InvalidArgument(f"count must be an int >= 1, got {count!r}")
     return count
 
 
 def _check_opts(max_reclaims: Any, reclaim_timeout: Any, on_max: Any) -> tuple:
     if isinstance(max_reclaims, bool) or not isinstance(max_reclaims, int) or not (
-            max_reclaims >= 1 or max_reclaims == -1):
+            1 <= max_reclaims <= MAX_COUNT or max_reclaims == -1):
         raise InvalidArgument(f"max_reclaims must be >= 1 or -1, got {max_reclaims!r}")
     if reclaim_timeout is None:
         reclaim_timeout = -1
     if isinstance(reclaim_timeout, bool) or not isinstance(reclaim_timeout, (int, float)) or not (
-            reclaim_timeout > 0 or reclaim_timeout == -1):
+            0 < reclaim_timeout <= MAX_TIMEOUT or reclaim_timeout == -1):
         raise InvalidArgument(f"reclaim_timeout must be > 0, -1 or None, got {reclaim_timeout!r}")
     if on_max not in ("disable", "continue"):
         raise InvalidArgument("on_max_reclaims_reached must be 'disable' or 'continue'")
@@ -426,6 +430,7 @@ class PipeProc:
         """Yield the logs of a range lazily, fetching ``page_size`` logs per round trip."""
         if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
             raise InvalidArgument("page_size must be an int >= 1")
+        page_size = min(page_size, 1 << 30)
         for chunk in self._range(topic, start, end, limit, exclusive, bool(reverse), page_size):
             yield from chunk
 
@@ -623,7 +628,8 @@ def _address(address: Any) -> Any:
     if address is None or isinstance(address, str):
         return address
     if (isinstance(address, (tuple, list)) and len(address) == 2 and isinstance(address[0], str)
-            and isinstance(address[1], int)):
+            and isinstance(address[1], int) and not isinstance(address[1], bool)
+            and 0 <= address[1] <= 65535):
         return (address[0], address[1])
     raise InvalidArgument("address is a Unix socket path or a (host, port) tuple")
 

@@ -43,11 +43,20 @@ def check_topic(topic: object) -> str:
 
 def check_proc_name(name: object) -> str:
     """Return ``name`` if it is a valid proc name, else raise ``invalid_proc_name``."""
-    if not isinstance(name, str) or not 1 <= len(name) <= 200 or _CONTROL_RE.search(name):
+    if (not isinstance(name, str) or not 1 <= len(name) <= 200 or _CONTROL_RE.search(name)
+            or not _encodable(name)):
         raise InvalidProcName(
             f"proc name must be 1-200 characters without control characters, got {_short(name)}"
         )
     return name
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates
+        return False
+    return True
 
 
 def format_id(ms: int, seq: int) -> str:

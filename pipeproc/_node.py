@@ -24,6 +24,7 @@ every commit the writer wakes those whose topics or procs it touched. Nothing po
 from __future__ import annotations
 
 import heapq
+import math
 import itertools
 import logging
 import os
@@ -74,6 +75,7 @@ _HEADER = struct.Struct("!i")
 _tls = threading.local()
 MAX_BACKLOG = 256 * 1024 * 1024
 LIVE_PREFIX = "liveproc-"
+MAX_TIMEOUT = 10 * 365 * 24 * 3600.0  # seconds; beyond: use -1 (never)
 
 
 class Malformed(Exception):
@@ -115,7 +117,7 @@ def _bound(v: Any) -> Optional[_ids.Bound]:
 def _claimed(v: Any) -> Optional[list]:
     if v is None:
         return None
-    if type(v) is not list or len(v) != 5 or any(type(x) is not int for x in v):
+    if type(v) is not list or len(v) != 6 or any(type(x) is not int for x in v):
         raise InvalidArgument("claimed must identify a claim")
     return v
 
@@ -125,8 +127,8 @@ def _opts(max_reclaims: Any, reclaim_timeout: Any, on_max: Any) -> tuple:
         raise InvalidArgument("max_reclaims must be >= 1 or -1")
     if reclaim_timeout is None:
         reclaim_timeout = -1
-    if (type(reclaim_timeout) not in (int, float) or reclaim_timeout != reclaim_timeout
-            or not (reclaim_timeout > 0 or reclaim_timeout == -1)):
+    if (type(reclaim_timeout) not in (int, float) or not math.isfinite(reclaim_timeout)
+            or not (0 < reclaim_timeout <= MAX_TIMEOUT or reclaim_timeout == -1)):
         raise InvalidArgument("reclaim_timeout must be > 0, -1 or None")
     if on_max not in ("disable", "continue"):
         raise InvalidArgument("on_max_reclaims_reached must be 'disable' or 'continue'")
@@ -439,7 +441,10 @@ class Writer:
                 done(ok, value)
             except Exception:  # pragma: no cover
                 log.exception("reply failed")
-        self.node.after_commit(tx)
+        try:
+            self.node.after_commit(tx)
+        except Exception:  # a notification bug must never wedge the writer role
+            log.exception("post-commit notifications failed")
 
     def _one_by_one(self, jobs: List[tuple], err: PipeProcError) -> None:
         if len(jobs) == 1:
@@ -515,6 +520,7 @@ class Node:
             if len(path.encode()) > 100:
                 import tempfile
                 rundir = tempfile.mkdtemp(prefix="pipeproc-")
+                self.rundir = rundir
                 path = os.path.join(rundir, "node.sock")
             if os.path.exists(path):
                 os.unlink(path)  # stale socket of a dead node: we hold the lock now
@@ -1139,8 +1145,9 @@ class Node:
             if recs is None:
                 continue
             self.rr = idx + 1
-            c = tx.proc(name)["claimed"]
-            key = c + [c[3] - c[1] + 1]
+            new = tx.proc(name)
+            c = new["claimed"]
+            key = c + [c[3] - c[1] + 1, new["cdig"]]
             data = (b"\x93" + msgpack.packb(rid) + b"\x00\x96" + msgpack.packb(name)
                     + msgpack.packb(d["processor"]) + msgpack.packb(d["to"])
                     + (b"\xc3" if d["count"] > 1 else b"\xc2") + array_header(len(recs))
@@ -1285,6 +1292,9 @@ def main() -> None:
             os.unlink(node.address)
         except OSError:
             pass
+        if getattr(node, "rundir", None):
+            import shutil
+            shutil.rmtree(node.rundir, ignore_errors=True)
     if cfg.get("temp_location"):
         import shutil
         shutil.rmtree(location, ignore_errors=True)

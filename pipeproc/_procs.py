@@ -16,6 +16,7 @@ conditions before it changes anything, and returns the new record through
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, List, Optional, Sequence, Tuple
 
 from . import _ids
@@ -142,7 +143,8 @@ def _check_claimed(rec: dict, claimed: Optional[Sequence[int]]) -> None:
     if claimed is None:
         return
     c = rec["claimed"]
-    if (not pending(rec) or list(claimed[:4]) != c or claimed[4] != c[3] - c[1] + 1):
+    if (not pending(rec) or list(claimed[:4]) != c or claimed[4] != c[3] - c[1] + 1
+            or claimed[5] != rec.get("cdig")):
         raise StaleClaim(
             "the given logs are not the proc's pending claim "
             f"({range_str(c) if pending(rec) else 'nothing pending'})"
@@ -192,6 +194,7 @@ def claim(tx: Any, name: str, rec: dict, count: int) -> Optional[List[Any]]:
     new = dict(rec)
     new["prev"] = rec["claimed"]
     new["claimed"] = [record_ms(records[0]), lo, record_ms(records[-1]), hi]
+    new["cdig"] = ids_digest(r[2:10] + r[11:19] for r in records)
     new["last_claimed_at"] = tx.now
     new["tbase"] = tx.now
     tx.put_proc(name, new)
@@ -304,13 +307,18 @@ def gc_upto(view: Any, topic: str, meta: Any, procs_on_topic: List[dict], cutoff
     return upto
 
 
+def ids_digest(packed: Any) -> int:
+    """A 64-bit digest of a claim's ids, each given as ``ms (u64 BE) + seq (u64 BE)``."""
+    return int.from_bytes(hashlib.blake2b(b"".join(packed), digest_size=8).digest(), "big")
+
+
 def claimed_key(ids: Sequence[Tuple[int, int]]) -> List[int]:
-    """The ``claimed=`` identity of a list of ``(ms, seq)``: ``[lo_ms, lo_seq, hi_ms, hi_seq, n]``
-    (``n = -1`` when the sequences are not consecutive, which matches no claim)."""
+    """The ``claimed=`` identity of a list of ``(ms, seq)``:
+    ``[lo_ms, lo_seq, hi_ms, hi_seq, n, digest of every id]`` — it matches a pending claim
+    only when every log is exactly the claim's."""
     lo, hi = ids[0], ids[-1]
-    n = len(ids)
-    for i in range(1, n):
-        if ids[i][1] != ids[i - 1][1] + 1:
-            n = -1
-            break
-    return [lo[0], lo[1], hi[0], hi[1], n]
+    try:
+        digest = ids_digest(ms.to_bytes(8, "big") + seq.to_bytes(8, "big") for ms, seq in ids)
+    except OverflowError:
+        digest = 0
+    return [lo[0], lo[1], hi[0], hi[1], len(ids), digest]

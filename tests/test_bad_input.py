@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime
 import decimal
 import os
+import pickle
 import socket
 import struct
 import time
@@ -204,6 +205,27 @@ def test_bad_limit(seeded, limit):
     for call in (pp.range, pp.revrange):
         expect_arg_error("invalid_argument", call, "t", limit=limit)
     expect_arg_error("invalid_argument", lambda: list(pp.iter_range("t", limit=limit)))
+
+
+@pytest.mark.parametrize("value", [2**63, 2**64, 2**70, -(2**70)])
+def test_huge_limit_and_page_size(seeded, value):
+    """Every failure is a PipeProcError (SPEC §2): a limit / page_size beyond 64 bits either
+    works (a huge limit is no cap; a negative one is no limit) or is invalid_argument —
+    never a raw OverflowError from the encoder."""
+    pp = seeded
+    everything = pp.range("t")
+    for fn in (lambda: pp.range("t", limit=value), lambda: pp.revrange("t", limit=value)[::-1],
+               lambda: list(pp.iter_range("t", limit=value))):
+        try:
+            assert fn() == everything
+        except pipeproc.PipeProcError as e:
+            assert e.code == "invalid_argument", str(e)
+    if value > 0:
+        try:
+            assert list(pp.iter_range("t", page_size=value)) == everything
+        except pipeproc.PipeProcError as e:
+            assert e.code == "invalid_argument", str(e)
+    assert pp.length("t") == 3
 
 
 @pytest.mark.parametrize("page_size", [0, -1, "10", 1.5, [10]])
@@ -438,6 +460,50 @@ def test_silent_connection_does_not_block_others(seeded):
     finally:
         for s in silent:
             s.close()
+
+
+class _Evil:
+    """Unpickling this creates a directory: proof that someone unpickled it."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.mkdir, (self.path,))
+
+
+@pytest.mark.timeout(60)
+def test_pickles_are_never_loaded(seeded, tmp_path):
+    """Messages are msgpack, never pickles: a pickled payload must not be executed."""
+    pp = seeded
+    before = snapshot(pp)
+    markers = [tmp_path / f"pwned{i}" for i in range(3)]
+    payloads = [pickle.dumps(_Evil(str(markers[0]))),
+                pickle.dumps([1, "commit", _Evil(str(markers[1]))], protocol=2)]
+    for payload in payloads:
+        conn = Client(_address(pp), authkey=pp.authkey)
+        try:
+            conn.send_bytes(payload)
+            try:
+                if conn.poll(2):  # the node answered or hung up: the frame was handled
+                    conn.recv_bytes()
+            except (EOFError, OSError):
+                pass
+        finally:
+            conn.close()
+    conn = Client(_address(pp), authkey=pp.authkey)
+    try:
+        conn.send(_Evil(str(markers[2])))  # Connection.send pickles
+        try:
+            if conn.poll(2):
+                conn.recv_bytes()
+        except (EOFError, OSError):
+            pass
+    finally:
+        conn.close()
+    assert_healthy(pp, before)
+    for m in markers:
+        assert not m.exists(), f"the node unpickled a payload ({m.name})"
 
 
 def test_wrong_authkey_raw_client(seeded):

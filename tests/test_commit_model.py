@@ -37,8 +37,10 @@ class NodeHolder:
         self.pp = pipeproc.spawn(location, memory=memory, workers=0)
         self.max_ms = 0  # the store's ms never decreases, across examples and restarts
         self.generation = 0  # bumped by each memory restart (which empties the store)
+        self.restarts = 0
 
     def restart(self):
+        self.restarts += 1
         self.pp.shutdown()
         self.pp = pipeproc.spawn(self.location, memory=self.memory, workers=0)
         if self.memory:
@@ -245,5 +247,6 @@ def test_commit_state_machine(tmp_path, memory):
                 suppress_health_check=[HealthCheck.too_slow],
             ),
         )
+        assert holder.restarts > 0, "the restart rule never ran"
     finally:
         holder.shutdown()

@@ -240,6 +240,8 @@ def test_unknown_topic_is_invalid_topic(any_node, call):
         else:
             getattr(pp, call)("nope")
     assert e.value.code == "invalid_topic"
+    # raised in the node, it reaches the client as the same class
+    assert isinstance(e.value, pipeproc.errors.InvalidTopic)
     # the node keeps running and loses nothing
     assert pp.length("exists") == 1
 
@@ -353,6 +355,7 @@ def test_seq_bound_that_does_not_exist(stepped, bound):
             with pytest.raises(pipeproc.PipeProcError) as e:
                 call("t", **kw)
             assert e.value.code == "invalid_tone_id_search", (call, kw)
+            assert isinstance(e.value, pipeproc.errors.InvalidToneIdSearch)
     with pytest.raises(pipeproc.PipeProcError) as e:
         list(pp.iter_range("t", start=bound))
     assert e.value.code == "invalid_tone_id_search"

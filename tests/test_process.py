@@ -152,6 +152,35 @@ def test_connect_with_no_node_fails_in_time(tmp_path, timeout):
     assert time.monotonic() - t0 < timeout + 3.0
 
 
+@pytest.mark.timeout(60)
+def test_connect_retries_until_the_node_appears(spawner, tmp_path):
+    loc = tmp_path / "late"
+    result: dict = {}
+
+    def connect():
+        t0 = time.monotonic()
+        try:
+            result["client"] = pipeproc.connect(loc, timeout=20)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            result["error"] = exc
+        result["elapsed"] = time.monotonic() - t0
+
+    t = threading.Thread(target=connect)
+    t.start()
+    time.sleep(0.5)  # let connect start retrying before any node exists
+    pp = spawner(loc)
+    pp.commit({"topic": "t", "body": {}})
+    t.join(30)
+    assert not t.is_alive()
+    assert "error" not in result, result.get("error")
+    c = result["client"]
+    try:
+        assert c.length("t") == 1
+    finally:
+        c.close()
+    assert result["elapsed"] < 15
+
+
 @pytest.mark.timeout(30)
 def test_connect_to_location_of_stopped_node(spawner, tmp_path):
     pp = spawner(tmp_path / "store")

@@ -9,7 +9,14 @@ Readings of the SPEC where it is silent (kept consistent with PipeProc's source)
   persisted as they are; only a dead *worker*'s claims are reclaimed at once);
 - ``ack(name, claimed=...)`` with nothing pending but something acked before fails with
   ``stale_claim`` (the pending claim is not exactly those logs), while ``ack(name)`` without
-  ``claimed=`` returns the last acked range.
+  ``claimed=`` returns the last acked range; with nothing ever acked it is ``invalid_ack``
+  (the state errors are checked in the order §2 lists them);
+- "the same logs again" after a reclaim is checked with an unchanged ``count``;
+- ``available_proc`` serves only the procs it is given (a worker must never run another
+  proc's logs), and never a disabled one;
+- an option that is valid but absurd (``count=2**70``, ``reclaim_timeout=inf``) may be
+  refused with ``invalid_argument`` or honoured, but never escapes as a non-PipeProcError
+  nor wedges the node (SPEC §2 and §9: bad input never crashes the node).
 """
 
 from __future__ import annotations
@@ -1215,3 +1222,95 @@ def test_available_proc_argument_errors(any_node):
         assert isinstance(e.value, ValueError), e.value
     assert code_of(pp.inspect_proc, "p") == "invalid_proc"
     assert pp.available_proc([{"topic": "t", "name": "p"}])[1].body == {"i": 0}
+
+
+# ---------------------------------------------------------------- hostile arguments
+
+
+def within(seconds: float, fn, *args, **kw):
+    """Run ``fn`` in a thread; fail (instead of hanging the suite) if it takes too long."""
+    out: dict = {}
+
+    def go():
+        try:
+            out["value"] = fn(*args, **kw)
+        except BaseException as e:  # re-raised in the caller
+            out["error"] = e
+
+    th = threading.Thread(target=go, daemon=True)
+    th.start()
+    th.join(seconds)
+    if th.is_alive():
+        raise AssertionError(f"{getattr(fn, '__name__', fn)} hung for more than {seconds}s")
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
+def test_claimed_list_with_a_wrong_middle_log_is_stale(any_node):
+    pp = any_node
+    ids = commit_n(pp, "t", 3)
+    claim = pp.proc("t", name="p", count=3)
+    forged = Log(f"{ms(ids[1]) + 5}-{seq(ids[1])}", claim[1].body)  # same seq, other id
+    with pytest.raises(pipeproc.PipeProcError) as e:
+        pp.ack("p", claimed=[claim[0], forged, claim[2]])
+    assert e.value.code == "stale_claim"
+    assert pp.inspect_proc("p").last_acked_range == ""
+    assert pp.ack("p", claimed=claim) == rng(ids[0], ids[2])
+
+
+def test_infinite_reclaim_timeout_does_not_wedge_the_node(any_node):
+    pp = any_node
+    ids = commit_n(pp, "t", 2)
+    try:
+        log = within(5, pp.proc, "t", name="p", reclaim_timeout=float("inf"))
+    except pipeproc.PipeProcError as e:  # refusing it is fine too
+        assert e.code == "invalid_argument"
+    else:
+        assert log.id == ids[0]
+    # whatever the answer, the node keeps serving everyone
+    assert seq(within(5, pp.commit, {"topic": "t", "body": {"i": 2}})) == 2
+    assert within(5, pp.proc, "t", name="q").id == ids[0]
+    assert within(5, pp.ack, "q") == rng(ids[0])
+
+
+@pytest.mark.parametrize("opts", [{"count": 2**70}, {"max_reclaims": 2**70},
+                                  {"reclaim_timeout": 1e300}, {"count": 2**40}])
+def test_huge_options_fail_cleanly_or_work(any_node, opts):
+    pp = any_node
+    ids = commit_n(pp, "t", 2)
+    try:
+        got = within(5, pp.proc, "t", name="p", **opts)
+    except pipeproc.PipeProcError as e:
+        assert e.code == "invalid_argument", e
+    else:
+        assert ids_of(got) == (ids if opts.get("count", 1) > 1 else ids[:1])
+    assert within(5, pp.proc, "t", name="q").id == ids[0]
+
+
+def test_unencodable_proc_name_is_a_pipeproc_error(any_node):
+    pp = any_node
+    commit_n(pp, "t", 1)
+    with pytest.raises(pipeproc.PipeProcError) as e:
+        pp.proc("t", name="a\ud800b")  # a lone surrogate: not valid text
+    assert e.value.code in ("invalid_proc_name", "invalid_argument")
+    assert pp.stats()["procs"] == {}
+
+
+def test_available_proc_serves_only_listed_active_procs(any_node):
+    pp = any_node
+    commit_n(pp, "t", 3)
+    pp.proc("t", name="manual")  # not listed: has work after its ack, never served
+    pp.ack("manual")
+    pp.proc("t", name="off")
+    pp.ack("off")
+    pp.disable_proc("off")  # listed but disabled
+    specs = [{"topic": "t", "name": "off"}, {"topic": "t", "name": "w"}]
+    served = []
+    while (got := pp.available_proc(specs)) is not None:
+        served.append((got[0], got[1].id))
+        pp.ack(got[0], claimed=got[1])
+        assert len(served) <= 3
+    assert [n for n, _ in served] == ["w"] * 3
+    assert pp.inspect_proc("manual").last_acked_range.endswith(pp.range("t")[0].id)
+    assert pp.inspect_proc("off").status == "disabled"

@@ -6,11 +6,12 @@ uses its own topic and proc names. The disk run also restarts the node.
 
 Readings where the SPEC is silent (see tests/test_procs.py): after a reclaim
 ``last_claimed_range`` is the last acked range; a pending claim survives a restart;
-``ack(claimed=...)`` with nothing pending but something acked is ``stale_claim``. Two
-points the model accepts either way: ``ack`` / ``ack_commit`` on a *disabled* proc may fail
-with ``proc_is_disabled`` (changing nothing) or act normally; and after a reclaim the next
-claim may be either ``count`` logs from the acked position or exactly the reclaimed logs
-(both start at the same log, and both are "the same logs again" when ``count`` is unchanged).
+``ack(claimed=...)`` with nothing pending fails with ``invalid_ack`` when nothing was ever
+acked and ``stale_claim`` otherwise. Two points the model accepts either way: ``ack`` /
+``ack_commit`` on a *disabled* proc may fail with ``proc_is_disabled`` (changing nothing) or
+act normally; and after a reclaim the next claim may be either ``count`` logs from the acked
+position or exactly the reclaimed logs (both are "the same logs again" when ``count`` is
+unchanged).
 """
 
 from __future__ import annotations
@@ -66,7 +67,6 @@ class ProcModel:
         self.previous_claimed_range = ""
         self.last_result = None  # what proc() last returned (for claimed=)
         self.older_result = None  # what it returned before that
-        self.acked_result = None  # the claim last acked
         self.redeliver: list[int] | None = None  # the claim dropped by the last reclaim
 
     @property
@@ -194,20 +194,10 @@ class ProcMachine(RuleBasedStateMachine):
         if m.status == "disabled" and code == "proc_is_disabled":
             return  # accepted reading: no ack on a disabled proc
         if m.pending is None:
-            # tests/test_procs.py pins the SPEC's reading of these two cases; the model
-            # also accepts the library's (invalid_ack vs stale_claim order; a retried ack
-            # of the acked claim answering the acked range) so it can look for other bugs.
             if m.last_acked_range == "":
-                if claimed is None:
-                    assert code == "invalid_ack"
-                else:
-                    assert code in ("invalid_ack", "stale_claim"), code
+                assert code == "invalid_ack", code  # before stale_claim
             elif claimed is not None:
-                if code is None:
-                    assert ids_of(claimed) == ids_of(m.acked_result) and \
-                        got == m.last_acked_range
-                else:
-                    assert code == "stale_claim"
+                assert code == "stale_claim", code  # no pending claim is "those logs"
             else:
                 assert code is None and got == m.last_acked_range
             return
@@ -219,7 +209,6 @@ class ProcMachine(RuleBasedStateMachine):
         assert got == m.last_acked_range
 
     def apply_ack(self, m: ProcModel) -> None:
-        m.acked_result = m.last_result
         m.last_acked_range = self.rng(m.topic, m.pending)
         m.acked_last = m.pending[-1]
         m.pending = None

@@ -187,7 +187,7 @@ class ProcMachine(RuleBasedStateMachine):
             return
         before = dict(self.tx.procs[name])
         with pytest.raises((StaleClaim, InvalidAck)):
-            _procs.ack(self.tx, name, [0, 10**9, 0, 10**9, 1])
+            _procs.ack(self.tx, name, [0, 10**9, 0, 10**9, 1, 0])
         assert self.tx.procs[name] == before
 
     @precondition(lambda self: bool(self.model))
