@@ -2,7 +2,7 @@
 
 Run from the repository root (/work/main):
 
-    .venv/bin/python -m benchmarks                  # full run (~4 min on 2 cores)
+    .venv/bin/python -m benchmarks                  # full run (~1-2 min on 2 cores)
     .venv/bin/python -m benchmarks --quick          # ~10x smaller smoke run
     .venv/bin/python -m benchmarks --json out.json --only W1,W3
 
