@@ -225,9 +225,9 @@ class EchoProbe:
         ready = ctx.Event()
         self.proc = ctx.Process(target=_echo_server, args=(address, self._authkey, ready),
                                 daemon=True)
-        self.proc.start()
         self.conn = None
         try:
+            self.proc.start()
             if not ready.wait(30):
                 raise RuntimeError("echo server did not start")
             self.conn = Client(address, family="AF_UNIX", authkey=self._authkey)
@@ -257,11 +257,14 @@ class EchoProbe:
         if self.conn is not None:
             self.conn.close()
             self.conn = None
-        self.proc.join(10)
-        if self.proc.is_alive():
-            self.proc.terminate()
-            self.proc.join()
-        shutil.rmtree(self._dir, ignore_errors=True)
+        try:
+            if self.proc.pid is not None:
+                self.proc.join(10)
+                if self.proc.is_alive():
+                    self.proc.terminate()
+                    self.proc.join()
+        finally:
+            shutil.rmtree(self._dir, ignore_errors=True)
 
 
 def socket_pingpong(echo: EchoProbe, n: int, rounds: int) -> Dict[str, float]:
