@@ -753,6 +753,28 @@ def _read_ready(fd: int, proc: subprocess.Popen, timeout: float) -> dict:
     return msgpack.unpackb(buf, raw=False)
 
 
+def resolve_node(loc: Optional[str], address: Any, authkey: Optional[bytes]) -> Tuple[Any, bytes]:
+    """The node's address and key: as given, else read from the location's files.
+
+    Raises:
+        NoActiveNode: the location holds no running node's files.
+    """
+    if address is not None and authkey is not None:
+        return address, authkey
+    assert loc is not None
+    try:
+        with open(os.path.join(loc, "node.address"), "rb") as f:
+            info = msgpack.unpackb(f.read(), raw=False)
+        with open(os.path.join(loc, "node.key"), "rb") as f:
+            file_key = f.read()
+    except OSError as exc:
+        raise NoActiveNode(f"no node at {loc}: {exc}") from None
+    a = info["address"]
+    if address is None:
+        address = tuple(a) if isinstance(a, list) else a
+    return address, authkey if authkey is not None else file_key
+
+
 def connect(location: Any = None, *, address: Any = None, authkey: Optional[bytes] = None,
             timeout: float = 5.0) -> PipeProc:
     """Connect to a running node, by its location or by ``address`` and ``authkey``.
@@ -772,19 +794,7 @@ def connect(location: Any = None, *, address: Any = None, authkey: Optional[byte
     last: Exception = NoActiveNode("no node")
     while True:
         try:
-            addr, key = address, authkey
-            if addr is None or key is None:
-                assert loc is not None
-                try:
-                    with open(os.path.join(loc, "node.address"), "rb") as f:
-                        info = msgpack.unpackb(f.read(), raw=False)
-                    with open(os.path.join(loc, "node.key"), "rb") as f:
-                        file_key = f.read()
-                except OSError as exc:
-                    raise NoActiveNode(f"no node at {loc}: {exc}") from None
-                a = info["address"]
-                addr = addr if addr is not None else (tuple(a) if isinstance(a, list) else a)
-                key = key if key is not None else file_key
+            addr, key = resolve_node(loc, address, authkey)
             pp = PipeProc(addr, key, location=loc)
             left = max(0.05, deadline - time.monotonic())
             c = open_connection(addr, key, min(left, HANDSHAKE_TIMEOUT))

@@ -59,11 +59,6 @@ def _encodable(text: str) -> bool:
     return True
 
 
-def format_id(ms: int, seq: int) -> str:
-    """Format a log id."""
-    return f"{ms}-{seq}"
-
-
 def parse_id(log_id: str) -> Tuple[int, int]:
     """Parse a full id ``"<ms>-<seq>"`` into ``(ms, seq)``; ``invalid_range_offset`` otherwise."""
     bound = parse_bound(log_id)

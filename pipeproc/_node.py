@@ -28,6 +28,7 @@ import math
 import itertools
 import logging
 import os
+import select
 import signal
 import socket
 import struct
@@ -234,6 +235,8 @@ class Conn:
                 log.warning("refused a connection: authentication failed (%s)", exc)
                 return
             self.sock = socket.socket(fileno=os.dup(c.fileno()))
+            waiting = select.poll()  # registered once: Connection.poll builds a selector per call
+            waiting.register(c.fileno(), select.POLLIN)
             ops = node.ops
             while not self.closed:
                 try:
@@ -251,7 +254,7 @@ class Conn:
                     handler = ops.get(req[1]) if type(req[1]) is str else None
                     if handler is None:
                         raise Malformed(f"unknown op {req[1]!r}")
-                    _tls.defer = c.poll(0)
+                    _tls.defer = bool(waiting.poll(0))
                     handler(self, rid, *req[2:])
                 except PipeProcError as exc:
                     self.send(err_reply(rid, exc.code, exc.message))
@@ -562,8 +565,6 @@ class Node:
             self.writer.submit(lambda tx: self._reclaim_dead(tx, claims), lambda ok, v: None)
         if live and not self.writer.stopped:
             self.writer.submit(lambda tx: self._drop_live(tx, live), lambda ok, v: None)
-        if conn.worker is not None and self.supervisor is not None:
-            self.supervisor.worker_gone(conn)
 
     def _reclaim_dead(self, tx: Any, claims: Dict[str, list]) -> None:
         for name, key in claims.items():
@@ -654,8 +655,13 @@ class Node:
         if due is None:
             return
         delay = max(0.0, due / 1000 - time.time())
-        self.timers.after(delay + 0.001, lambda: self.writer.submit(
-            lambda tx: self._expire(tx, name), lambda ok, v: None))
+
+        def fire() -> None:
+            current = self.store.procs.get(name)
+            if current is None or _procs.deadline(current) != due:
+                return  # acked, reclaimed or re-claimed since: that claim's own timer runs
+            self.writer.submit(lambda tx: self._expire(tx, name), lambda ok, v: None)
+        self.timers.after(delay + 0.001, fire)
 
     def _expire(self, tx: Any, name: str) -> None:
         rec = tx.proc(name)

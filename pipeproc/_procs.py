@@ -94,14 +94,6 @@ def position(view: Any, rec: dict) -> int:
                           lambda q: view.ms_at(meta.tid, q))
 
 
-def has_work(view: Any, rec: dict) -> bool:
-    """Active, nothing pending, and at least one log to claim."""
-    if rec["status"] != "active" or pending(rec):
-        return False
-    meta = view.topic(rec["topic"])
-    return meta is not None and position(view, rec) < meta.next
-
-
 def lag(view: Any, rec: dict) -> int:
     """Logs committed to the proc's topic and not yet acked by it."""
     meta = view.topic(rec["topic"])

@@ -20,7 +20,7 @@ the whole page in one ``unpackb`` call; the node never decodes a body.
 from __future__ import annotations
 
 import struct
-from typing import Any, Iterable, List
+from typing import Any, List
 
 import msgpack
 
@@ -110,7 +110,3 @@ def page(records: List[Any], tail: object) -> bytes:
     """The raw encoding of ``[[record, ...], tail]`` built from stored records without decoding."""
     return b"\x92" + array_header(len(records)) + b"".join(records) + msgpack.packb(tail)
 
-
-def join_records(records: Iterable[Any]) -> bytes:
-    """Concatenate stored records (bytes or memoryviews)."""
-    return b"".join(records)

@@ -114,9 +114,6 @@ class Supervisor:
                 self.slots[index].connected += 1
                 self.lock.notify_all()
 
-    def worker_gone(self, conn: Any) -> None:
-        """A worker connection closed (its claims are reclaimed by the node)."""
-
     def count(self, index: int, failed: bool) -> None:
         with self.lock:
             if 0 <= index < len(self.slots):

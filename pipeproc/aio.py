@@ -1024,19 +1024,7 @@ async def connect(location: Any = None, *, address: Any = None, authkey: Optiona
     last: PipeProcError = NoActiveNode("no node")
     while True:
         try:
-            addr, key = address, authkey
-            if addr is None or key is None:
-                assert loc is not None
-                try:
-                    with open(os.path.join(loc, "node.address"), "rb") as f:
-                        info = msgpack.unpackb(f.read(), raw=False)
-                    with open(os.path.join(loc, "node.key"), "rb") as f:
-                        file_key = f.read()
-                except OSError as exc:
-                    raise NoActiveNode(f"no node at {loc}: {exc}") from None
-                a = info["address"]
-                addr = addr if addr is not None else (tuple(a) if isinstance(a, list) else a)
-                key = key if key is not None else file_key
+            addr, key = _client.resolve_node(loc, address, authkey)
             if not isinstance(key, (bytes, bytearray)):
                 raise InvalidArgument("authkey must be bytes")
             pp = AsyncPipeProc(addr, key, location=loc)
