@@ -28,7 +28,7 @@ from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tu
 import msgpack
 
 from . import _ids, _procs
-from ._protocol import ERR, MAX_FRAME, decode, encode_body, pack
+from ._protocol import ERR, REPLY_LIMIT, Channel, decode, encode_body, pack
 from .errors import (
     AuthFailed,
     ConnectionLost,
@@ -166,12 +166,14 @@ def _check_offset(offset: Any) -> str:
 
 
 HANDSHAKE_TIMEOUT = 5.0
+#: Requests up to this size never ask the node for its frame limit (always accepted).
+MIN_FRAME = 64 * 1024
 _NO_TIMEOUT = struct.pack("ll", 0, 0)
 
 
-def open_connection(address: Any, authkey: bytes, timeout: float = HANDSHAKE_TIMEOUT) -> Connection:
+def open_connection(address: Any, authkey: bytes, timeout: float = HANDSHAKE_TIMEOUT) -> Channel:
     """Connect and authenticate (``multiprocessing.connection`` handshake), never hanging:
-    connect and handshake are bounded by ``timeout`` seconds.
+    connect and handshake are bounded by ``timeout`` seconds. Returns the framed channel.
 
     Raises:
         NoActiveNode: nothing answered in time. AuthFailed: the key was refused.
@@ -201,13 +203,11 @@ def open_connection(address: Any, authkey: bytes, timeout: float = HANDSHAKE_TIM
     except (OSError, EOFError) as exc:
         c.close()
         raise NoActiveNode(f"no node answered at {address!r}: {exc}") from None
-    s = socket.socket(fileno=c.fileno())
-    try:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _NO_TIMEOUT)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _NO_TIMEOUT)
-    finally:
-        s.detach()
-    return c
+    s = socket.socket(fileno=os.dup(c.fileno()))
+    c.close()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _NO_TIMEOUT)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _NO_TIMEOUT)
+    return Channel(s)
 
 
 class PipeProc:
@@ -235,6 +235,7 @@ class PipeProc:
         self._rids = itertools.count(1)
         self._closed = False
         self._conns: set = set()
+        self._max_frame: Optional[int] = None
 
     # ------------------------------------------------------------------ connection
 
@@ -281,12 +282,23 @@ class PipeProc:
         except OSError:
             pass
 
+    def _frame_limit(self) -> int:
+        if self._max_frame is None:
+            self._max_frame = int(self._call("limits")["max_frame_size"])
+        return self._max_frame
+
     def _call(self, op: str, *args: Any) -> Any:
-        c = self._acquire()
         rid = next(self._rids)
+        data = pack([rid, op, *args])
+        if len(data) > MIN_FRAME and len(data) > self._frame_limit():
+            raise InvalidArgument(
+                f"a request of {len(data)} bytes is above the node's limit of "
+                f"{self._frame_limit()} bytes (spawn(max_frame_size=...)); commit less per call"
+            )
+        c = self._acquire()
         try:
-            c.send_bytes(pack([rid, op, *args]))
-            reply = decode(c.recv_bytes(MAX_FRAME))
+            c.send_bytes(data)
+            reply = decode(c.recv_bytes(REPLY_LIMIT))
         except (OSError, EOFError) as exc:
             self._drop(c)
             if self._closed:
@@ -295,7 +307,10 @@ class PipeProc:
         except BaseException:
             self._drop(c)  # interrupted mid-call: the connection is out of step
             raise
-        self._release(c)
+        if reply[0] != rid:  # the node refused the frame itself and closes the connection
+            self._drop(c)
+        else:
+            self._release(c)
         if reply[1] == ERR:
             code, message = reply[2]
             raise from_code(code, message)
@@ -624,6 +639,11 @@ def _nonneg_int(v: Any, name: str) -> int:
     return v
 
 
+def _check_frame_size(v: Any) -> None:
+    if v is not None and (_nonneg_int(v, "max_frame_size") < MIN_FRAME or v > 0x7FFFFFFF):
+        raise InvalidArgument(f"max_frame_size must be between {MIN_FRAME} and 2**31 - 1 bytes")
+
+
 def _address(address: Any) -> Any:
     if address is None or isinstance(address, str):
         return address
@@ -637,8 +657,8 @@ def _address(address: Any) -> Any:
 def spawn(location: Any = None, *, memory: bool = False, workers: int = 1,
           worker_concurrency: int = 1, worker_restart_after: int = 0, gc: Any = False,
           durability: str = "full", address: Any = None, authkey: Optional[bytes] = None,
-          max_map_size: Optional[int] = None, log_level: Optional[str] = None,
-          timeout: float = 60.0) -> PipeProc:
+          max_map_size: Optional[int] = None, max_frame_size: Optional[int] = None,
+          log_level: Optional[str] = None, timeout: float = 60.0) -> PipeProc:
     """Start a node process and return a client connected to it.
 
     Args:
@@ -653,6 +673,8 @@ def spawn(location: Any = None, *, memory: bool = False, workers: int = 1,
         address: a Unix socket path, or ``("127.0.0.1", port)`` for TCP (port 0: any).
         authkey: the key clients must present (default: a random one).
         max_map_size: cap of the store's size in bytes (``storage_full`` beyond it).
+        max_frame_size: the largest request the node accepts, in bytes (default 64 MiB).
+            A larger request fails with ``invalid_argument`` before it is sent.
         log_level: the node's log level on stderr (default WARNING).
         timeout: seconds to wait for the node to be ready.
 
@@ -678,12 +700,13 @@ def spawn(location: Any = None, *, memory: bool = False, workers: int = 1,
         raise InvalidArgument("authkey must be bytes")
     if max_map_size is not None:
         _nonneg_int(max_map_size, "max_map_size")
+    _check_frame_size(max_frame_size)
     cfg = {
         "location": loc, "memory": bool(memory), "workers": workers,
         "worker_concurrency": worker_concurrency, "worker_restart_after": worker_restart_after,
         "gc": _gc_settings(gc), "durability": durability, "address": _address(address),
         "authkey": bytes(authkey) if authkey else None, "max_map_size": max_map_size,
-        "sys_path": [p for p in sys.path if isinstance(p, str)], "cwd": os.getcwd(),
+        "max_frame_size": max_frame_size, "sys_path": [p for p in sys.path if isinstance(p, str)], "cwd": os.getcwd(),
         "log_level": log_level, "temp_location": temp_location,
     }
     read_fd, write_fd = os.pipe()

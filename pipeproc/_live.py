@@ -14,7 +14,7 @@ import uuid
 from typing import Any, Callable, Iterator, List, Optional, Union
 
 from . import _ids
-from ._protocol import ERR, MAX_FRAME, decode, pack
+from ._protocol import ERR, REPLY_LIMIT, decode, pack
 from .errors import ConnectionLost, InvalidArgument, InvalidProc, NoActiveNode, PipeProcError, from_code
 
 log = logging.getLogger("pipeproc.live")
@@ -63,7 +63,7 @@ class LiveProc:
             self._rid += 1
             try:
                 self._conn.send_bytes(pack([self._rid, op, *args]))
-                reply = decode(self._conn.recv_bytes(MAX_FRAME))
+                reply = decode(self._conn.recv_bytes(REPLY_LIMIT))
             except (OSError, EOFError, TypeError, AttributeError) as exc:
                 if self._cancelled or self._pp._closed:
                     return None  # cancelled, or its client closed: delivery ends

@@ -50,6 +50,8 @@ import msgpack
 from . import _ids, _procs
 from ._protocol import (
     MAX_FRAME,
+    Channel,
+    FrameTooLarge,
     array_header,
     decode,
     err_reply,
@@ -77,6 +79,9 @@ _tls = threading.local()
 MAX_BACKLOG = 256 * 1024 * 1024
 LIVE_PREFIX = "liveproc-"
 MAX_TIMEOUT = 10 * 365 * 24 * 3600.0  # seconds; beyond: use -1 (never)
+# A GC pass runs in steps of at most this much work per write round.
+GC_DELETES_PER_ROUND = 20_000
+GC_SECONDS_PER_ROUND = 0.005
 
 
 class Malformed(Exception):
@@ -235,12 +240,16 @@ class Conn:
                 log.warning("refused a connection: authentication failed (%s)", exc)
                 return
             self.sock = socket.socket(fileno=os.dup(c.fileno()))
-            waiting = select.poll()  # registered once: Connection.poll builds a selector per call
-            waiting.register(c.fileno(), select.POLLIN)
+            chan = Channel(self.sock)
+            limit = node.max_frame
             ops = node.ops
             while not self.closed:
                 try:
-                    data = c.recv_bytes(MAX_FRAME)
+                    data = chan.recv_bytes(limit)
+                except FrameTooLarge as exc:
+                    log.warning("connection %d refused: %s", self.id, exc)
+                    self.send(err_reply(None, "invalid_argument", f"request refused: {exc}"))
+                    break
                 except (EOFError, OSError) as exc:
                     if not isinstance(exc, EOFError) and not self.closed:
                         log.info("connection %d dropped: %s", self.id, exc)
@@ -254,7 +263,7 @@ class Conn:
                     handler = ops.get(req[1]) if type(req[1]) is str else None
                     if handler is None:
                         raise Malformed(f"unknown op {req[1]!r}")
-                    _tls.defer = bool(waiting.poll(0))
+                    _tls.defer = chan.pending
                     handler(self, rid, *req[2:])
                 except PipeProcError as exc:
                     self.send(err_reply(rid, exc.code, exc.message))
@@ -470,6 +479,7 @@ class Node:
         self.started = time.time()
         self.location: str = cfg["location"]
         self.authkey: bytes = cfg["authkey"]
+        self.max_frame: int = cfg.get("max_frame_size") or MAX_FRAME
         self.store = Store(
             None if cfg["memory"] else os.path.join(self.location, "store"),
             memory=cfg["memory"], durability=cfg["durability"],
@@ -484,12 +494,15 @@ class Node:
         self.shutdown_replies: List[tuple] = []
         # parked waiters
         self.wlock = threading.Lock()
-        self.idle_waiters: Dict[tuple, tuple] = {}   # (conn id, rid) -> (conn, rid, names)
+        # (conn id, rid) -> [conn, rid, names, the busy proc that holds it back]
+        self.idle_waiters: Dict[tuple, list] = {}
         self.claim_waiters: Dict[tuple, tuple] = {}  # (conn id, rid) -> (conn, rid, interest, attempt)
         self.rr = 0
+        self._sys_cache: Optional[tuple] = None
+        self._gc_pass: Optional[deque] = None
         self.supervisor: Any = None
         self.ops: Dict[str, Callable] = {
-            "ping": Node.op_ping, "c1": Node.op_commit1, "c": Node.op_commit,
+            "ping": Node.op_ping, "limits": Node.op_limits, "c1": Node.op_commit1, "c": Node.op_commit,
             "range": Node.op_range, "page": Node.op_page, "length": Node.op_length,
             "topics": Node.op_topics, "stats": Node.op_stats,
             "proc": Node.op_proc, "ack": Node.op_ack, "ackc": Node.op_ack_commit,
@@ -508,6 +521,12 @@ class Node:
         stale = {n for n in self.store.procs if n.startswith(LIVE_PREFIX)}
         if stale:
             self.writer.submit(lambda tx: self._drop_live(tx, stale), lambda ok, v: None)
+        # system proc claims were held by the workers of an earlier life: they are dead
+        sys_names = self.sys_names()
+        held = {n: rec["claimed"] for n, rec in self.store.procs.items()
+                if n in sys_names and _procs.pending(rec)}
+        if held:
+            self.writer.submit(lambda tx: self._reclaim_dead(tx, held), lambda ok, v: None)
         gc = cfg.get("gc")
         if gc:
             self.gc_min_prune = float(gc["min_prune_time"])
@@ -579,16 +598,26 @@ class Node:
                 tx.put_proc(name, None)
 
     def sys_names(self) -> Dict[str, dict]:
-        """proc name -> its system proc definition."""
-        out = {}
-        for d in self.store.sysprocs.values():
-            for pn in d["procs"]:
-                out[pn] = d
-        return out
+        """proc name -> its system proc definition (cached until system procs change)."""
+        cache = self._sys_cache
+        if cache is None:
+            out = {}
+            for d in self.store.sysprocs.values():
+                for pn in d["procs"]:
+                    out[pn] = d
+            cache = self._sys_cache = (out, sorted(out))
+        return cache[0]
+
+    def sys_sorted(self) -> List[str]:
+        """The system procs' names, sorted (round robin order of the workers' claims)."""
+        self.sys_names()
+        return self._sys_cache[1]  # type: ignore[index]
 
     # -- notifications (called by the writer after every commit)
 
     def after_commit(self, tx: Any) -> None:
+        if tx.sysprocs:
+            self._sys_cache = None
         topics, procs = tx.touched_topics, tx.touched_procs
         if not topics and not procs:
             return
@@ -596,11 +625,18 @@ class Node:
             self.arm_timeout(name)
         store = self.store
         if self.claim_waiters:
-            signal_procs = set(procs)
-            if topics:
-                for name, rec in store.procs.items():
-                    if rec["topic"] in topics:
-                        signal_procs.add(name)
+            sprocs = store.procs
+
+            def touched(names: Any) -> bool:
+                """A commit touched one of these procs, or the topic of one of them."""
+                for n in names:
+                    if n in procs:
+                        return True
+                    rec = sprocs.get(n)
+                    if rec is not None and rec["topic"] in topics:
+                        return True
+                return False
+
             woken = []
             sys_hit = None
             with self.wlock:
@@ -608,10 +644,10 @@ class Node:
                     interest = w[2]
                     if interest == "sys":
                         if sys_hit is None:
-                            sys_hit = not signal_procs.isdisjoint(self.sys_names())
+                            sys_hit = touched(self.sys_sorted())
                         hit = sys_hit
                     else:
-                        hit = not interest.isdisjoint(signal_procs)
+                        hit = touched(interest)
                     if hit:
                         woken.append(w)
                         del self.claim_waiters[key]
@@ -621,9 +657,13 @@ class Node:
             done = []
             with store.reader() as r:
                 with self.wlock:
-                    for key, (conn, rid, names) in list(self.idle_waiters.items()):
-                        if _procs.idle(r, names, store.procs):
-                            done.append((conn, rid))
+                    for key, w in list(self.idle_waiters.items()):
+                        # a waiter re-scans only once the proc that held it back is done
+                        if _procs.busy(r, store.procs.get(w[3])):
+                            continue
+                        w[3] = _procs.first_busy(r, w[2], store.procs)
+                        if w[3] is None:
+                            done.append((w[0], w[1]))
                             del self.idle_waiters[key]
             for conn, rid in done:
                 conn.reply(rid, None)
@@ -673,24 +713,54 @@ class Node:
     def gc_tick(self) -> None:
         if self.stopping.is_set():
             return
-        self.writer.submit(self._gc, lambda ok, v: self.timers.after(self.gc_interval,
-                                                                      self.gc_tick))
+        self._gc_pass = None  # a new pass over every topic
+        self.writer.submit(self._gc, self._gc_step_done)
 
-    def _gc(self, tx: Any) -> int:
+    def _gc_step_done(self, ok: bool, more: Any) -> None:
+        # A pass is cut into write rounds of bounded work; the requests that queued up
+        # meanwhile are served between them (a pass collecting millions of logs, or
+        # visiting thousands of topics, never holds the writer for long).
+        if ok and more and not self.stopping.is_set():
+            self.writer.submit(self._gc, self._gc_step_done)
+        else:
+            self._gc_pass = None
+            self.timers.after(self.gc_interval, self.gc_tick)
+
+    def _gc(self, tx: Any) -> bool:
+        """One bounded step of a GC pass; ``True`` when the pass has more to do."""
+        if self._gc_pass is None:
+            self._gc_pass = deque(self.store.topics)
+        todo = self._gc_pass
         cutoff = tx.now - int(self.gc_min_prune * 1000)
         by_topic: Dict[str, list] = {}
-        for rec in self.store.procs.values():
-            by_topic.setdefault(rec["topic"], []).append(rec)
+        procs = dict(self.store.procs)
+        procs.update(tx.procs)  # procs created or changed earlier in this write round
+        for rec in procs.values():
+            if rec is not None:
+                by_topic.setdefault(rec["topic"], []).append(rec)
+        budget = GC_DELETES_PER_ROUND
+        deadline = time.monotonic() + GC_SECONDS_PER_ROUND
         deleted = 0
-        for name, meta in list(self.store.topics.items()):
-            if meta.first >= meta.next:
-                continue
-            upto = _procs.gc_upto(tx, name, meta, by_topic.get(name, []), cutoff)
-            if upto > meta.first:
-                deleted += tx.delete_prefix(name, upto)
+        while todo and budget > 0:
+            name = todo[0]
+            meta = tx.topic(name)
+            if meta is not None and meta.first < meta.next:
+                upto = _procs.gc_upto(tx, name, meta, by_topic.get(name, []), cutoff)
+                if upto > meta.first + budget:
+                    upto = meta.first + budget  # the rest of this topic in the next step
+                else:
+                    todo.popleft()
+                if upto > meta.first:
+                    n = tx.delete_prefix(name, upto)
+                    deleted += n
+                    budget -= n
+            else:
+                todo.popleft()
+            if time.monotonic() >= deadline:
+                break
         if deleted:
             log.debug("gc removed %d logs", deleted)
-        return deleted
+        return bool(todo)
 
     # -- shutdown
 
@@ -716,6 +786,9 @@ class Node:
 
     def op_ping(self, conn: Conn, rid: int, *args: Any) -> None:
         conn.reply(rid, list(args))
+
+    def op_limits(self, conn: Conn, rid: int) -> None:
+        conn.reply(rid, {"max_frame_size": self.max_frame})
 
     def op_length(self, conn: Conn, rid: int, topic: Any) -> None:
         _ids.check_topic(topic)
@@ -966,10 +1039,11 @@ class Node:
         key = (conn.id, rid)
         with self.store.reader() as r:
             with self.wlock:
-                if _procs.idle(r, names, self.store.procs):
+                hold = _procs.first_busy(r, names, self.store.procs)
+                if hold is None:
                     conn.reply(rid, None)
                     return
-                self.idle_waiters[key] = (conn, rid, names)
+                self.idle_waiters[key] = [conn, rid, names, hold]
         if timeout is not None:
             def expire() -> None:
                 with self.wlock:
@@ -1137,7 +1211,7 @@ class Node:
     def _claim_any(self, tx: Any, rid: int) -> Any:
         """Claim for a worker from the system procs with work, round robin."""
         defs = self.sys_names()
-        names = sorted(defs)
+        names = self.sys_sorted()
         n = len(names)
         for i in range(n):
             idx = (self.rr + i) % n

@@ -266,19 +266,28 @@ def destroy(tx: Any, name: str) -> list:
     return state(name, rec)
 
 
+def busy(view: Any, rec: Optional[dict]) -> bool:
+    """An active proc on an existing topic with a pending claim or something left to claim."""
+    if rec is None or rec["status"] != "active":
+        return False
+    meta = view.topic(rec["topic"])
+    if meta is None:
+        return False
+    return pending(rec) or position(view, rec) < meta.next
+
+
+def first_busy(view: Any, names: Optional[Sequence[str]], procs: dict) -> Optional[str]:
+    """The first named (default: any) proc that is :func:`busy`, or ``None``."""
+    for name in (procs.keys() if names is None else names):
+        if busy(view, procs.get(name)):
+            return name
+    return None
+
+
 def idle(view: Any, names: Optional[Sequence[str]], procs: dict) -> bool:
     """``wait_for_procs``' condition: every named (default: all) active proc on an existing
     topic has no pending claim and nothing left to claim."""
-    for name in (procs.keys() if names is None else names):
-        rec = procs.get(name)
-        if rec is None or rec["status"] != "active":
-            continue
-        meta = view.topic(rec["topic"])
-        if meta is None:
-            continue
-        if pending(rec) or position(view, rec) < meta.next:
-            return False
-    return True
+    return first_busy(view, names, procs) is None
 
 
 def gc_upto(view: Any, topic: str, meta: Any, procs_on_topic: List[dict], cutoff_ms: int) -> int:
@@ -288,15 +297,16 @@ def gc_upto(view: Any, topic: str, meta: Any, procs_on_topic: List[dict], cutoff
     previous claimed range on; a proc that has not claimed twice, or is disabled, protects
     everything from its position on.
     """
-    upto = _ids.bisect(meta.first, meta.next, lambda q: view.ms_at(meta.tid, q) >= cutoff_ms)
+    keep = meta.next
     for rec in procs_on_topic:
-        keep = position(view, rec)
+        keep = min(keep, position(view, rec))
         if rec["prev"] is not None:
             keep = min(keep, rec["prev"][1])
         if pending(rec):
             keep = min(keep, rec["claimed"][1])
-        upto = min(upto, keep)
-    return upto
+    if keep <= meta.first:
+        return meta.first
+    return _ids.bisect(meta.first, keep, lambda q: view.ms_at(meta.tid, q) >= cutoff_ms)
 
 
 def ids_digest(packed: Any) -> int:

@@ -19,8 +19,9 @@ the whole page in one ``unpackb`` call; the node never decodes a body.
 
 from __future__ import annotations
 
+import socket
 import struct
-from typing import Any, List
+from typing import Any, List, Optional
 
 import msgpack
 
@@ -29,8 +30,13 @@ from .errors import InvalidLogFormat
 OK = 0
 ERR = 1
 
-#: Frames larger than this are refused (the sender loses its connection).
+#: Frames larger than this are refused (the sender loses its connection); the node's limit
+#: is configurable (``spawn(max_frame_size=...)``).
 MAX_FRAME = 64 * 1024 * 1024
+#: Replies come from the authenticated node: any size the wire format carries.
+REPLY_LIMIT = 0x7FFFFFFF
+RECV_BUFFER = 256 * 1024
+_LEN = struct.Struct("!i")
 
 _RECORD_HEAD = struct.Struct(">BBQBQ")  # 0x93 0xcf ms 0xcf seq
 RECORD_HEAD_SIZE = _RECORD_HEAD.size  # 19
@@ -110,3 +116,92 @@ def page(records: List[Any], tail: object) -> bytes:
     """The raw encoding of ``[[record, ...], tail]`` built from stored records without decoding."""
     return b"\x92" + array_header(len(records)) + b"".join(records) + msgpack.packb(tail)
 
+
+
+class FrameTooLarge(OSError):
+    """A peer announced a frame above the receiver's limit."""
+
+
+class Channel:
+    """A framed byte stream on a connected socket, in ``multiprocessing.connection``'s wire
+    format (a 4-byte big-endian length, then the payload), after its authkey handshake.
+
+    Reads go through a buffer: a frame that fits costs one ``recv`` system call (a
+    ``Connection`` costs two, plus a selector to know whether more is waiting), and
+    :attr:`pending` tells whether the peer already sent more (it pipelines).
+    """
+
+    __slots__ = ("sock", "_buf", "_view", "_start", "_end")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._buf = bytearray(RECV_BUFFER)
+        self._view = memoryview(self._buf)
+        self._start = 0
+        self._end = 0
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    @property
+    def pending(self) -> bool:
+        """Bytes of a next frame are already buffered."""
+        return self._end > self._start
+
+    def send_bytes(self, data: Any) -> None:
+        """Send one frame (one system call for small frames)."""
+        n = len(data)
+        if n > 0x7FFFFFFF:
+            raise FrameTooLarge(f"a frame of {n} bytes is too large to send")
+        if n <= 65536:
+            self.sock.sendall(_LEN.pack(n) + data)
+        else:
+            self.sock.sendall(_LEN.pack(n))
+            self.sock.sendall(data)
+
+    def _fill(self, need: int) -> None:
+        """Read until ``need`` bytes from ``_start`` are buffered (``need`` fits the buffer)."""
+        if self._start + need > len(self._buf):  # move the partial frame to the front
+            n = self._end - self._start
+            self._buf[:n] = self._buf[self._start:self._end]
+            self._start, self._end = 0, n
+        while self._end - self._start < need:
+            k = self.sock.recv_into(self._view[self._end:])
+            if not k:
+                raise EOFError("the peer closed the connection")
+            self._end += k
+
+    def recv_bytes(self, maxlength: Optional[int] = None) -> Any:
+        """The next frame's payload: a memoryview valid until the next call, or bytes.
+
+        Raises:
+            EOFError: the peer closed. FrameTooLarge: the announced length is above
+                ``maxlength`` (nothing more of it is read; drop the connection).
+        """
+        if self._start == self._end:
+            self._start = self._end = 0
+        self._fill(4)
+        (n,) = _LEN.unpack_from(self._buf, self._start)
+        limit = MAX_FRAME if maxlength is None else maxlength
+        if n < 0 or n > limit:
+            shown = "more than 2 GiB" if n < 0 else f"{n} bytes"
+            raise FrameTooLarge(f"a frame of {shown} is above the limit of {limit} bytes")
+        if 4 + n <= len(self._buf):
+            self._fill(4 + n)
+            start = self._start + 4
+            self._start = start + n
+            return self._view[start:start + n]
+        out = bytearray(n)  # a frame larger than the buffer: read it into its own buffer
+        have = self._end - self._start - 4
+        out[:have] = self._buf[self._start + 4:self._end]
+        self._start = self._end = 0
+        view = memoryview(out)
+        while have < n:
+            k = self.sock.recv_into(view[have:])
+            if not k:
+                raise EOFError("the peer closed the connection mid-frame")
+            have += k
+        return out
+
+    def close(self) -> None:
+        self.sock.close()

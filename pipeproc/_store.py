@@ -6,11 +6,19 @@ Only the node process opens the store. Layout (named databases opened at start):
 db        key                            value
 ========= ============================== ===============================================
 topics    topic name (utf-8)             msgpack ``[tid, next_seq, first_seq, created_ms]``
+                                         (``next_seq`` as of the last write of the record)
 logs      tid (u32 BE) + seq (u64 BE)    log record (see ``_protocol.record``)
 procs     proc name (utf-8)              msgpack proc record (``_procs``)
 sysprocs  system proc name (utf-8)       msgpack system proc definition
 meta      key                            format version, clock, next topic id
 ========= ============================== ===============================================
+
+A commit writes only its log records: a topic's record is written when the topic is
+created and when the GC moves ``first_seq``, and the ``clock`` key only along with it. A
+topic's next sequence is ``max(next_seq of its record, last stored seq + 1)`` (one cursor
+step), and the clock at opening is the maximum of the stored clock and the stamp of every
+topic's last record: the GC, which may delete a topic's last log, stores the clock in the
+same transaction. This keeps a single-log commit to the pages of one B-tree (format 2).
 
 Stored sequences of a topic are always contiguous, ``[first_seq, next_seq)``: commits append
 at the end and the GC only removes a prefix. Bound resolution is therefore a binary search
@@ -44,7 +52,7 @@ from ._protocol import record, record_ms
 
 log = logging.getLogger("pipeproc.store")
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _KEY = struct.Struct(">IQ")
 PAGE_MAX_LOGS = 10_000
 PAGE_MAX_BYTES = 4 * 1024 * 1024
@@ -54,6 +62,17 @@ INITIAL_MAP = 1 << 30  # address space only; grows on demand
 def log_key(tid: int, seq: int) -> bytes:
     """The key of a log in the ``logs`` database."""
     return _KEY.pack(tid, seq)
+
+
+def _last_record(cur: lmdb.Cursor, tid: int) -> Optional[Tuple[int, Any]]:
+    """``(seq, record)`` of topic ``tid``'s last stored log, or ``None``."""
+    if cur.set_range(_KEY.pack(tid + 1, 0)):
+        if not cur.prev():
+            return None
+    elif not cur.last():
+        return None
+    t, seq = _KEY.unpack(cur.key())
+    return (seq, cur.value()) if t == tid else None
 
 
 class TopicMeta:
@@ -152,7 +171,11 @@ class Store:
         self.sysprocs: Dict[str, dict] = {}
         self.last_ms = 0
         self.next_tid = 1
-        self._load()
+        try:
+            self._load()
+        except BaseException:
+            self.env.close()
+            raise
 
     # ---------------------------------------------------------------- opening
 
@@ -165,12 +188,21 @@ class Store:
                 raise RuntimeError(
                     f"store format {int(version)} is newer than this pipeproc ({FORMAT_VERSION})"
                 )
+            elif int(version) < FORMAT_VERSION:
+                txn.put(b"format", str(FORMAT_VERSION).encode(), db=self.db_meta)
             clock = txn.get(b"clock", db=self.db_meta)
-            self.last_ms = int(clock) if clock else 0
+            last_ms = int(clock) if clock else 0
             tid = txn.get(b"next_tid", db=self.db_meta)
             self.next_tid = int(tid) if tid else 1
+            logs = txn.cursor(db=self.db_logs)
             for key, value in txn.cursor(db=self.db_topics):
-                self.topics[bytes(key).decode()] = TopicMeta.unpack(value)
+                meta = TopicMeta.unpack(value)
+                last = _last_record(logs, meta.tid)
+                if last is not None:
+                    meta.next = max(meta.next, last[0] + 1)
+                    last_ms = max(last_ms, record_ms(last[1]))
+                self.topics[bytes(key).decode()] = meta
+            self.last_ms = last_ms
             for key, value in txn.cursor(db=self.db_procs):
                 self.procs[bytes(key).decode()] = msgpack.unpackb(value, strict_map_key=False)
             for key, value in txn.cursor(db=self.db_sysprocs):
@@ -273,7 +305,13 @@ class Reader(_View):
 
     def topic(self, name: str) -> Optional[TopicMeta]:
         value = self.txn.get(name.encode(), db=self.store.db_topics)
-        return None if value is None else TopicMeta.unpack(value)
+        if value is None:
+            return None
+        meta = TopicMeta.unpack(value)
+        last = _last_record(self.txn.cursor(db=self.store.db_logs), meta.tid)
+        if last is not None and last[0] >= meta.next:
+            meta.next = last[0] + 1
+        return meta
 
 
 class WriteTx(_View):
@@ -293,6 +331,8 @@ class WriteTx(_View):
         self.sysprocs: Dict[str, Optional[dict]] = {}
         self.next_tid = store.next_tid
         self.stamped = False
+        #: topics whose record must be written (created, or ``first`` moved)
+        self.persist: set = set()
         #: topics that received logs, procs whose state changed (for notifications)
         self.touched_topics: set = set()
         self.touched_procs: set = set()
@@ -313,6 +353,7 @@ class WriteTx(_View):
             if base is None:
                 meta = TopicMeta(self.next_tid, 0, 0, self.now)
                 self.next_tid += 1
+                self.persist.add(name)
             else:
                 meta = base.copy()
             self.topics[name] = meta
@@ -352,6 +393,7 @@ class WriteTx(_View):
                     break
                 n += 1
         meta.first = upto
+        self.persist.add(name)
         return n
 
     # -- procs
@@ -380,8 +422,8 @@ class WriteTx(_View):
         """Write the overlays into the transaction (before commit)."""
         s = self.store
         put, delete = self.txn.put, self.txn.delete
-        for name, meta in self.topics.items():
-            put(name.encode(), meta.pack(), db=s.db_topics)
+        for name in self.persist:
+            put(name.encode(), self.topics[name].pack(), db=s.db_topics)
         for name, rec in self.procs.items():
             if rec is None:
                 delete(name.encode(), db=s.db_procs)
@@ -394,8 +436,9 @@ class WriteTx(_View):
                 put(name.encode(), msgpack.packb(rec, use_bin_type=True), db=s.db_sysprocs)
         if self.next_tid != s.next_tid:
             put(b"next_tid", str(self.next_tid).encode(), db=s.db_meta)
-        if self.stamped and self.now > s.last_ms:
-            put(b"clock", str(self.now).encode(), db=s.db_meta)
+        if self.persist:  # the GC may delete a topic's last log: keep its stamp here
+            clock = max(s.last_ms, self.now) if self.stamped else s.last_ms
+            put(b"clock", str(clock).encode(), db=s.db_meta)
 
     def commit(self) -> None:
         """Commit (fsync under durability "full"), then publish the overlays in memory."""

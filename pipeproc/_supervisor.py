@@ -4,6 +4,8 @@ Workers are started as ``python -m pipeproc._workers`` (a fresh interpreter, nev
 the node, which has the store open). A worker that exits is restarted — at once after a
 planned recycle (``worker_restart_after``), with a growing back-off when it keeps crashing.
 The claims a dead worker held are reclaimed by the node as soon as its connection drops.
+A worker's stdin stays open as its lifeline: when the node dies, even by ``kill -9``, the
+worker sees EOF and exits at once, also in the middle of a processor.
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ class Supervisor:
                                 stdin=subprocess.PIPE, cwd=self.cfg.get("cwd") or None)
         assert proc.stdin is not None
         proc.stdin.write(len(data).to_bytes(4, "big") + data)
-        proc.stdin.close()
+        proc.stdin.flush()  # stdin stays open: the worker's lifeline (EOF: the node is gone)
         with self.lock:
             slot.proc = proc
             slot.pid = proc.pid
@@ -89,6 +91,10 @@ class Supervisor:
 
     def _watch(self, slot: Slot, proc: subprocess.Popen) -> None:
         code = proc.wait()
+        try:
+            proc.stdin.close()  # type: ignore[union-attr]
+        except OSError:
+            pass
         with self.lock:
             if self.stopping or slot.proc is not proc:
                 return

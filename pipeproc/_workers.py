@@ -28,7 +28,7 @@ import sys
 import threading
 from typing import Any, Callable, Dict, Optional
 
-from ._protocol import ERR, MAX_FRAME, decode, encode_body, pack
+from ._protocol import ERR, REPLY_LIMIT, decode, encode_body, pack
 from .errors import InvalidProcessor, PipeProcError
 
 log = logging.getLogger("pipeproc.worker")
@@ -209,7 +209,7 @@ class _Loop:
         done: Optional[list] = None
         try:
             c.send_bytes(pack([0, "hello_worker", cfg["slot"], os.getpid()]))
-            decode(c.recv_bytes(MAX_FRAME))
+            decode(c.recv_bytes(REPLY_LIMIT))
             while True:
                 rid += 1
                 more = True
@@ -217,7 +217,7 @@ class _Loop:
                 if limit and self.stats["executions"] >= limit:
                     more = False
                 c.send_bytes(pack([rid, "work", done, more]))
-                reply = decode(c.recv_bytes(MAX_FRAME))
+                reply = decode(c.recv_bytes(REPLY_LIMIT))
                 done = None
                 if reply[1] == ERR:
                     log.error("work request failed: %s", reply[2])
@@ -262,6 +262,17 @@ class _Loop:
 _stats_lock = threading.Lock()
 
 
+def _lifeline(stdin: Any) -> None:
+    """The node keeps our stdin open; EOF means it is gone: stop now, even mid-processor
+    (its claim is reclaimed and delivered again: at-least-once)."""
+    try:
+        while stdin.read(4096):
+            pass
+    except (OSError, ValueError):
+        pass
+    os._exit(3)
+
+
 def main() -> None:
     """Entry point of a worker process (``python -m pipeproc._workers``)."""
     import msgpack
@@ -279,6 +290,7 @@ def main() -> None:
     for p in reversed(cfg.get("sys_path") or []):
         if p not in sys.path:
             sys.path.insert(0, p)
+    threading.Thread(target=_lifeline, args=(stdin,), name="lifeline", daemon=True).start()
     stats = {"executions": 0, "failures": 0}
     loops = [_Loop(cfg, i, stats) for i in range(max(1, cfg.get("concurrency", 1)))]
     threads = [threading.Thread(target=lp.run, name=f"loop-{i}", daemon=True)

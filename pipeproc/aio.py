@@ -68,6 +68,7 @@ from . import _client, _ids
 from ._client import (
     DEFAULT_PAGE,
     HANDSHAKE_TIMEOUT,
+    MIN_FRAME,
     AckCommit,
     Log,
     ProcState,
@@ -81,7 +82,7 @@ from ._client import (
     _encode_logs,
     _logs,
 )
-from ._protocol import ERR, MAX_FRAME, decode, pack
+from ._protocol import ERR, REPLY_LIMIT, decode, pack
 from .errors import (
     AuthFailed,
     ConnectionLost,
@@ -212,14 +213,17 @@ class _Conn:
 
     def send(self, obj: Any) -> None:
         """Queue one request frame (synchronous: a frame is never split by a cancellation)."""
-        data = pack(obj)
+        self.writer.write(_frame(pack(obj)))
+
+    def send_data(self, data: bytes) -> None:
+        """Queue one already encoded request frame."""
         self.writer.write(_frame(data))
 
     async def _read_loop(self) -> None:
         reason = "the node closed the connection"
         try:
             while True:
-                reply = decode(await _recv_frame(self.reader, MAX_FRAME))
+                reply = decode(await _recv_frame(self.reader, REPLY_LIMIT))
                 rid = reply[0]
                 fut = self.pending.pop(rid, None)
                 if fut is not None:
@@ -296,6 +300,7 @@ class AsyncPipeProc:
         self._conn: Optional[_Conn] = None
         self._conn_lock: Optional[asyncio.Lock] = None
         self._closed = False
+        self._max_frame: Optional[int] = None
 
     # ------------------------------------------------------------------ connection
 
@@ -338,14 +343,23 @@ class AsyncPipeProc:
 
         ``orphan`` handles a reply that comes back after the caller was cancelled.
         """
-        conn = await self._connection()
         rid = next(self._rids)
+        data = pack([rid, op, *args])
+        if len(data) > MIN_FRAME:
+            if self._max_frame is None:
+                self._max_frame = int((await self._call("limits"))["max_frame_size"])
+            if len(data) > self._max_frame:
+                raise InvalidArgument(
+                    f"a request of {len(data)} bytes is above the node's limit of "
+                    f"{self._max_frame} bytes (spawn(max_frame_size=...)); commit less per call"
+                )
+        conn = await self._connection()
         fut = asyncio.get_running_loop().create_future()
         conn.pending[rid] = fut
         try:
             if not conn.alive:  # lost since: the reader has failed everything pending
                 raise ConnectionResetError("the connection is closed")
-            conn.send([rid, op, *args])
+            conn.send_data(data)
             await conn.writer.drain()
             reply = await fut
         except BaseException as exc:
@@ -948,8 +962,8 @@ class AsyncLiveProc:
 async def spawn(location: Any = None, *, memory: bool = False, workers: int = 1,
                 worker_concurrency: int = 1, worker_restart_after: int = 0, gc: Any = False,
                 durability: str = "full", address: Any = None, authkey: Optional[bytes] = None,
-                max_map_size: Optional[int] = None, log_level: Optional[str] = None,
-                timeout: float = 60.0) -> AsyncPipeProc:
+                max_map_size: Optional[int] = None, max_frame_size: Optional[int] = None,
+                log_level: Optional[str] = None, timeout: float = 60.0) -> AsyncPipeProc:
     """Start a node process and return an async client connected to it.
 
     The same arguments as :func:`pipeproc.spawn` (the node is started by the same code, in
@@ -967,6 +981,7 @@ async def spawn(location: Any = None, *, memory: bool = False, workers: int = 1,
         address: a Unix socket path, or ``("127.0.0.1", port)`` for TCP (port 0: any).
         authkey: the key clients must present (default: a random one).
         max_map_size: cap of the store's size in bytes (``storage_full`` beyond it).
+        max_frame_size: the largest request the node accepts, in bytes (default 64 MiB).
         log_level: the node's log level on stderr (default WARNING).
         timeout: seconds to wait for the node to be ready.
 
@@ -980,7 +995,8 @@ async def spawn(location: Any = None, *, memory: bool = False, workers: int = 1,
         _client.spawn, location, memory=memory, workers=workers,
         worker_concurrency=worker_concurrency, worker_restart_after=worker_restart_after,
         gc=gc, durability=durability, address=address, authkey=authkey,
-        max_map_size=max_map_size, log_level=log_level, timeout=timeout)
+        max_map_size=max_map_size, max_frame_size=max_frame_size, log_level=log_level,
+        timeout=timeout)
     proc = sync._process
     sync._process = None  # the async client owns the node process from now on
     sync.close()

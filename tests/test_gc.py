@@ -77,6 +77,12 @@ def state_of(pp, name: str) -> dict:
     return {f: getattr(st, f) for f in STATE_FIELDS}
 
 
+def register(pp, topic: str, name: str, **kw) -> None:
+    """Create a proc before its topic has logs, so that no GC pass can run in between."""
+    kw.setdefault("reclaim_timeout", -1)
+    assert pp.proc(topic, name=name, **kw) is None
+
+
 def claim_and_ack(pp, topic: str, name: str, times: int, count: int = 1) -> None:
     for _ in range(times):
         got = pp.proc(topic, name=name, count=count, reclaim_timeout=-1)
@@ -164,6 +170,7 @@ def test_gc_keeps_working_after_ticks_with_no_topic(spawner):
 
 def test_gc_two_positions_behind_the_claimed_range(spawner):
     pp = spawner(gc=FAST_GC)
+    register(pp, "t", "p")
     commit_n(pp, "t", 10)
     claim_and_ack(pp, "t", "p", 5)  # claimed and acked 0..4
     pp.proc("t", name="p", reclaim_timeout=-1)  # claims 5: previous_claimed_range is 4..4
@@ -189,6 +196,7 @@ def test_gc_two_positions_behind_the_claimed_range(spawner):
 
 def test_gc_two_positions_behind_with_multi_log_claims(spawner):
     pp = spawner(gc=FAST_GC)
+    register(pp, "t", "p")
     commit_n(pp, "t", 12)
     claim_and_ack(pp, "t", "p", 2, count=3)  # 0..2, 3..5
     pp.proc("t", name="p", count=3, reclaim_timeout=-1)  # 6..8 pending, previous 3..5
@@ -207,13 +215,17 @@ def test_gc_two_positions_behind_with_multi_log_claims(spawner):
 
 def test_gc_proc_that_has_not_claimed_twice_protects_its_position(spawner):
     pp = spawner(gc=FAST_GC)
+    register(pp, "never", "n", offset=">")
+    register(pp, "once", "o")
+    register(pp, "idle", "i", offset=":2")
     commit_n(pp, "never", 4)
-    pp.proc("never", name="n", offset=">", reclaim_timeout=-1)
+    assert pp.proc("never", name="n", offset=">", reclaim_timeout=-1).body["i"] == 0
     pp.reclaim("n")  # claimed once and reclaimed: still at the beginning
     commit_n(pp, "once", 4)
     claim_and_ack(pp, "once", "o", 1)  # claimed once (0), acked: position 1
     commit_n(pp, "idle", 4)
-    pp.proc("idle", name="i", offset=":2", reclaim_timeout=-1)  # claims 2 (pending), never claimed before
+    got = pp.proc("idle", name="i", offset=":2", reclaim_timeout=-1)  # claims 2: first claim
+    assert got.body["i"] == 2
     commit_n(pp, "none", 1)  # no procs: collected, proves passes ran
     pp.proc("later", name="l")  # a proc on a topic that has no log yet
     wait_until(lambda: pp.range("none") == [], what="proc-less topic collected")
@@ -230,6 +242,8 @@ def test_gc_proc_that_has_not_claimed_twice_protects_its_position(spawner):
 
 def test_gc_disabled_proc_protects_its_position(spawner):
     pp = spawner(gc=FAST_GC)
+    register(pp, "t", "p")
+    register(pp, "u", "q")
     commit_n(pp, "t", 10)
     claim_and_ack(pp, "t", "p", 5)  # 0..4 acked
     pp.proc("t", name="p", reclaim_timeout=-1)  # 5 pending, previous 4..4
@@ -252,6 +266,8 @@ def test_gc_disabled_proc_protects_its_position(spawner):
 
 def test_gc_lagging_proc_protects_shared_topic(spawner):
     pp = spawner(gc=FAST_GC)
+    register(pp, "t", "fast")
+    register(pp, "t", "slow")
     commit_n(pp, "t", 20)
     claim_and_ack(pp, "t", "fast", 15)
     pp.proc("t", name="fast", reclaim_timeout=-1)  # 15 pending, previous 14
@@ -281,6 +297,7 @@ def test_gc_lagging_proc_protects_shared_topic(spawner):
 def test_gc_keeps_topics_counters_and_procs(spawner, tmp_path):
     loc = tmp_path / "store"
     pp = spawner(loc, gc=FAST_GC)
+    register(pp, "t", "p")
     commit_n(pp, "t", 6)
     claim_and_ack(pp, "t", "p", 4)
     pp.proc("t", name="p", reclaim_timeout=-1)  # 4 pending, previous 3
@@ -307,6 +324,7 @@ def test_gc_keeps_topics_counters_and_procs(spawner, tmp_path):
 
 def test_gc_after_destroy_proc_topic_is_proc_less(spawner):
     pp = spawner(gc=FAST_GC)
+    register(pp, "t", "p")
     commit_n(pp, "t", 5)
     pp.proc("t", name="p", reclaim_timeout=-1)
     gc_passes(pp)
@@ -319,6 +337,7 @@ def test_gc_after_destroy_proc_topic_is_proc_less(spawner):
 def test_gc_with_procs_still_waits_for_min_prune_time(spawner):
     prune = 1.5
     pp = spawner(gc={"min_prune_time": prune, "interval": 0.1})
+    register(pp, "t", "p")
     ids = commit_n(pp, "t", 10)
     claim_and_ack(pp, "t", "p", 5)
     pp.proc("t", name="p", reclaim_timeout=-1)  # previous_claimed_range 4..4

@@ -572,3 +572,34 @@ def test_function_from_unguarded_application_script(tmp_path, run):
     assert proc.returncode == 0, proc.stderr
     assert "OUT [0, 3, 6, 9, 12]" in proc.stdout, (proc.stdout, proc.stderr)
     assert mark.read_text() == "ran\n"  # the workers did not run the script again
+
+
+@pytest.mark.timeout(90)
+def test_claims_of_a_crashed_nodes_workers_are_reclaimed_at_restart(spawner, tmp_path):
+    """Regression (stress suite): after a node crash, the claims its (dead) workers held
+    waited for reclaim_timeout; a restarted node reclaims them at once."""
+    loc = tmp_path / "store"
+    flag = str(tmp_path / "flag")
+    pp = spawner(loc, workers=1)
+    pp.system_proc(name="slow", from_="in", processor=f"{M}:slow_once", to="out",
+                   reclaim_timeout=3600)
+    pp.commit({"topic": "in", "body": {"n": 1, "flag": flag, "sleep": 60}})
+    wait_until(lambda: os.path.exists(flag), what="the processor started")
+    assert pp.inspect_proc("slow").last_claimed_range != ""
+    stats = pp.stats()
+    os.kill(stats["node"]["pid"], signal.SIGKILL)
+
+    def gone(pid):  # exited (a zombie nobody reaps counts as exited)
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                return any(line.startswith("State:") and "Z" in line for line in f)
+        except OSError:
+            return True
+    # the worker, 60 s into its processor, stops at once: its lifeline (stdin) closed
+    wait_until(lambda: all(gone(w["pid"]) for w in stats["workers"]), timeout=10,
+               what="the dead node's worker exited")
+    pp2 = spawner(loc, workers=1)
+    pp2.wait_for_procs(timeout=30)
+    assert [x.body for x in pp2.range("out")] == [{"n": 1, "slow": False}]
+    st = pp2.inspect_proc("slow")
+    assert st.status == "active" and st.reclaims == 0

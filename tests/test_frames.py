@@ -1,0 +1,145 @@
+"""Framing: the buffered channel, the node's frame limit (``max_frame_size``) and the
+clear error a client gets for a request above it."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import pipeproc
+from pipeproc._client import open_connection
+from pipeproc._protocol import RECV_BUFFER, Channel, FrameTooLarge, decode, pack
+
+LIMIT = 200_000
+
+
+def _pair():
+    a, b = socket.socketpair()
+    return a, Channel(b)
+
+
+@settings(max_examples=60, deadline=None)
+@given(sizes=st.lists(st.sampled_from([0, 1, 3, 4, 5, 100, 4096, RECV_BUFFER - 4,
+                                       RECV_BUFFER - 3, RECV_BUFFER, RECV_BUFFER + 7,
+                                       3 * RECV_BUFFER]), min_size=1, max_size=8),
+       chunk=st.sampled_from([1, 7, 4096, 65536, 10**9]))
+def test_channel_returns_every_frame_whatever_the_chunking(sizes, chunk):
+    """Frames sent back to back in arbitrary pieces come out whole and in order."""
+    raw, chan = _pair()
+    payloads = [bytes([i % 251]) * n for i, n in enumerate(sizes)]
+    stream = b"".join(struct.pack("!i", len(p)) + p for p in payloads)
+
+    def feed():
+        for i in range(0, len(stream), chunk):
+            raw.sendall(stream[i:i + chunk])
+
+    t = threading.Thread(target=feed)
+    t.start()
+    try:
+        for p in payloads:
+            assert bytes(chan.recv_bytes(10**8)) == p
+        assert not chan.pending
+    finally:
+        t.join()
+        raw.close()
+        chan.close()
+
+
+def test_channel_pending_sees_a_pipelined_frame():
+    raw, chan = _pair()
+    try:
+        raw.sendall(struct.pack("!i", 2) + b"ab" + struct.pack("!i", 1) + b"c")
+        assert bytes(chan.recv_bytes()) == b"ab"
+        assert chan.pending
+        assert bytes(chan.recv_bytes()) == b"c"
+        assert not chan.pending
+    finally:
+        raw.close()
+        chan.close()
+
+
+@pytest.mark.parametrize("header", [struct.pack("!i", 1001), struct.pack("!i", -1)])
+def test_channel_refuses_an_announced_frame_above_the_limit(header):
+    raw, chan = _pair()
+    try:
+        raw.sendall(header)
+        with pytest.raises(FrameTooLarge):
+            chan.recv_bytes(1000)
+    finally:
+        raw.close()
+        chan.close()
+
+
+def test_channel_eof_mid_frame():
+    raw, chan = _pair()
+    raw.sendall(struct.pack("!i", 10) + b"abc")
+    raw.close()
+    try:
+        with pytest.raises(EOFError):
+            chan.recv_bytes()
+    finally:
+        chan.close()
+
+
+@pytest.mark.timeout(60)
+def test_request_above_the_node_limit_fails_clearly_and_writes_nothing(spawner):
+    pp = spawner(max_frame_size=LIMIT)
+    big = {"payload": "x" * (LIMIT + 1)}
+    with pytest.raises(pipeproc.PipeProcError) as e:
+        pp.commit({"topic": "big", "body": big})
+    assert e.value.code == "invalid_argument" and isinstance(e.value, ValueError)
+    assert "limit" in str(e.value)
+    assert "big" not in pp.topics()
+    # just under the limit goes through, larger than the channel's buffer both ways
+    ok = {"payload": "y" * (LIMIT - 1000)}
+    pp.commit({"topic": "big", "body": ok})
+    assert pp.range("big")[0].body == ok
+    # a client that connected (it does not know the limit yet) gets the same error
+    other = pipeproc.connect(address=pp.address, authkey=pp.authkey)
+    try:
+        with pytest.raises(pipeproc.PipeProcError) as e:
+            other.commit([{"topic": "big", "body": big}])
+        assert e.value.code == "invalid_argument"
+        assert other.length("big") == 1
+    finally:
+        other.close()
+
+
+@pytest.mark.timeout(60)
+def test_raw_oversized_frame_costs_only_its_sender(spawner):
+    pp = spawner(max_frame_size=LIMIT)
+    c = open_connection(pp.address, pp.authkey)
+    try:
+        c.sock.sendall(struct.pack("!i", LIMIT + 1))  # announced, never sent: not buffered
+        reply = decode(c.recv_bytes())
+        assert reply[0] is None and reply[2][0] == "invalid_argument"
+        with pytest.raises((EOFError, OSError)):
+            c.recv_bytes()
+    finally:
+        c.close()
+    assert pp.commit({"topic": "t", "body": {"ok": 1}})
+    assert pp.length("t") == 1
+
+
+def test_default_limit_is_64_mib(node):
+    assert node._frame_limit() == 64 * 1024 * 1024
+
+
+@pytest.mark.parametrize("bad", [-1, 100, 2**31, "1M", 1.5, True])
+def test_max_frame_size_is_checked(tmp_path, bad):
+    with pytest.raises(pipeproc.PipeProcError) as e:
+        pipeproc.spawn(tmp_path / "s", workers=0, max_frame_size=bad)
+    assert e.value.code == "invalid_argument"
+
+
+def test_pack_roundtrip_through_a_node_sized_request(node):
+    """A request larger than the channel buffer (several recv calls on the node)."""
+    body = {"blob": b"\x00" * (3 * RECV_BUFFER)}
+    node.commit({"topic": "b", "body": body})
+    assert node.range("b")[0].body == body
+    assert decode(pack([1, "x"])) == [1, "x"]
