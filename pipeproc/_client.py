@@ -9,6 +9,7 @@ holds one connection without holding up the others.
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import select
 import subprocess
@@ -539,8 +540,8 @@ class PipeProc:
             for n in names:
                 _ids.check_proc_name(n)
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
-                                    or timeout < 0):
-            raise InvalidArgument("timeout must be a number >= 0 or None")
+                                    or not math.isfinite(timeout) or timeout < 0):
+            raise InvalidArgument("timeout must be a finite number >= 0 or None")
         self._call("wait_idle", names, timeout)
 
     def available_proc(self, specs: Sequence[dict]) -> Optional[Tuple[str, Any]]:
@@ -808,8 +809,9 @@ def connect(location: Any = None, *, address: Any = None, authkey: Optional[byte
         NoActiveNode: no node answered within ``timeout``.
         AuthFailed: the node refused the key.
     """
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0:
-        raise InvalidArgument("timeout must be a number of seconds")
+    if (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+            or not math.isfinite(timeout) or timeout < 0):
+        raise InvalidArgument("timeout must be a finite number of seconds")
     address = _address(address)
     loc = None if address is not None and location is None else _location(location)
     deadline = time.monotonic() + timeout

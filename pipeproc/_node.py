@@ -82,6 +82,27 @@ MAX_TIMEOUT = 10 * 365 * 24 * 3600.0  # seconds; beyond: use -1 (never)
 # A GC pass runs in steps of at most this much work per write round.
 GC_DELETES_PER_ROUND = 20_000
 GC_SECONDS_PER_ROUND = 0.005
+# Group commit window: at most this long, and this fraction of the last commit's duration.
+GATHER_MAX = 0.001
+GATHER_FRACTION = 0.25
+
+
+HANDSHAKE_TIMEOUT = 10.0  # seconds a peer has to complete the authkey handshake
+_HANDSHAKE_TV = struct.pack("ll", int(HANDSHAKE_TIMEOUT), 0)
+_NO_TV = struct.pack("ll", 0, 0)
+
+
+def _peer(sock: socket.socket) -> str:
+    """Who is at the other end: ``host:port`` over TCP, ``pid/uid`` over a Unix socket."""
+    try:
+        if sock.family == socket.AF_UNIX:
+            pid, uid, _ = struct.unpack("3i", sock.getsockopt(
+                socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+            return f"pid {pid} (uid {uid})"
+        host, port = sock.getpeername()[:2]
+        return f"{host}:{port}"
+    except OSError:
+        return "an unknown peer"
 
 
 class Malformed(Exception):
@@ -94,14 +115,25 @@ def _int(v: Any, name: str, lo: Optional[int] = None) -> int:
     return v
 
 
+# The first byte of a body: a map, an array or bin (SPEC: a dict, a list or bytes).
+_BODY_HEADS = frozenset(range(0x80, 0xA0)) | {0xDC, 0xDD, 0xDE, 0xDF, 0xC4, 0xC5, 0xC6}
+# Stored records are read back inside a few levels of envelope (record, page, reply):
+# a body is checked inside as many, so that it can always be decoded again.
+_HEADROOM = b"\x91" * 8
+
+
 def _valid_body(b: Any) -> bytes:
-    """A body must be the bytes of exactly one msgpack object (checked, never kept decoded)."""
+    """A body must be the bytes of exactly one msgpack map, array or bin, decodable inside
+    a reply (checked, never kept decoded)."""
     if type(b) is not bytes:
         raise InvalidLogFormat("a log body must arrive msgpack-encoded")
+    if not b or b[0] not in _BODY_HEADS:
+        raise InvalidLogFormat("a log body must be a dict, a list or bytes")
     try:
-        msgpack.unpackb(b, strict_map_key=False)
+        msgpack.unpackb(_HEADROOM + b, strict_map_key=False)
     except Exception:
-        raise InvalidLogFormat("a log body is not one valid msgpack object") from None
+        raise InvalidLogFormat("a log body is not one valid msgpack object "
+                               "(or is nested too deeply)") from None
     return b
 
 
@@ -118,6 +150,15 @@ def _items(raw: Any) -> List[tuple]:
 
 def _bound(v: Any) -> Optional[_ids.Bound]:
     return None if v is None else _ids.parse_bound(v)
+
+
+def _wait_timeout(v: Any) -> Optional[float]:
+    """A wait's timeout: ``None`` or a finite number of seconds >= 0."""
+    if v is None:
+        return None
+    if type(v) not in (int, float) or not math.isfinite(v) or not 0 <= v <= MAX_TIMEOUT:
+        raise InvalidArgument("timeout must be a finite number >= 0 or None")
+    return float(v)
 
 
 def _claimed(v: Any) -> Optional[list]:
@@ -233,13 +274,18 @@ class Conn:
         node = self.node
         c = self.c
         try:
+            self.sock = socket.socket(fileno=os.dup(c.fileno()))
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _HANDSHAKE_TV)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _HANDSHAKE_TV)
             try:
                 deliver_challenge(c, node.authkey)
                 answer_challenge(c, node.authkey)
             except (AuthenticationError, OSError, EOFError, ValueError) as exc:
-                log.warning("refused a connection: authentication failed (%s)", exc)
+                log.warning("refused a connection from %s: authentication failed (%s)",
+                            _peer(self.sock), exc)
                 return
-            self.sock = socket.socket(fileno=os.dup(c.fileno()))
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _NO_TV)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _NO_TV)
             chan = Channel(self.sock)
             limit = node.max_frame
             ops = node.ops
@@ -264,12 +310,13 @@ class Conn:
                     if handler is None:
                         raise Malformed(f"unknown op {req[1]!r}")
                     _tls.defer = chan.pending
+                    _tls.conn = self.id
                     handler(self, rid, *req[2:])
                 except PipeProcError as exc:
                     self.send(err_reply(rid, exc.code, exc.message))
                 except Exception as exc:  # malformed: costs the sender its connection
-                    log.warning("connection %d sent a malformed request (%s: %s); closing it",
-                                self.id, type(exc).__name__, exc)
+                    log.warning("connection %d sent a malformed request (%s: %.200s); "
+                                "closing it", self.id, type(exc).__name__, str(exc))
                     break
         finally:
             self.close()
@@ -302,7 +349,9 @@ class Timers:
         self._thread.start()
 
     def at(self, when: float, fn: Callable[[], None]) -> None:
-        """Run ``fn`` on the timer thread at monotonic time ``when``."""
+        """Run ``fn`` on the timer thread at monotonic time ``when`` (finite)."""
+        if not math.isfinite(when):
+            raise ValueError("a timer needs a finite time")
         with self._cond:
             heapq.heappush(self._heap, (when, next(self._seq), fn))
             if self._heap[0][2] is fn:
@@ -352,6 +401,15 @@ class Writer:
         self._handoff = threading.Condition(self._lock)
         self._handed = False
         self._stopped = False
+        # Group commit window (durable stores only): connections that wrote recently are
+        # expected to write again; a round waits a little for them (see _take).
+        self._durable = node.cfg.get("durability", "full") == "full" and not node.store.memory
+        self._recent: Dict[int, float] = {}
+        self._arrive = threading.Condition(self._lock)
+        self._gathering = False
+        self._commit_time = 0.0  # duration of the last commit (seconds)
+        self.rounds = 0    # write transactions committed
+        self.requests = 0  # write requests they held
         self._thread = threading.Thread(target=self._run, name="writer", daemon=True)
         self._thread.start()
 
@@ -363,15 +421,20 @@ class Writer:
         with self._lock:
             if not self._stopped:
                 self._queue.append((fn, done))
+                if self._durable:
+                    conn = getattr(_tls, "conn", None)
+                    if conn is not None:
+                        self._recent[conn] = time.monotonic()
                 if self._busy:
+                    if self._gathering:
+                        self._arrive.notify()
                     return
                 self._busy = True
                 if getattr(_tls, "defer", False):
                     self._handed = True
                     self._handoff.notify()
                     return
-                jobs = self._queue
-                self._queue = []
+                jobs = self._take()
             else:
                 jobs = None
         if jobs is None:
@@ -386,6 +449,36 @@ class Writer:
             else:
                 self._busy = False
 
+    def _take(self) -> List[tuple]:
+        """The queued jobs for the next round (lock held).
+
+        On a durable store a commit costs an fsync whatever it holds, so before a round
+        starts with fewer requests than connections that are writing back to back, it
+        waits briefly (a fraction of the last commit's duration) for their next request:
+        otherwise concurrent writers fall into alternating half-empty rounds.
+        """
+        if self._durable and self._recent:
+            now = time.monotonic()
+            window = max(0.002, 4 * self._commit_time)
+            recent = self._recent
+            for k in [k for k, t in recent.items() if now - t > window]:
+                del recent[k]
+            expected = len(recent)
+            if len(self._queue) < expected:
+                deadline = now + min(GATHER_MAX, GATHER_FRACTION * self._commit_time)
+                self._gathering = True
+                try:
+                    while len(self._queue) < expected and not self._stopped:
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            break
+                        self._arrive.wait(left)
+                finally:
+                    self._gathering = False
+        jobs = self._queue
+        self._queue = []
+        return jobs
+
     def _run(self) -> None:
         while True:
             with self._lock:
@@ -399,8 +492,7 @@ class Writer:
                     if not self._queue:
                         self._busy = False
                         break
-                    jobs = self._queue
-                    self._queue = []
+                    jobs = self._take()
                 self._round(jobs)
 
     def stop(self) -> None:
@@ -422,6 +514,7 @@ class Writer:
 
     def _round(self, jobs: List[tuple]) -> None:
         store = self.store
+        recycled = False
         while True:
             tx = store.begin()
             results = []
@@ -431,10 +524,17 @@ class Writer:
                         results.append((done, True, fn(tx)))
                     except PipeProcError as exc:
                         results.append((done, False, exc))
+                t0 = time.monotonic()
                 tx.commit()
+                self._commit_time = time.monotonic() - t0
+                self.rounds += 1
+                self.requests += len(jobs)
             except lmdb.MapFullError:
                 tx.abort()
                 if store.grow():
+                    continue
+                if not recycled and store.recycle_pages():
+                    recycled = True  # pages freed by the last commit are reusable now
                     continue
                 self._one_by_one(jobs, StorageFull("the store reached its maximum map size"))
                 return
@@ -638,14 +738,23 @@ class Node:
                 return False
 
             woken = []
-            sys_hit = None
+            sys_budget = -1
             with self.wlock:
                 for key, w in list(self.claim_waiters.items()):
                     interest = w[2]
                     if interest == "sys":
-                        if sys_hit is None:
-                            sys_hit = touched(self.sys_sorted())
-                        hit = sys_hit
+                        # Parked workers found no system proc to claim; only the system
+                        # procs this commit touched can have become claimable, each by
+                        # one worker: wake that many, not every idle worker.
+                        if sys_budget < 0:
+                            sys_budget = sum(
+                                1 for n in self.sys_sorted()
+                                if (rec := sprocs.get(n)) is not None
+                                and (n in procs or rec["topic"] in topics)
+                                and rec["status"] == "active" and not _procs.pending(rec))
+                        hit = sys_budget > 0
+                        if hit:
+                            sys_budget -= 1
                     else:
                         hit = touched(interest)
                     if hit:
@@ -881,6 +990,7 @@ class Node:
             "durability": self.cfg["durability"], "address": self.address,
             "connections": len(self.conns), "map_size": info["map_size"],
             "store_bytes": (info["last_pgno"] + 1) * stat["psize"],
+            "write_transactions": self.writer.rounds, "write_requests": self.writer.requests,
         }
         workers = self.supervisor.stats() if self.supervisor is not None else []
         conn.reply(rid, {"node": node, "workers": workers, "topics": topics, "procs": procs,
@@ -1034,8 +1144,7 @@ class Node:
         if names is not None and (type(names) is not list
                                   or any(type(n) is not str for n in names)):
             raise InvalidArgument("names must be a list of proc names or None")
-        if timeout is not None and (type(timeout) not in (int, float) or timeout < 0):
-            raise InvalidArgument("timeout must be a number >= 0 or None")
+        timeout = _wait_timeout(timeout)
         key = (conn.id, rid)
         with self.store.reader() as r:
             with self.wlock:
@@ -1060,6 +1169,8 @@ class Node:
         _ids.check_proc_name(name)
         _ids.parse_offset(offset)
         count = _count(count)
+        timeout = _wait_timeout(timeout)
+
         def attempt(tx: Any) -> Any:
             rec = tx.proc(name)
             if rec is None or rec["topic"] != topic or self.stopping.is_set():

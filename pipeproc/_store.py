@@ -236,6 +236,17 @@ class Store:
         log.info("store map grown to %d MiB", new >> 20)
         return True
 
+    def recycle_pages(self) -> bool:
+        """Commit a minimal transaction so that the pages freed by the last commit (by
+        the GC, a destroyed proc...) become reusable: LMDB keeps them for the previous
+        snapshot until one more write transaction commits. ``False`` if even that failed."""
+        try:
+            with self.env.begin(write=True) as txn:
+                txn.put(b"recycle", b"", db=self.db_meta)
+        except lmdb.Error:
+            return False
+        return True
+
     # ---------------------------------------------------------------- reads
 
     @contextmanager

@@ -45,6 +45,7 @@ import asyncio
 import hmac
 import inspect
 import itertools
+import math
 import logging
 import os
 import struct
@@ -691,8 +692,8 @@ class AsyncPipeProc:
             for n in names:
                 _ids.check_proc_name(n)
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
-                                    or timeout < 0):
-            raise InvalidArgument("timeout must be a number >= 0 or None")
+                                    or not math.isfinite(timeout) or timeout < 0):
+            raise InvalidArgument("timeout must be a finite number >= 0 or None")
         await self._call("wait_idle", names, timeout)
 
     async def available_proc(self, specs: Sequence[dict]) -> Optional[Tuple[str, Any]]:
@@ -1031,8 +1032,9 @@ async def connect(location: Any = None, *, address: Any = None, authkey: Optiona
         NoActiveNode: no node answered within ``timeout``.
         AuthFailed: the node refused the key.
     """
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0:
-        raise InvalidArgument("timeout must be a number of seconds")
+    if (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+            or not math.isfinite(timeout) or timeout < 0):
+        raise InvalidArgument("timeout must be a finite number of seconds")
     address = _client._address(address)
     loc = None if address is not None and location is None else _client._location(location)
     deadline = time.monotonic() + timeout
