@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import collections
 import threading
-from typing import Dict, List
+import time
+from typing import Any, Callable, Dict, List
 
 STATS: "collections.Counter[str]" = collections.Counter()
 PEAK_KIB: Dict[str, int] = {}
@@ -48,3 +49,16 @@ def record_rss(pid: int, label: str = "node") -> int:
         if kib > PEAK_KIB.get(label, 0):
             PEAK_KIB[label] = kib
     return kib
+
+
+def wait_until(cond: Callable[[], Any], timeout: float, what: str,
+               interval: float = 0.005) -> Any:
+    """Wait (bounded) for a condition on other processes; returns its truthy value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)

@@ -41,7 +41,7 @@ import pytest
 import pipeproc
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from stress_util import count, record_rss, report  # noqa: E402
+from stress_util import count, record_rss, report, wait_until  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
@@ -77,16 +77,6 @@ def is_pipeproc(pid: int) -> bool:
     return b"pipeproc" in cmd or b"crash_" in cmd
 
 
-def wait_until(cond, timeout: float, what: str, interval: float = 0.005):
-    """Wait (bounded) for a condition on other processes; returns its truthy value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 def seq(log_id: str) -> int:

@@ -34,7 +34,7 @@ import pipeproc
 from pipeproc._protocol import MAX_FRAME, decode, pack
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from stress_util import count, record_rss, report  # noqa: E402
+from stress_util import count, record_rss, report, wait_until  # noqa: E402
 
 MB = 1 << 20
 BIG = 60_000  # a body that needs its own overflow pages in LMDB
@@ -44,16 +44,6 @@ SENTINEL = "sentinel_kept_through_every_fault"
 # ----------------------------------------------------------------------------- helpers
 
 
-def wait_until(cond, timeout, what, interval=0.02):
-    """Poll ``cond()`` until true; fail with ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
 
 
 def expect_code(code, fn, *args, **kwargs):
@@ -402,6 +392,7 @@ def test_unread_pipelined_commits_all_apply_and_others_are_not_delayed(spawner):
                 slow.send_bytes(pack([rid, "c1", "pipelined", msgpack.packb({"rid": rid})]))
             wait_until(lambda: pp.length("pipelined") == n if "pipelined" in pp.topics() else False,
                        60, "the pipelined commits to be applied")
+            wait_until(lambda: pacer.done >= 3, 30, "the well-behaved client to make 3 calls")
         pacer.check(limit=2.0, min_done=3)
         got = {}
         while len(got) < n:
@@ -447,6 +438,7 @@ def test_unread_live_proc_and_wait_for_procs_do_not_block_others(spawner):
                 batch = [{"topic": "lv", "body": {"k": k, "pad": os.urandom(2048)}}
                          for _ in range(100)]
                 timed(pp.commit, batch, limit=3.0, what="a commit to a watched topic")
+            wait_until(lambda: pacer.done >= 3, 30, "the well-behaved client to make 3 calls")
         pacer.check(limit=2.0, min_done=3)
         assert pp.length("lv") == 2001
         stats = pp.stats()

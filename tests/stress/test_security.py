@@ -35,7 +35,7 @@ from hypothesis import HealthCheck, Phase, given, settings, strategies as st
 import pipeproc
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from stress_util import count, record_rss  # noqa: E402
+from stress_util import count, record_rss, wait_until  # noqa: E402
 
 REFUSAL = "refused a connection from "  # ... "<peer>: authentication failed (...)"
 
@@ -43,15 +43,6 @@ REFUSAL = "refused a connection from "  # ... "<peer>: authentication failed (..
 # ----------------------------------------------------------------------------- helpers
 
 
-def wait_until(cond, timeout, what, interval=0.02):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
 
 
 @contextlib.contextmanager
