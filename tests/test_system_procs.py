@@ -16,6 +16,7 @@ import time
 import pytest
 
 import pipeproc
+from helpers import pid_alive
 from procmods import sysmods
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -589,14 +590,8 @@ def test_claims_of_a_crashed_nodes_workers_are_reclaimed_at_restart(spawner, tmp
     stats = pp.stats()
     os.kill(stats["node"]["pid"], signal.SIGKILL)
 
-    def gone(pid):  # exited (a zombie nobody reaps counts as exited)
-        try:
-            with open(f"/proc/{pid}/status") as f:
-                return any(line.startswith("State:") and "Z" in line for line in f)
-        except OSError:
-            return True
     # the worker, 60 s into its processor, stops at once: its lifeline (stdin) closed
-    wait_until(lambda: all(gone(w["pid"]) for w in stats["workers"]), timeout=10,
+    wait_until(lambda: not any(pid_alive(w["pid"]) for w in stats["workers"]), timeout=10,
                what="the dead node's worker exited")
     pp2 = spawner(loc, workers=1)
     pp2.wait_for_procs(timeout=30)

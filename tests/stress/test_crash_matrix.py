@@ -39,6 +39,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import pytest
 
 import pipeproc
+from helpers import pid_alive  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from stress_util import count, record_rss, report, wait_until  # noqa: E402
@@ -58,14 +59,6 @@ def rng_for(case: str) -> Tuple[random.Random, str]:
 # ---------------------------------------------------------------- process helpers
 
 
-def pid_alive(pid: int) -> bool:
-    """True while ``pid`` runs (a zombie counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return state not in ("Z", "X")
 
 
 def is_pipeproc(pid: int) -> bool:
