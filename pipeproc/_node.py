@@ -83,8 +83,8 @@ MAX_TIMEOUT = 10 * 365 * 24 * 3600.0  # seconds; beyond: use -1 (never)
 GC_DELETES_PER_ROUND = 20_000
 GC_SECONDS_PER_ROUND = 0.005
 # Group commit window: at most this long, and this fraction of the last commit's duration.
-GATHER_MAX = 0.001
-GATHER_FRACTION = 0.25
+GATHER_MAX = 0.0005
+GATHER_FRACTION = 0.5
 
 
 HANDSHAKE_TIMEOUT = 10.0  # seconds a peer has to complete the authkey handshake
