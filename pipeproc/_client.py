@@ -113,13 +113,16 @@ def _claim_key(logs: Any) -> Optional[list]:
 
 def _encode_logs(logs: Sequence[Any]) -> list:
     out = []
+    last = None
     for item in logs:
         if not isinstance(item, dict):
             raise InvalidLogFormat(f"a log is a dict with 'topic' and 'body', got {type(item).__name__!r}")
-        _ids.check_topic(item.get("topic"))
+        topic = item.get("topic")
+        if topic != last or last is None:  # batches mostly repeat a topic: check it once
+            last = _ids.check_topic(topic)
         if "body" not in item:
             raise InvalidLogFormat("a log needs a body (a dict, a list or bytes)")
-        out.append([item["topic"], encode_body(item["body"])])
+        out.append([last, encode_body(item["body"])])
     return out
 
 

@@ -120,6 +120,8 @@ _BODY_HEADS = frozenset(range(0x80, 0xA0)) | {0xDC, 0xDD, 0xDE, 0xDF, 0xC4, 0xC5
 # Stored records are read back inside a few levels of envelope (record, page, reply):
 # a body is checked inside as many, so that it can always be decoded again.
 _HEADROOM = b"\x91" * 8
+# A body shorter than this cannot nest close to msgpack's depth limit (1024): one byte a level.
+_DEEP = 1000
 
 
 def _valid_body(b: Any) -> bytes:
@@ -138,13 +140,41 @@ def _valid_body(b: Any) -> bytes:
 
 
 def _items(raw: Any) -> List[tuple]:
+    """``[[topic, body], ...]`` checked: topic names, and every body as in
+    :func:`_valid_body`, the whole batch in one pass of a msgpack ``Unpacker``."""
     if type(raw) is not list:
         raise Malformed("logs must be a list")
+    if len(raw) == 1:  # the common single log: the plain check is cheaper
+        it = raw[0]
+        if type(it) is not list or len(it) != 2:
+            raise Malformed("a log must be [topic, body]")
+        return [(_ids.check_topic(it[0]), _valid_body(it[1]))]
     items = []
+    last = None
+    unpacker = msgpack.Unpacker(strict_map_key=False, max_buffer_size=0)
     for it in raw:
         if type(it) is not list or len(it) != 2:
             raise Malformed("a log must be [topic, body]")
-        items.append((_ids.check_topic(it[0]), _valid_body(it[1])))
+        topic, body = it
+        if topic != last or last is None:  # batches mostly repeat a topic: check it once
+            last = _ids.check_topic(topic)
+        if type(body) is not bytes:
+            raise InvalidLogFormat("a log body must arrive msgpack-encoded")
+        if not body or body[0] not in _BODY_HEADS:
+            raise InvalidLogFormat("a log body must be a dict, a list or bytes")
+        if len(body) >= _DEEP:  # only a body this long can nest deep enough to matter
+            _valid_body(body)
+        unpacker.feed(body)
+        items.append((last, body))
+    end = 0
+    try:
+        for _, body in items:  # each body is exactly one object: skip it, land on its end
+            unpacker.skip()
+            end += len(body)
+            if unpacker.tell() != end:
+                raise ValueError("misaligned")
+    except Exception:
+        raise InvalidLogFormat("a log body is not one valid msgpack object") from None
     return items
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import threading
 from typing import Any, List, Optional
 
 import msgpack
@@ -68,6 +69,9 @@ def _reject(obj: object) -> Any:
     )
 
 
+_local = threading.local()
+
+
 def encode_body(body: object) -> bytes:
     """Validate and msgpack-encode one log body (client side, once per log).
 
@@ -80,7 +84,11 @@ def encode_body(body: object) -> bytes:
             f"a log body must be a dict, a list or bytes, got {type(body).__name__!r}"
         )
     try:
-        return msgpack.packb(body, use_bin_type=True, default=_reject)
+        packer = _local.packer
+    except AttributeError:  # a Packer per thread (they are not thread-safe); packb makes
+        packer = _local.packer = msgpack.Packer(use_bin_type=True, default=_reject)  # one per call
+    try:
+        return packer.pack(body)  # resets itself when it raises
     except InvalidLogFormat:
         raise
     except (OverflowError, ValueError, TypeError) as exc:

@@ -131,12 +131,19 @@ async def _recv_frame(reader: asyncio.StreamReader, maxsize: int) -> bytes:
 
 def _response(authkey: bytes, message: bytes) -> bytes:
     """The HMAC answer to a challenge: legacy MD5 (Python <= 3.11 nodes), or the
-    ``{digest}``-prefixed form of newer multiprocessing versions."""
-    if message.startswith(b"{"):
+    ``{digest}``-prefixed form of newer multiprocessing versions.
+
+    As in ``multiprocessing.connection``, a message of exactly 20 random bytes is legacy
+    whatever its first byte: 1 in 256 of them starts with ``{`` and must not be parsed."""
+    if len(message) != _MESSAGE_LENGTH and message.startswith(b"{"):
         end = message.find(b"}", 1, 21)
         if end > 1:
-            name = message[1:end].decode("ascii")
-            return b"{" + name.encode("ascii") + b"}" + hmac.new(authkey, message, name).digest()
+            try:
+                name = message[1:end].decode("ascii")
+                return (b"{" + name.encode("ascii") + b"}"
+                        + hmac.new(authkey, message, name).digest())
+            except (UnicodeDecodeError, ValueError):
+                pass  # not a digest we know: the node refuses whatever we answer
     return hmac.new(authkey, message, "md5").digest()
 
 

@@ -734,3 +734,17 @@ def test_live_proc_changes_callback(node):
         assert await code_of(pp.inspect_proc(live.name)) == "invalid_proc"
 
     run(node, fn)
+
+
+def test_handshake_answers_legacy_challenges_that_start_with_a_brace():
+    """Regression: 1 in 256 random 20-byte challenges starts with ``{``; the async client
+    took it for a ``{digest}`` prefix and failed the handshake (UnicodeDecodeError)."""
+    import hmac as _hmac
+
+    from pipeproc.aio import _response
+
+    key = b"k" * 32
+    for msg in (b"{\xa3" + b"x" * 18, b"{" + b"\xff" * 19, b"{md5}" + b"y" * 15):
+        assert _response(key, msg) == _hmac.new(key, msg, "md5").digest()
+    modern = b"{sha256}" + b"z" * 32
+    assert _response(key, modern) == b"{sha256}" + _hmac.new(key, modern, "sha256").digest()

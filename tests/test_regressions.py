@@ -113,3 +113,21 @@ def test_storage_full_clears_once_the_gc_freed_space(spawner):
     for _ in range(n // 2):
         pp.commit({"topic": "fill", "body": os.urandom(60_000)})
     assert pp.length("fill") == n + n // 2
+
+
+@pytest.mark.parametrize("bodies", [
+    [b"\x80\x80", b"\x80"],               # two objects in one body
+    [b"\x81\x80", b"\x80"],               # one object spanning two bodies
+    [b"\x80", b"\x91"],                   # the last body truncated
+    [b"\x80", b"\x05"],                   # a scalar
+    [b"\x80", b"\x91" * 1023 + b"\xc0"],  # too deep to read back inside a reply
+    [b"\x80", b"\xc1"],                   # a byte msgpack never uses
+])
+def test_batch_body_checks_refuse_the_whole_batch(node, bodies):
+    """Batches are checked in one pass of an Unpacker (each body must end exactly where
+    the next starts); any bad body refuses the batch and writes nothing."""
+    reply = raw_call(node, 1, "c", [["a", bodies[0]], ["b", bodies[1]]])
+    assert reply is not None and reply[2][0] == "invalid_log_format"
+    assert node.topics() == []
+    ids = node.commit([{"topic": "a", "body": {}}, {"topic": "b", "body": []}])
+    assert len(ids) == 2
