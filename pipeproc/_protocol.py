@@ -88,7 +88,10 @@ def encode_body(body: object) -> bytes:
     except AttributeError:  # a Packer per thread (they are not thread-safe); packb makes
         packer = _local.packer = msgpack.Packer(use_bin_type=True, default=_reject)  # one per call
     try:
-        return packer.pack(body)  # resets itself when it raises
+        data = packer.pack(body)  # resets itself when it raises
+        if len(data) > 1 << 20:  # do not keep a big body's buffer alive in the thread
+            del _local.packer
+        return data
     except InvalidLogFormat:
         raise
     except (OverflowError, ValueError, TypeError) as exc:
