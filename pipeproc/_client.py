@@ -214,7 +214,38 @@ def open_connection(address: Any, authkey: bytes, timeout: float = HANDSHAKE_TIM
     return Channel(s)
 
 
-class PipeProc:
+class _NodeRef:
+    """What both clients know of their node: its address, key and location."""
+
+    _address: Any
+    _authkey: bytes
+    _location: Optional[str]
+
+    @property
+    def address(self) -> Any:
+        """The address the node is bound to: a Unix socket path or ``(host, port)``."""
+        return self._address
+
+    @property
+    def authkey(self) -> bytes:
+        """The node's authentication key (give it to :func:`connect` with ``address``)."""
+        return self._authkey
+
+    @property
+    def location(self) -> Optional[str]:
+        """The node's location directory, when known."""
+        return self._location
+
+
+def _check_request_size(size: int, limit: int) -> None:
+    """A request above the node's frame limit fails here, before anything is sent."""
+    if size > limit:
+        raise InvalidArgument(
+            f"a request of {size} bytes is above the node's limit of {limit} bytes "
+            "(spawn(max_frame_size=...)); commit less per call")
+
+
+class PipeProc(_NodeRef):
     """A client of a pipeproc node (returned by :func:`spawn` and :func:`connect`).
 
     Safe to share between the threads of a process. Use it as a context manager to shut the
@@ -242,21 +273,6 @@ class PipeProc:
         self._max_frame: Optional[int] = None
 
     # ------------------------------------------------------------------ connection
-
-    @property
-    def address(self) -> Any:
-        """The address the node is bound to: a Unix socket path or ``(host, port)``."""
-        return self._address
-
-    @property
-    def authkey(self) -> bytes:
-        """The node's authentication key (give it to :func:`connect` with ``address``)."""
-        return self._authkey
-
-    @property
-    def location(self) -> Optional[str]:
-        """The node's location directory, when known."""
-        return self._location
 
     def _connect(self) -> Any:
         c = open_connection(self._address, self._authkey)
@@ -294,11 +310,8 @@ class PipeProc:
     def _call(self, op: str, *args: Any) -> Any:
         rid = next(self._rids)
         data = pack([rid, op, *args])
-        if len(data) > MIN_FRAME and len(data) > self._frame_limit():
-            raise InvalidArgument(
-                f"a request of {len(data)} bytes is above the node's limit of "
-                f"{self._frame_limit()} bytes (spawn(max_frame_size=...)); commit less per call"
-            )
+        if len(data) > MIN_FRAME:
+            _check_request_size(len(data), self._frame_limit())
         c = self._acquire()
         try:
             c.send_bytes(data)

@@ -20,6 +20,16 @@ from .errors import ConnectionLost, InvalidArgument, InvalidProc, NoActiveNode, 
 log = logging.getLogger("pipeproc.live")
 
 
+def live_spec(topic: str, mode: str, count: int) -> tuple:
+    """Check a live proc's arguments; its hidden proc's name and offset (both clients)."""
+    from ._client import _check_count
+    _ids.check_topic(topic)
+    if mode not in ("live", "all"):
+        raise InvalidArgument("mode is 'live' or 'all'")
+    _check_count(count)
+    return f"liveproc-{uuid.uuid4()}", (">" if mode == "all" else "$>")
+
+
 class LiveProc:
     """Logs of a topic delivered as they are committed, with explicit acks.
 
@@ -37,17 +47,11 @@ class LiveProc:
     """
 
     def __init__(self, pp: Any, topic: str, *, mode: str = "live", count: int = 1) -> None:
-        from ._client import _check_count
-        _ids.check_topic(topic)
-        if mode not in ("live", "all"):
-            raise InvalidArgument("mode is 'live' or 'all'")
-        _check_count(count)
+        self.name, self.offset = live_spec(topic, mode, count)
         self._pp = pp
         self.topic = topic
         self.mode = mode
         self.count = count
-        self.name = f"liveproc-{uuid.uuid4()}"
-        self.offset = ">" if mode == "all" else "$>"
         self._last: Any = None
         self._cancelled = False
         self._thread: Optional[threading.Thread] = None

@@ -70,6 +70,8 @@ from ._client import (
     DEFAULT_PAGE,
     HANDSHAKE_TIMEOUT,
     MIN_FRAME,
+    _NodeRef,
+    _check_request_size,
     AckCommit,
     Log,
     ProcState,
@@ -278,7 +280,7 @@ class _Conn:
 
 # ------------------------------------------------------------------ the client
 
-class AsyncPipeProc:
+class AsyncPipeProc(_NodeRef):
     """An asyncio client of a pipeproc node (returned by :func:`spawn` and :func:`connect`).
 
     Every method of :class:`pipeproc.PipeProc` is here as a coroutine, with the same
@@ -312,21 +314,6 @@ class AsyncPipeProc:
 
     # ------------------------------------------------------------------ connection
 
-    @property
-    def address(self) -> Any:
-        """The address the node is bound to: a Unix socket path or ``(host, port)``."""
-        return self._address
-
-    @property
-    def authkey(self) -> bytes:
-        """The node's authentication key (give it to :func:`connect` with ``address``)."""
-        return self._authkey
-
-    @property
-    def location(self) -> Optional[str]:
-        """The node's location directory, when known."""
-        return self._location
-
     async def _connection(self) -> _Conn:
         if self._closed:
             raise NoActiveNode("this client is closed")
@@ -356,11 +343,7 @@ class AsyncPipeProc:
         if len(data) > MIN_FRAME:
             if self._max_frame is None:
                 self._max_frame = int((await self._call("limits"))["max_frame_size"])
-            if len(data) > self._max_frame:
-                raise InvalidArgument(
-                    f"a request of {len(data)} bytes is above the node's limit of "
-                    f"{self._max_frame} bytes (spawn(max_frame_size=...)); commit less per call"
-                )
+            _check_request_size(len(data), self._max_frame)
         conn = await self._connection()
         fut = asyncio.get_running_loop().create_future()
         conn.pending[rid] = fut
@@ -814,17 +797,12 @@ class AsyncLiveProc:
 
     def __init__(self, pp: AsyncPipeProc, topic: str, *, mode: str = "live",
                  count: int = 1) -> None:
-        import uuid
-        _ids.check_topic(topic)
-        if mode not in ("live", "all"):
-            raise InvalidArgument("mode is 'live' or 'all'")
-        _check_count(count)
+        from ._live import live_spec
+        self.name, self.offset = live_spec(topic, mode, count)
         self._pp = pp
         self.topic = topic
         self.mode = mode
         self.count = count
-        self.name = f"liveproc-{uuid.uuid4()}"
-        self.offset = ">" if mode == "all" else "$>"
         self._last: Any = None
         self._cancelled = False
         self._task: Optional[asyncio.Task] = None
