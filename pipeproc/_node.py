@@ -7,13 +7,18 @@ EOF means the spawning process is gone, and the node shuts down.
 
 Threads:
 
-* one accept thread; one thread per connection, which authenticates it, decodes requests,
-  serves reads inline (each in its own read transaction) and hands writes to the writer;
-* the **writer role**: one write transaction at a time, taken by a lock. A connection thread
-  that finds the writer idle commits its request itself (no thread hand-off on the idle
-  path); requests arriving meanwhile queue up and the next round commits all of them in one
-  transaction and one fsync (group commit). Rounds after the first run on the dedicated
-  writer thread, so a connection thread never serves others for long;
+* one accept thread, and a short-lived thread per new connection for the authkey handshake
+  (bounded by HANDSHAKE_TIMEOUT);
+* the **I/O loop** thread (``IOLoop``, epoll): reads every authenticated connection,
+  decodes requests, serves reads inline (each in its own read transaction) and queues
+  writes; at the end of each pass it starts one write round for all of them;
+* the **writer role**: one write transaction at a time, taken by a lock. Under
+  ``durability="fast"`` the I/O loop runs the round itself (no thread hand-off); under
+  ``"full"`` the dedicated writer thread does, so the loop keeps reading during an fsync,
+  and requests arriving meanwhile are committed together by the next round in one
+  transaction and one fsync (group commit). Timer callbacks that write commit inline when
+  the writer is idle;
+* a flush thread per connection only while it has a backlog of unsent replies;
 * a timer thread (reclaim timeouts, wait timeouts, GC ticks, the parent watch);
 * the worker supervisor (``_supervisor``), when ``workers > 0``.
 
@@ -28,7 +33,7 @@ import math
 import itertools
 import logging
 import os
-import select
+import selectors
 import signal
 import socket
 import struct
@@ -50,8 +55,7 @@ import msgpack
 from . import _ids, _procs
 from ._protocol import (
     MAX_FRAME,
-    Channel,
-    FrameTooLarge,
+    RECV_BUFFER,
     array_header,
     decode,
     err_reply,
@@ -72,9 +76,10 @@ from .errors import (
 log = logging.getLogger("pipeproc.node")
 
 _HEADER = struct.Struct("!i")
-# Per connection thread: more requests already wait on its socket (a pipelining client).
-# Its writes then go to the writer thread instead of being committed inline, so they are
-# grouped into one transaction and one fsync instead of paying one each.
+_DONTWAIT = socket.MSG_DONTWAIT
+# Per thread: ``loop`` (the I/O loop: its writes wait for the end of its pass, see
+# Writer.kick) and ``conn`` (the connection being served: the group commit window counts
+# the connections that write back to back).
 _tls = threading.local()
 MAX_BACKLOG = 256 * 1024 * 1024
 LIVE_PREFIX = "liveproc-"
@@ -85,6 +90,8 @@ GC_SECONDS_PER_ROUND = 0.005
 # Group commit window: at most this long, and this fraction of the last commit's duration.
 GATHER_MAX = 0.0005
 GATHER_FRACTION = 0.5
+# Rounds a thread that committed inline serves for requests queued meanwhile.
+INLINE_ROUNDS = 4
 
 
 HANDSHAKE_TIMEOUT = 10.0  # seconds a peer has to complete the authkey handshake
@@ -232,6 +239,15 @@ class Conn:
         self.worker: Optional[dict] = None  # set by "hello_worker"
         self.claims: Dict[str, list] = {}   # worker claims: proc name -> claimed key
         self.live: set = set()              # hidden live procs owned by this connection
+        # read state, owned by the I/O loop: a buffer of frames [start, end), or a frame
+        # larger than the buffer being filled (big, big_have)
+        self.buf = bytearray()
+        self.view = memoryview(self.buf)
+        self.start = 0
+        self.end = 0
+        self.big: Optional[bytearray] = None
+        self.big_view: Optional[memoryview] = None
+        self.big_have = 0
 
     # -- replies (from any thread; never block the caller on a slow reader)
 
@@ -298,71 +314,224 @@ class Conn:
         with self.lock:
             self._close_locked()
 
-    # -- the reader thread
+    # -- authentication (its own short-lived thread), then the I/O loop serves it
 
-    def run(self) -> None:
+    def handshake(self) -> None:
+        """Authenticate the peer (bounded by HANDSHAKE_TIMEOUT), then hand the connection
+        to the node's I/O loop; a refused peer is closed here."""
         node = self.node
         c = self.c
         try:
             self.sock = socket.socket(fileno=os.dup(c.fileno()))
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _HANDSHAKE_TV)
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _HANDSHAKE_TV)
-            try:
-                deliver_challenge(c, node.authkey)
-                answer_challenge(c, node.authkey)
-            except (AuthenticationError, OSError, EOFError, ValueError) as exc:
-                log.warning("refused a connection from %s: authentication failed (%s)",
-                            _peer(self.sock), exc)
-                return
+            deliver_challenge(c, node.authkey)
+            answer_challenge(c, node.authkey)
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _NO_TV)
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _NO_TV)
-            chan = Channel(self.sock)
-            limit = node.max_frame
-            ops = node.ops
-            while not self.closed:
-                try:
-                    data = chan.recv_bytes(limit)
-                except FrameTooLarge as exc:
-                    log.warning("connection %d refused: %s", self.id, exc)
-                    self.send(err_reply(None, "invalid_argument", f"request refused: {exc}"))
-                    break
-                except (EOFError, OSError) as exc:
-                    if not isinstance(exc, EOFError) and not self.closed:
-                        log.info("connection %d dropped: %s", self.id, exc)
-                    break
-                rid = None
-                try:
-                    req = decode(data)
-                    if type(req) is not list or len(req) < 2 or type(req[0]) is not int:
-                        raise Malformed("a request is [rid, op, *args]")
-                    rid = req[0]
-                    handler = ops.get(req[1]) if type(req[1]) is str else None
-                    if handler is None:
-                        raise Malformed(f"unknown op {req[1]!r}")
-                    _tls.defer = chan.pending
-                    _tls.conn = self.id
-                    handler(self, rid, *req[2:])
-                except PipeProcError as exc:
-                    self.send(err_reply(rid, exc.code, exc.message))
-                except Exception as exc:  # malformed: costs the sender its connection
-                    log.warning("connection %d sent a malformed request (%s: %.200s); "
-                                "closing it", self.id, type(exc).__name__, str(exc))
-                    break
-        finally:
-            self.close()
-            try:
-                c.close()
-            except OSError:
-                pass
+        except (AuthenticationError, OSError, EOFError, ValueError) as exc:
             if self.sock is not None:
-                self.sock.close()
-            node.conn_closed(self)
+                log.warning("refused a connection from %s: authentication failed (%s)",
+                            _peer(self.sock), exc)
+            self.finish()
+            return
+        except BaseException:
+            self.finish()
+            raise
+        node.io.add(self)
+
+    def finish(self) -> None:
+        """Release the connection's sockets and its node state (once, at the end)."""
+        self.close()
+        try:
+            self.c.close()
+        except OSError:
+            pass
+        if self.sock is not None:
+            self.sock.close()
+        self.node.conn_closed(self)
 
     def reply(self, rid: int, result: Any) -> None:
         self.send(ok_reply(rid, result))
 
     def fail(self, rid: int, exc: PipeProcError) -> None:
         self.send(err_reply(rid, exc.code, exc.message))
+
+
+
+# ------------------------------------------------------------------------- the I/O loop
+
+class IOLoop:
+    """One thread reads every authenticated connection (epoll through ``selectors``).
+
+    A pass reads what each ready socket has (one ``recv`` per socket), decodes the
+    complete frames and runs their handlers: reads are answered at once; writes queue up
+    in the writer, and the pass ends by starting one write round for all of them (group
+    commit without any thread hand-off under ``durability="fast"``; the writer thread
+    takes the round under ``"full"``, so an fsync never stalls the loop). A thread per
+    connection costs a wake-up and a GIL hand-off per request; this does not.
+    """
+
+    def __init__(self, node: "Node") -> None:
+        self.node = node
+        self.sel = selectors.DefaultSelector()
+        self._lock = threading.Lock()
+        self._new: List[Conn] = []
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self.sel.register(self._wake_r, selectors.EVENT_READ, None)
+        self._thread = threading.Thread(target=self._run, name="io", daemon=True)
+        self._thread.start()
+
+    def add(self, conn: Conn) -> None:
+        """Serve an authenticated connection (from its handshake thread)."""
+        with self._lock:
+            self._new.append(conn)
+        try:
+            self._wake_w.send(b"\0")
+        except OSError:  # the wake-up byte is already pending: the loop will look
+            pass
+
+    def _run(self) -> None:
+        _tls.loop = True
+        node = self.node
+        select = self.sel.select
+        kick = node.writer.kick
+        while True:
+            try:
+                events = select()
+            except OSError as exc:  # pragma: no cover - the selector itself failed
+                log.error("I/O loop failed: %s", exc)
+                return
+            try:
+                for key, _ in events:
+                    conn = key.data
+                    if conn is None:
+                        self._accept_new()
+                    else:
+                        try:
+                            self._readable(conn)
+                        except Exception:  # pragma: no cover - a bug must not stop the loop
+                            log.exception("connection %d failed", conn.id)
+                            self._drop(conn)
+            finally:
+                kick()
+
+    def _accept_new(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+        with self._lock:
+            new, self._new = self._new, []
+        for conn in new:
+            conn.buf = bytearray(RECV_BUFFER)
+            conn.view = memoryview(conn.buf)
+            try:
+                self.sel.register(conn.sock, selectors.EVENT_READ, conn)  # type: ignore[arg-type]
+            except (ValueError, OSError):
+                conn.finish()
+
+    def _drop(self, conn: Conn) -> None:
+        try:
+            self.sel.unregister(conn.sock)  # type: ignore[arg-type]
+        except (KeyError, ValueError, OSError):
+            pass
+        conn.finish()
+
+    def _readable(self, conn: Conn) -> None:
+        """Read once from a ready connection and serve the complete frames it holds."""
+        sock = conn.sock
+        try:
+            if conn.big is not None:  # a frame larger than the buffer, being filled
+                k = sock.recv_into(conn.big_view[conn.big_have:], 0, _DONTWAIT)  # type: ignore[union-attr]
+                if not k:
+                    raise EOFError
+                conn.big_have += k
+                if conn.big_have < len(conn.big):
+                    return
+                frame, conn.big, conn.big_view = conn.big, None, None
+                if not self._serve(conn, frame):
+                    self._drop(conn)
+                return
+            buf = conn.buf
+            if conn.start == conn.end:
+                conn.start = conn.end = 0
+            elif conn.start > len(buf) >> 1:  # make room: move the partial frame first
+                n = conn.end - conn.start
+                buf[:n] = buf[conn.start:conn.end]
+                conn.start, conn.end = 0, n
+            k = sock.recv_into(conn.view[conn.end:], 0, _DONTWAIT)  # type: ignore[union-attr]
+            if not k:
+                raise EOFError
+        except (BlockingIOError, InterruptedError):
+            return
+        except (EOFError, OSError) as exc:
+            if not isinstance(exc, EOFError) and not conn.closed:
+                log.info("connection %d dropped: %s", conn.id, exc)
+            self._drop(conn)
+            return
+        conn.end += k
+        limit = self.node.max_frame
+        view = conn.view
+        while not conn.closed:
+            avail = conn.end - conn.start
+            if avail < 4:
+                break
+            (n,) = _HEADER.unpack_from(buf, conn.start)
+            if n < 0 or n > limit:
+                shown = "more than 2 GiB" if n < 0 else f"{n} bytes"
+                msg = f"a frame of {shown} is above the limit of {limit} bytes"
+                log.warning("connection %d refused: %s", conn.id, msg)
+                conn.send(err_reply(None, "invalid_argument", f"request refused: {msg}"))
+                self._drop(conn)
+                return
+            if 4 + n > len(buf):  # larger than the buffer: it gets its own
+                conn.big = bytearray(n)
+                conn.big_view = memoryview(conn.big)
+                conn.big_have = avail - 4
+                conn.big[:avail - 4] = buf[conn.start + 4:conn.end]
+                conn.start = conn.end = 0
+                if conn.big_have >= n:  # pragma: no cover - cannot hold: n > buffer
+                    frame, conn.big, conn.big_view = conn.big, None, None
+                    if not self._serve(conn, frame):
+                        self._drop(conn)
+                return
+            if avail < 4 + n:
+                if conn.start + 4 + n > len(buf):  # the rest would not fit behind it
+                    buf[:avail] = buf[conn.start:conn.end]
+                    conn.start, conn.end = 0, avail
+                break
+            s = conn.start + 4
+            conn.start = s + n
+            if not self._serve(conn, view[s:s + n]):
+                self._drop(conn)
+                return
+        if conn.closed:
+            self._drop(conn)
+
+    def _serve(self, conn: Conn, data: Any) -> bool:
+        """Decode and run one request; ``False``: it was malformed (drop the sender)."""
+        rid = None
+        try:
+            req = decode(data)
+            if type(req) is not list or len(req) < 2 or type(req[0]) is not int:
+                raise Malformed("a request is [rid, op, *args]")
+            rid = req[0]
+            handler = self.node.ops.get(req[1]) if type(req[1]) is str else None
+            if handler is None:
+                raise Malformed(f"unknown op {req[1]!r}")
+            _tls.conn = conn.id
+            handler(conn, rid, *req[2:])
+        except PipeProcError as exc:
+            conn.send(err_reply(rid, exc.code, exc.message))
+        except Exception as exc:  # malformed: costs the sender its connection
+            log.warning("connection %d sent a malformed request (%s: %.200s); "
+                        "closing it", conn.id, type(exc).__name__, str(exc))
+            return False
+        return True
 
 
 # ------------------------------------------------------------------------- timers
@@ -437,6 +606,7 @@ class Writer:
         self._recent: Dict[int, float] = {}
         self._arrive = threading.Condition(self._lock)
         self._gathering = False
+        self._expected = 0
         self._commit_time = 0.0  # duration of the last commit (seconds)
         self.rounds = 0    # write transactions committed
         self.requests = 0  # write requests they held
@@ -456,14 +626,12 @@ class Writer:
                     if conn is not None:
                         self._recent[conn] = time.monotonic()
                 if self._busy:
-                    if self._gathering:
-                        self._arrive.notify()
+                    if self._gathering and len(self._queue) >= self._expected:
+                        self._arrive.notify()  # the round is complete: start it now
                     return
+                if getattr(_tls, "loop", False):
+                    return  # the I/O loop starts the round at the end of its pass (kick)
                 self._busy = True
-                if getattr(_tls, "defer", False):
-                    self._handed = True
-                    self._handoff.notify()
-                    return
                 jobs = self._take()
             else:
                 jobs = None
@@ -472,6 +640,36 @@ class Writer:
             done(False, NoActiveNode("the node is shutting down"))
             return
         self._round(jobs)
+        self._after_inline()
+
+    def kick(self) -> None:
+        """Start a round for what the I/O loop queued during its pass: inline on a fast
+        store (no thread hand-off), on the writer thread on a durable one (the loop never
+        waits for an fsync, and the writer may wait a little to gather more requests)."""
+        with self._lock:
+            if self._busy or not self._queue:
+                return
+            self._busy = True
+            if self._durable and not self._stopped:
+                self._handed = True
+                self._handoff.notify()
+                return
+            jobs = self._take()
+        self._round(jobs)
+        self._after_inline()
+
+    def _after_inline(self) -> None:
+        """After a round run inline: serve what queued meanwhile (a few rounds at most, then
+        the writer thread takes over), or release the writer role."""
+        for _ in range(INLINE_ROUNDS):
+            with self._lock:
+                if not self._queue:
+                    self._busy = False
+                    return
+                if self._durable:
+                    break
+                jobs = self._take()
+            self._round(jobs)
         with self._lock:
             if self._queue:
                 self._handed = True
@@ -493,7 +691,7 @@ class Writer:
             recent = self._recent
             for k in [k for k, t in recent.items() if now - t > window]:
                 del recent[k]
-            expected = len(recent)
+            expected = self._expected = len(recent)
             if len(self._queue) < expected:
                 deadline = now + min(GATHER_MAX, GATHER_FRACTION * self._commit_time)
                 self._gathering = True
@@ -617,6 +815,7 @@ class Node:
         )
         self.timers = Timers()
         self.writer = Writer(self)
+        self.io = IOLoop(self)
         self.conns: Dict[int, Conn] = {}
         self.conns_lock = threading.Lock()
         self.stopping = threading.Event()
@@ -696,7 +895,7 @@ class Node:
             conn = Conn(self, c)
             with self.conns_lock:
                 self.conns[conn.id] = conn
-            threading.Thread(target=conn.run, name=f"conn-{conn.id}", daemon=True).start()
+            threading.Thread(target=conn.handshake, name=f"auth-{conn.id}", daemon=True).start()
 
     def conn_closed(self, conn: Conn) -> None:
         with self.conns_lock:
