@@ -222,7 +222,7 @@ def _opts(max_reclaims: Any, reclaim_timeout: Any, on_max: Any) -> tuple:
 # ------------------------------------------------------------------------- connections
 
 class Conn:
-    """One client connection: its reader thread and its reply path."""
+    """One client connection: its read state (served by the I/O loop) and its reply path."""
 
     _ids = itertools.count(1)
 
@@ -236,6 +236,8 @@ class Conn:
         self.backlog_bytes = 0
         self.flusher: Optional[threading.Thread] = None
         self.closed = False
+        self.finished = False
+        self.dropped_bytes = 0  # unsent replies thrown away at close
         self.worker: Optional[dict] = None  # set by "hello_worker"
         self.claims: Dict[str, list] = {}   # worker claims: proc name -> claimed key
         self.live: set = set()              # hidden live procs owned by this connection
@@ -296,6 +298,9 @@ class Conn:
                     self.flusher = None
                 return
             with self.lock:
+                if self.closed:  # the backlog was thrown away meanwhile
+                    self.flusher = None
+                    return
                 self.backlog.popleft()
                 self.backlog_bytes -= len(frame)
 
@@ -303,7 +308,9 @@ class Conn:
         if self.closed:
             return
         self.closed = True
+        self.dropped_bytes = self.backlog_bytes
         self.backlog.clear()
+        self.backlog_bytes = 0
         try:
             if self.sock is not None:
                 self.sock.shutdown(socket.SHUT_RDWR)
@@ -342,6 +349,9 @@ class Conn:
 
     def finish(self) -> None:
         """Release the connection's sockets and its node state (once, at the end)."""
+        if self.finished:
+            return
+        self.finished = True
         self.close()
         try:
             self.c.close()
@@ -350,6 +360,8 @@ class Conn:
         if self.sock is not None:
             self.sock.close()
         self.node.conn_closed(self)
+        if self.dropped_bytes > TRIM_AFTER:
+            _give_back_memory()
 
     def reply(self, rid: int, result: Any) -> None:
         self.send(ok_reply(rid, result))
@@ -357,6 +369,28 @@ class Conn:
     def fail(self, rid: int, exc: PipeProcError) -> None:
         self.send(err_reply(rid, exc.code, exc.message))
 
+
+
+def _give_back_memory() -> None:
+    """Return freed memory to the system (glibc ``malloc_trim``; a no-op elsewhere).
+
+    Dropping a client that never read its replies frees up to MAX_BACKLOG at once; glibc
+    keeps such memory in the arena of the thread that allocated it (the I/O loop) unless
+    asked to give it back."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+            import ctypes.util
+            _malloc_trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim: Any = None
+TRIM_AFTER = 16 * 1024 * 1024  # bytes of dropped replies worth a malloc_trim
 
 
 # ------------------------------------------------------------------------- the I/O loop

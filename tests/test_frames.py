@@ -3,12 +3,13 @@ clear error a client gets for a request above it."""
 
 from __future__ import annotations
 
+import itertools
 import socket
 import struct
 import threading
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import pipeproc
@@ -30,6 +31,7 @@ def _pair():
        chunk=st.sampled_from([1, 7, 4096, 65536, 10**9]))
 def test_channel_returns_every_frame_whatever_the_chunking(sizes, chunk):
     """Frames sent back to back in arbitrary pieces come out whole and in order."""
+    assume(chunk >= 4096 or sum(sizes) <= 2 * RECV_BUFFER)  # tiny pieces: keep it quick
     raw, chan = _pair()
     payloads = [bytes([i % 251]) * n for i, n in enumerate(sizes)]
     stream = b"".join(struct.pack("!i", len(p)) + p for p in payloads)
@@ -143,3 +145,77 @@ def test_pack_roundtrip_through_a_node_sized_request(node):
     node.commit({"topic": "b", "body": body})
     assert node.range("b")[0].body == body
     assert decode(pack([1, "x"])) == [1, "x"]
+
+
+# -- the node's side: its I/O loop reassembles frames from any chunking
+
+
+@pytest.fixture(scope="module")
+def shared_node(tmp_path_factory):
+    """One node for the examples of a hypothesis test (each uses its own topic)."""
+    pp = pipeproc.spawn(tmp_path_factory.mktemp("frames") / "store", workers=0,
+                        durability="fast")
+    try:
+        yield pp
+    finally:
+        pp.shutdown()
+
+
+_topics = itertools.count()
+
+
+def _commit_frame(rid: int, topic: str, body: bytes) -> bytes:
+    data = pack([rid, "c1", topic, body])
+    return struct.pack("!i", len(data)) + data
+
+
+@pytest.mark.timeout(120)
+@settings(max_examples=12, deadline=None)
+@given(sizes=st.lists(st.sampled_from([1, 100, RECV_BUFFER // 2, RECV_BUFFER - 40,
+                                       RECV_BUFFER + 7, 2 * RECV_BUFFER + 3]),
+                      min_size=1, max_size=5),
+       chunk=st.sampled_from([1, 5, 4093, 65536, 10**9]))
+def test_node_serves_pipelined_requests_whatever_the_chunking(shared_node, sizes, chunk):
+    """Requests pipelined back to back and cut anywhere (inside a length header, inside a
+    frame larger than the node's read buffer) are each served once, in order."""
+    pp = shared_node
+    topic = f"chunk-{next(_topics)}"
+    bodies = [pack({"i": i, "pad": b"p" * n}) for i, n in enumerate(sizes)]
+    stream = b"".join(_commit_frame(i + 1, topic, b) for i, b in enumerate(bodies))
+    c = open_connection(pp.address, pp.authkey)
+    try:
+        small = chunk < 100
+        for i in range(0, len(stream), chunk):
+            c.sock.sendall(stream[i:i + chunk])
+            if small and i > 4096:  # byte-sized pieces: only for the first few KiB
+                c.sock.sendall(stream[i + chunk:])
+                break
+        replies = [decode(c.recv_bytes()) for _ in bodies]
+    finally:
+        c.close()
+    assert [r[0] for r in replies] == list(range(1, len(bodies) + 1))
+    assert all(r[1] == 0 for r in replies), replies
+    logs = pp.range(topic)
+    assert [log.body["i"] for log in logs] == list(range(len(bodies)))
+    assert [len(log.body["pad"]) for log in logs] == sizes
+
+
+@pytest.mark.timeout(60)
+def test_a_half_sent_frame_does_not_hold_up_other_clients(spawner):
+    """A client stops in the middle of a large frame: everyone else is still served at
+    once, and the frame is served when its last bytes arrive."""
+    pp = spawner()
+    frame = _commit_frame(7, "half", pack({"blob": b"b" * (3 * RECV_BUFFER)}))
+    c = open_connection(pp.address, pp.authkey)
+    try:
+        c.sock.sendall(frame[:RECV_BUFFER + 1000])
+        for i in range(20):  # the node's loop keeps serving the others meanwhile
+            pp.commit({"topic": "other", "body": {"i": i}})
+        assert pp.length("other") == 20
+        assert "half" not in pp.topics()
+        c.sock.sendall(frame[RECV_BUFFER + 1000:])
+        reply = decode(c.recv_bytes())
+        assert reply[0] == 7 and reply[1] == 0
+    finally:
+        c.close()
+    assert pp.range("half")[0].body == {"blob": b"b" * (3 * RECV_BUFFER)}
