@@ -92,6 +92,9 @@ GATHER_MAX = 0.0005
 GATHER_FRACTION = 0.5
 # Rounds a thread that committed inline serves for requests queued meanwhile.
 INLINE_ROUNDS = 4
+# Under durability "full" the I/O loop commits inline only when a single connection has
+# been talking to the node for at least this long (and 4 commit durations).
+SOLO_WINDOW = 0.002
 
 
 HANDSHAKE_TIMEOUT = 10.0  # seconds a peer has to complete the authkey handshake
@@ -415,6 +418,8 @@ class IOLoop:
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self.sel.register(self._wake_r, selectors.EVENT_READ, None)
+        self.last_conn = 0      # the connection of the last request served
+        self.switched = 0.0     # when the last request from another connection came
         self._thread = threading.Thread(target=self._run, name="io", daemon=True)
         self._thread.start()
 
@@ -431,7 +436,8 @@ class IOLoop:
         _tls.loop = True
         node = self.node
         select = self.sel.select
-        kick = node.writer.kick
+        writer = node.writer
+        kick = writer.kick
         while True:
             try:
                 events = select()
@@ -450,7 +456,9 @@ class IOLoop:
                             log.exception("connection %d failed", conn.id)
                             self._drop(conn)
             finally:
-                kick()
+                # solo: every request of the last few commit durations came from one
+                # connection (see Writer.kick)
+                kick(time.monotonic() - self.switched > max(SOLO_WINDOW, 4 * writer.commit_time))
 
     def _accept_new(self) -> None:
         try:
@@ -557,6 +565,9 @@ class IOLoop:
             handler = self.node.ops.get(req[1]) if type(req[1]) is str else None
             if handler is None:
                 raise Malformed(f"unknown op {req[1]!r}")
+            if conn.id != self.last_conn:
+                self.last_conn = conn.id
+                self.switched = time.monotonic()
             _tls.conn = conn.id
             handler(conn, rid, *req[2:])
         except PipeProcError as exc:
@@ -641,7 +652,7 @@ class Writer:
         self._arrive = threading.Condition(self._lock)
         self._gathering = False
         self._expected = 0
-        self._commit_time = 0.0  # duration of the last commit (seconds)
+        self.commit_time = 0.0  # duration of the last commit (seconds)
         self.rounds = 0    # write transactions committed
         self.requests = 0  # write requests they held
         self._thread = threading.Thread(target=self._run, name="writer", daemon=True)
@@ -676,19 +687,23 @@ class Writer:
         self._round(jobs)
         self._after_inline()
 
-    def kick(self) -> None:
-        """Start a round for what the I/O loop queued during its pass: inline on a fast
-        store (no thread hand-off), on the writer thread on a durable one (the loop never
-        waits for an fsync, and the writer may wait a little to gather more requests)."""
+    def kick(self, solo: bool) -> None:
+        """Start a round for what the I/O loop queued during its pass.
+
+        Inline on a fast store (no thread hand-off). On a durable one, on the writer
+        thread (the loop keeps reading during the fsync, and the writer may wait a little
+        to gather more requests) — unless ``solo``: one connection alone has been talking
+        to the node lately, so nobody waits behind the fsync and the hand-off would only
+        add a thread wake-up to each of its calls."""
         with self._lock:
             if self._busy or not self._queue:
                 return
             self._busy = True
-            if self._durable and not self._stopped:
+            if self._durable and not self._stopped and not solo:
                 self._handed = True
                 self._handoff.notify()
                 return
-            jobs = self._take()
+            jobs = self._take(gather=False)
         self._round(jobs)
         self._after_inline()
 
@@ -711,23 +726,24 @@ class Writer:
             else:
                 self._busy = False
 
-    def _take(self) -> List[tuple]:
+    def _take(self, gather: bool = True) -> List[tuple]:
         """The queued jobs for the next round (lock held).
 
         On a durable store a commit costs an fsync whatever it holds, so before a round
         starts with fewer requests than connections that are writing back to back, it
         waits briefly (a fraction of the last commit's duration) for their next request:
-        otherwise concurrent writers fall into alternating half-empty rounds.
+        otherwise concurrent writers fall into alternating half-empty rounds. (Never on
+        the I/O loop, ``gather=False``: it is the one that would read them.)
         """
-        if self._durable and self._recent:
+        if gather and self._durable and self._recent:
             now = time.monotonic()
-            window = max(0.002, 4 * self._commit_time)
+            window = max(0.002, 4 * self.commit_time)
             recent = self._recent
             for k in [k for k, t in recent.items() if now - t > window]:
                 del recent[k]
             expected = self._expected = len(recent)
             if len(self._queue) < expected:
-                deadline = now + min(GATHER_MAX, GATHER_FRACTION * self._commit_time)
+                deadline = now + min(GATHER_MAX, GATHER_FRACTION * self.commit_time)
                 self._gathering = True
                 try:
                     while len(self._queue) < expected and not self._stopped:
@@ -788,7 +804,7 @@ class Writer:
                         results.append((done, False, exc))
                 t0 = time.monotonic()
                 tx.commit()
-                self._commit_time = time.monotonic() - t0
+                self.commit_time = time.monotonic() - t0
                 self.rounds += 1
                 self.requests += len(jobs)
             except lmdb.MapFullError:
