@@ -441,24 +441,30 @@ class IOLoop:
         while True:
             try:
                 events = select()
-            except OSError as exc:  # pragma: no cover - the selector itself failed
-                log.error("I/O loop failed: %s", exc)
+            except InterruptedError:  # pragma: no cover - retried by Python already
+                continue
+            except Exception:  # pragma: no cover - the selector itself failed: stop cleanly
+                log.critical("the I/O loop failed; stopping the node", exc_info=True)
+                threading.Thread(target=node.shutdown, daemon=True).start()
                 return
-            try:
-                for key, _ in events:
-                    conn = key.data
+            for key, _ in events:
+                conn = key.data
+                try:
                     if conn is None:
                         self._accept_new()
                     else:
-                        try:
-                            self._readable(conn)
-                        except Exception:  # pragma: no cover - a bug must not stop the loop
-                            log.exception("connection %d failed", conn.id)
-                            self._drop(conn)
-            finally:
+                        self._readable(conn)
+                except Exception:  # pragma: no cover - a bug must not stop the loop
+                    log.exception("the I/O loop failed on %s",
+                                  "new connections" if conn is None else f"connection {conn.id}")
+                    if conn is not None:
+                        self._drop(conn)
+            try:
                 # solo: every request of the last few commit durations came from one
                 # connection (see Writer.kick)
                 kick(time.monotonic() - self.switched > max(SOLO_WINDOW, 4 * writer.commit_time))
+            except Exception:  # pragma: no cover
+                log.exception("the I/O loop failed to start a write round")
 
     def _accept_new(self) -> None:
         try:
@@ -473,7 +479,7 @@ class IOLoop:
             conn.view = memoryview(conn.buf)
             try:
                 self.sel.register(conn.sock, selectors.EVENT_READ, conn)  # type: ignore[arg-type]
-            except (ValueError, OSError):
+            except (KeyError, ValueError, OSError):
                 conn.finish()
 
     def _drop(self, conn: Conn) -> None:
