@@ -141,8 +141,8 @@ def _valid_body(b: Any) -> bytes:
         raise InvalidLogFormat("a log body must arrive msgpack-encoded")
     if not b or b[0] not in _BODY_HEADS:
         raise InvalidLogFormat("a log body must be a dict, a list or bytes")
-    try:
-        msgpack.unpackb(_HEADROOM + b, strict_map_key=False)
+    try:  # a short body cannot nest deep enough to need the headroom
+        msgpack.unpackb(b if len(b) < _DEEP else _HEADROOM + b, strict_map_key=False)
     except Exception:
         raise InvalidLogFormat("a log body is not one valid msgpack object "
                                "(or is nested too deeply)") from None
@@ -1292,7 +1292,9 @@ class Node:
         self.writer.submit(fn, done)
 
     def op_commit1(self, conn: Conn, rid: int, topic: Any, body: Any) -> None:
-        item = [(_ids.check_topic(topic), _valid_body(body))]
+        if type(topic) is not str or topic not in self.store.topics:  # known names are valid
+            _ids.check_topic(topic)
+        item = [(topic, _valid_body(body))]
 
         def fn(tx: Any) -> list:
             return [tx.now, tx.append(item)[0]]

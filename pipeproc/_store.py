@@ -57,6 +57,8 @@ _KEY = struct.Struct(">IQ")
 PAGE_MAX_LOGS = 10_000
 PAGE_MAX_BYTES = 4 * 1024 * 1024
 INITIAL_MAP = 1 << 30  # address space only; grows on demand
+# With writemap the whole map is allocated on disk (or in memory): start small, double.
+WRITEMAP_INITIAL_MAP = 64 << 20
 
 
 def log_key(tid: int, seq: int) -> bytes:
@@ -150,12 +152,28 @@ class Store:
         os.chmod(path, 0o700)
         self.path = path
         self.max_map_size = max_map_size
-        map_size = INITIAL_MAP if max_map_size is None else min(INITIAL_MAP, max_map_size)
         durable = durability == "full" and not memory
-        self.env = lmdb.open(
-            path, map_size=map_size, max_dbs=8, max_readers=4096, mode=0o600,
-            sync=durable, metasync=durable, readahead=False, lock=True,
-        )
+        # Without fsync (durability "fast", memory stores) LMDB writes straight into its
+        # shared map (writemap): a commit makes no system call. Only over preallocated
+        # space, though: a write into a hole of a full filesystem would be a SIGBUS.
+        self.writemap = not durable
+        self._data_fd: Optional[int] = None
+        initial = WRITEMAP_INITIAL_MAP if self.writemap else INITIAL_MAP
+        map_size = initial if max_map_size is None else min(initial, max_map_size)
+        self.env = self._open(path, map_size, durable)
+        if self.writemap:
+            try:
+                self._data_fd = os.open(os.path.join(path, "data.mdb"), os.O_RDWR)
+                os.posix_fallocate(self._data_fd, 0, self.env.info()["map_size"])
+            except OSError as exc:  # no room, or a filesystem that cannot preallocate
+                log.warning("store not preallocated (%s): commits write through the file", exc)
+                if self._data_fd is not None:
+                    os.close(self._data_fd)
+                    self._data_fd = None
+                self.env.close()
+                self.writemap = False
+                map_size = INITIAL_MAP if max_map_size is None else min(INITIAL_MAP, max_map_size)
+                self.env = self._open(path, map_size, durable)
         if memory:
             # The mapping stays valid after the unlink: nothing of a memory store survives
             # the node, not even after kill -9.
@@ -174,10 +192,17 @@ class Store:
         try:
             self._load()
         except BaseException:
-            self.env.close()
+            self.close()
             raise
 
     # ---------------------------------------------------------------- opening
+
+    def _open(self, path: str, map_size: int, durable: bool) -> lmdb.Environment:
+        return lmdb.open(
+            path, map_size=map_size, max_dbs=8, max_readers=4096, mode=0o600,
+            sync=durable, metasync=durable, readahead=False, lock=True,
+            writemap=self.writemap,
+        )
 
     def _load(self) -> None:
         with self.env.begin(write=True) as txn:
@@ -211,6 +236,9 @@ class Store:
     def close(self) -> None:
         """Close the environment (after every writer and reader is done)."""
         self.env.close()
+        if self._data_fd is not None:
+            os.close(self._data_fd)
+            self._data_fd = None
 
     def now_ms(self) -> int:
         """The node clock for the next write: wall clock, never below the last stamp used."""
@@ -224,13 +252,20 @@ class Store:
         return WriteTx(self, self.now_ms() if now is None else now)
 
     def grow(self) -> bool:
-        """Double the map size; ``False`` when ``max_map_size`` forbids it."""
+        """Double the map size (by 1 GiB at most when it is preallocated); ``False`` when
+        ``max_map_size`` forbids it, or there is no room for it."""
         current = self.env.info()["map_size"]
-        new = current * 2
+        new = current * 2 if self._data_fd is None else current + min(current, 1 << 30)
         if self.max_map_size is not None:
             if current >= self.max_map_size:
                 return False
             new = min(new, self.max_map_size)
+        if self._data_fd is not None:  # writemap: the map only ever covers allocated space
+            try:
+                os.posix_fallocate(self._data_fd, 0, new)
+            except OSError as exc:
+                log.warning("store cannot grow to %d MiB: %s", new >> 20, exc)
+                return False
         with self.gate.exclusive():
             self.env.set_mapsize(new)
         log.info("store map grown to %d MiB", new >> 20)
