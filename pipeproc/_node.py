@@ -507,7 +507,8 @@ class IOLoop:
             buf = conn.buf
             if conn.start == conn.end:
                 conn.start = conn.end = 0
-            elif conn.start > len(buf) >> 1:  # make room: move the partial frame first
+            elif conn.start > len(buf) >> 1 or conn.end == len(buf):
+                # make room: move the partial frame to the front first
                 n = conn.end - conn.start
                 buf[:n] = buf[conn.start:conn.end]
                 conn.start, conn.end = 0, n
