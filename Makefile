@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench stress clean
+.PHONY: test demo bench bench-peers stress clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks
+
+# the same workloads against a local redis-server, when there is one (skipped otherwise)
+bench-peers: $(STAMP)
+	$(BIN)/python -m benchmarks.peers.redis_streams
 
 stress: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow -p no:cacheprovider --timeout 1200
