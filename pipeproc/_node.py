@@ -884,6 +884,9 @@ class Node:
         self.idle_waiters: Dict[tuple, list] = {}
         self.claim_waiters: Dict[tuple, tuple] = {}  # (conn id, rid) -> (conn, rid, interest, attempt)
         self.rr = 0
+        # proc name -> the claim deadline (ms) its one pending reclaim timer fires at
+        self._armed: Dict[str, int] = {}
+        self._armed_lock = threading.Lock()
         self._sys_cache: Optional[tuple] = None
         self._gc_pass: Optional[deque] = None
         self.supervisor: Any = None
@@ -1083,20 +1086,43 @@ class Node:
         self.writer.submit(attempt, done)
 
     def arm_timeout(self, name: str) -> None:
+        """Make sure a timer fires at the proc's claim deadline (after a commit touched it).
+
+        One timer per proc at a time: a proc that claims again before its timer fires
+        keeps that timer, which re-arms itself for the later deadline when it fires
+        (deadlines only move later, except for a proc destroyed and created again with a
+        shorter timeout, which gets its own earlier timer). A timer per claim would pile
+        up reclaim_timeout x claim rate entries and wake the timer thread once per claim.
+        """
         rec = self.store.procs.get(name)
         if rec is None:
             return
         due = _procs.deadline(rec)
         if due is None:
             return
-        delay = max(0.0, due / 1000 - time.time())
+        with self._armed_lock:
+            armed = self._armed.get(name)
+            if armed is not None and armed <= due:
+                return  # that timer fires first and re-arms for this deadline
+            self._armed[name] = due
+        self._arm(name, due)
 
+    def _arm(self, name: str, due: int) -> None:
         def fire() -> None:
-            current = self.store.procs.get(name)
-            if current is None or _procs.deadline(current) != due:
-                return  # acked, reclaimed or re-claimed since: that claim's own timer runs
-            self.writer.submit(lambda tx: self._expire(tx, name), lambda ok, v: None)
-        self.timers.after(delay + 0.001, fire)
+            with self._armed_lock:
+                if self._armed.get(name) != due:
+                    return  # superseded by an earlier timer of this proc
+                current = self.store.procs.get(name)
+                now_due = None if current is None else _procs.deadline(current)
+                if now_due is not None and now_due > due:  # claimed again since: re-arm
+                    self._armed[name] = now_due
+                else:
+                    del self._armed[name]
+            if now_due is not None and now_due > due:
+                self._arm(name, now_due)
+            elif now_due is not None:
+                self.writer.submit(lambda tx: self._expire(tx, name), lambda ok, v: None)
+        self.timers.after(max(0.0, due / 1000 - time.time()) + 0.001, fire)
 
     def _expire(self, tx: Any, name: str) -> None:
         rec = tx.proc(name)

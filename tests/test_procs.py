@@ -701,6 +701,37 @@ def test_timed_out_claim_is_redelivered_by_next_proc_call(any_node):
     assert pp.inspect_proc("p").reclaims == 1
 
 
+def test_a_claim_made_before_the_previous_claims_timer_fires_still_times_out(any_node):
+    """One reclaim timer per proc: the timer of an acked claim re-arms itself for the
+    proc's next claim, which then times out at its own deadline, not earlier."""
+    pp = any_node
+    ids = commit_n(pp, "t", 3)
+    first = pp.proc("t", name="p", reclaim_timeout=0.6, max_reclaims=10)
+    pp.ack("p", claimed=first)
+    time.sleep(0.3)  # the first claim's timer is still pending (fires at ~0.6 s)
+    t1 = time.monotonic()
+    second = pp.proc("t", name="p")
+    assert second.id == ids[1]
+    st = wait_until(lambda: (s := pp.inspect_proc("p")).reclaims >= 1 and s, timeout=10,
+                    what="the second claim timing out")
+    assert time.monotonic() - t1 >= 0.55  # its own deadline, not the first claim's
+    assert st.last_acked_range == rng(ids[0])
+    assert pp.proc("t", name="p") == second  # redelivered
+
+
+def test_a_proc_created_again_with_a_shorter_timeout_times_out_at_its_own_deadline(any_node):
+    pp = any_node
+    commit_n(pp, "t", 2)
+    pp.proc("t", name="p", reclaim_timeout=30.0)  # a pending claim with a far deadline
+    pp.destroy_proc("p")
+    t0 = time.monotonic()
+    claim = pp.proc("t", name="p", reclaim_timeout=0.3, max_reclaims=10)
+    wait_until(lambda: pp.inspect_proc("p").reclaims >= 1, timeout=10,
+               what="the new proc's claim timing out")
+    assert time.monotonic() - t0 < 10
+    assert pp.proc("t", name="p") == claim
+
+
 def test_disabled_claim_does_not_time_out(any_node):
     pp = any_node
     ids = commit_n(pp, "t", 1)
