@@ -1126,8 +1126,10 @@ class Node:
 
     def _expire(self, tx: Any, name: str) -> None:
         rec = tx.proc(name)
-        if rec is not None:
-            _procs.expire(tx, name, rec)
+        if rec is not None and _procs.expire(tx, name, rec) is rec and _procs.deadline(rec):
+            # not due yet by the node's clock (the timer ran early): the proc is unchanged,
+            # so no commit re-arms its timer; arm it again here
+            self.arm_timeout(name)
 
     # -- GC
 
