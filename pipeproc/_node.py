@@ -54,6 +54,7 @@ import msgpack
 
 from . import _ids, _procs
 from ._protocol import (
+    BUSY_POLL,
     MAX_FRAME,
     RECV_BUFFER,
     array_header,
@@ -438,15 +439,27 @@ class IOLoop:
         select = self.sel.select
         writer = node.writer
         kick = writer.kick
+        spin = BUSY_POLL
+        spin_until = 0.0
+        pass_end = 0.0
         while True:
             try:
-                events = select()
+                if spin_until:  # busy-poll for the lone client's next request first
+                    events = select(0)
+                    while not events and time.monotonic() < spin_until:
+                        events = select(0)
+                    spin_until = 0.0
+                    if not events:
+                        events = select()
+                else:
+                    events = select()
             except InterruptedError:  # pragma: no cover - retried by Python already
                 continue
             except Exception:  # pragma: no cover - the selector itself failed: stop cleanly
                 log.critical("the I/O loop failed; stopping the node", exc_info=True)
                 threading.Thread(target=node.shutdown, daemon=True).start()
                 return
+            gap = time.monotonic() - pass_end  # from the end of the last pass
             for key, _ in events:
                 conn = key.data
                 try:
@@ -459,12 +472,18 @@ class IOLoop:
                                   "new connections" if conn is None else f"connection {conn.id}")
                     if conn is not None:
                         self._drop(conn)
+            # solo: every request of the last few commit durations came from one
+            # connection (see Writer.kick)
+            solo = time.monotonic() - self.switched > max(SOLO_WINDOW, 4 * writer.commit_time)
             try:
-                # solo: every request of the last few commit durations came from one
-                # connection (see Writer.kick)
-                kick(time.monotonic() - self.switched > max(SOLO_WINDOW, 4 * writer.commit_time))
+                kick(solo)
             except Exception:  # pragma: no cover
                 log.exception("the I/O loop failed to start a write round")
+            pass_end = time.monotonic()
+            if spin and solo and gap < 4 * spin:
+                # one connection alone, talking back to back: its next request comes
+                # sooner than a sleeping thread would wake up for it (see BUSY_POLL)
+                spin_until = pass_end + spin
 
     def _accept_new(self) -> None:
         try:

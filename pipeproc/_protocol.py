@@ -19,9 +19,11 @@ the whole page in one ``unpackb`` call; the node never decodes a body.
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 import threading
+import time
 from typing import Any, List, Optional
 
 import msgpack
@@ -37,6 +39,23 @@ MAX_FRAME = 64 * 1024 * 1024
 #: Replies come from the authenticated node: any size the wire format carries.
 REPLY_LIMIT = 0x7FFFFFFF
 RECV_BUFFER = 256 * 1024
+
+
+def _busy_poll_setting() -> float:
+    """Seconds a waiting end busy-polls before it sleeps (``PIPEPROC_BUSY_POLL_US``, µs;
+    default 50; 0 turns it off)."""
+    raw = os.environ.get("PIPEPROC_BUSY_POLL_US", "50")
+    try:
+        us = float(raw)
+    except ValueError:
+        us = 50.0
+    return max(0.0, min(us, 10_000.0)) / 1e6 if us == us else 0.0
+
+
+#: Busy-poll window (seconds). Waking a thread that sleeps in ``recv`` costs tens of µs on
+#: a virtual machine (the idle vCPU must be woken), often more than the node's work for a
+#: request; a reply expected within this window is polled for instead.
+BUSY_POLL = _busy_poll_setting()
 _LEN = struct.Struct("!i")
 
 _RECORD_HEAD = struct.Struct(">BBQBQ")  # 0x93 0xcf ms 0xcf seq
@@ -142,14 +161,17 @@ class Channel:
     :attr:`pending` tells whether the peer already sent more (it pipelines).
     """
 
-    __slots__ = ("sock", "_buf", "_view", "_start", "_end")
+    __slots__ = ("sock", "_buf", "_view", "_start", "_end", "spin", "_wait")
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, spin: Optional[float] = None) -> None:
         self.sock = sock
         self._buf = bytearray(RECV_BUFFER)
         self._view = memoryview(self._buf)
         self._start = 0
         self._end = 0
+        #: busy-poll window for a frame that is not there yet (see BUSY_POLL)
+        self.spin = BUSY_POLL if spin is None else spin
+        self._wait = 0.0  # moving average of how long frames took to arrive (seconds)
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -176,11 +198,38 @@ class Channel:
             n = self._end - self._start
             self._buf[:n] = self._buf[self._start:self._end]
             self._start, self._end = 0, n
+        if self._start == self._end and self.spin:
+            self._await_frame()
         while self._end - self._start < need:
             k = self.sock.recv_into(self._view[self._end:])
             if not k:
                 raise EOFError("the peer closed the connection")
             self._end += k
+
+    def _await_frame(self) -> None:
+        """Wait for the first bytes of the next frame: busy-poll first while frames have
+        been arriving within twice the window (a quick node), then sleep in ``recv``."""
+        t0 = time.monotonic()
+        if self._wait < 2 * self.spin:
+            until = t0 + self.spin
+            view = self._view[self._end:]
+            while True:
+                try:
+                    k = self.sock.recv_into(view, 0, socket.MSG_DONTWAIT)
+                except (BlockingIOError, InterruptedError):
+                    if time.monotonic() < until:
+                        continue
+                    break
+                if not k:
+                    raise EOFError("the peer closed the connection")
+                self._end += k
+                break
+        if self._start == self._end:
+            k = self.sock.recv_into(self._view[self._end:])
+            if not k:
+                raise EOFError("the peer closed the connection")
+            self._end += k
+        self._wait = 0.75 * self._wait + 0.25 * (time.monotonic() - t0)
 
     def recv_bytes(self, maxlength: Optional[int] = None) -> Any:
         """The next frame's payload: a memoryview valid until the next call, or bytes.

@@ -4,9 +4,11 @@ clear error a client gets for a request above it."""
 from __future__ import annotations
 
 import itertools
+import os
 import socket
 import struct
 import threading
+import time
 
 import pytest
 from hypothesis import assume, given, settings
@@ -219,3 +221,60 @@ def test_a_half_sent_frame_does_not_hold_up_other_clients(spawner):
     finally:
         c.close()
     assert pp.range("half")[0].body == {"blob": b"b" * (3 * RECV_BUFFER)}
+
+
+# -- busy polling (PIPEPROC_BUSY_POLL_US): bounded, and only while it pays
+
+
+def test_busy_poll_setting_is_parsed_and_bounded(monkeypatch):
+    from pipeproc import _protocol
+    for raw, expected in [("50", 50e-6), ("0", 0.0), ("-3", 0.0), ("nan", 0.0),
+                          ("junk", 50e-6), ("1e9", 0.01)]:
+        monkeypatch.setenv("PIPEPROC_BUSY_POLL_US", raw)
+        assert _protocol._busy_poll_setting() == pytest.approx(expected), raw
+
+
+def test_channel_stops_busy_polling_when_frames_come_slowly():
+    """A reader whose frames take longer than twice the window sleeps in recv instead of
+    spinning: waiting 50 ms then costs it (almost) no CPU."""
+    raw, sock = socket.socketpair()
+    chan = Channel(sock, spin=0.005)
+    frame = struct.pack("!i", 3) + b"abc"
+
+    def later(delay):
+        t = threading.Timer(delay, raw.sendall, (frame,))
+        t.start()
+        return t
+
+    try:
+        for _ in range(6):  # slow frames: the average wait climbs past 2 x 5 ms
+            t = later(0.03)
+            assert bytes(chan.recv_bytes()) == b"abc"
+            t.join()
+        t = later(0.05)
+        cpu = time.thread_time()
+        assert bytes(chan.recv_bytes()) == b"abc"
+        cpu = time.thread_time() - cpu
+        t.join()
+        assert cpu < 0.004, f"waited for a slow frame with {cpu * 1000:.1f} ms of CPU"
+    finally:
+        raw.close()
+        chan.close()
+
+
+@pytest.mark.timeout(60)
+def test_an_idle_node_does_not_keep_spinning(node):
+    """After a burst from one client the node busy-polls at most a few tens of µs, then
+    sleeps: an idle second costs it almost no CPU."""
+    for i in range(2000):
+        node.commit({"topic": "burst", "body": {"i": i}})
+    pid = node.stats()["node"]["pid"]
+
+    def cpu_s():
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    before = cpu_s()
+    time.sleep(1.0)
+    assert cpu_s() - before < 0.1  # clock ticks are 10 ms: a spinning node shows ~1 s
