@@ -208,9 +208,10 @@ class Channel:
 
     def _await_frame(self) -> None:
         """Wait for the first bytes of the next frame: busy-poll first while frames have
-        been arriving within twice the window (a quick node), then sleep in ``recv``."""
+        been arriving within the window on average (a quick node, not shared by several
+        busy clients), then sleep in ``recv``."""
         t0 = time.monotonic()
-        if self._wait < 2 * self.spin:
+        if self._wait < self.spin:
             until = t0 + self.spin
             view = self._view[self._end:]
             while True:

@@ -247,7 +247,7 @@ def test_channel_stops_busy_polling_when_frames_come_slowly():
         return t
 
     try:
-        for _ in range(6):  # slow frames: the average wait climbs past 2 x 5 ms
+        for _ in range(6):  # slow frames: the average wait climbs past the 5 ms window
             t = later(0.03)
             assert bytes(chan.recv_bytes()) == b"abc"
             t.join()
