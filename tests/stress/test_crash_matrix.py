@@ -482,7 +482,10 @@ def test_node_killed_during_ack_commit_loops(env, tmp_path):
             t.start()
         target = rng.randint(10, 80)
         try:
-            wait_until(lambda: sum(len(c.returned) for c in consumers) >= target
+            # every proc progresses in every round (p1 may first wait up to its 1 s timeout
+            # for the claim the last crash left pending), and the round reaches its target
+            wait_until(lambda: (all(c.returned for c in consumers)
+                                and sum(len(c.returned) for c in consumers) >= target)
                        or any(not t.is_alive() for t in threads), 60, "ack_commits to progress")
             assert all(t.is_alive() for t in threads), [t.error for t in threads]
             time.sleep(rng.random() * 0.01)
@@ -541,7 +544,7 @@ def test_node_killed_during_ack_commit_loops(env, tmp_path):
                     pp.reclaim(name)
             expect[name] = acked_hi + 1
     for c in ACKC_PROCS:
-        assert len(returned[c[0]]) >= ROUNDS2 * 3
+        assert len(returned[c[0]]) >= ROUNDS2  # at least one per round, each
     pp.shutdown()
 
 
