@@ -57,8 +57,9 @@ _KEY = struct.Struct(">IQ")
 PAGE_MAX_LOGS = 10_000
 PAGE_MAX_BYTES = 4 * 1024 * 1024
 INITIAL_MAP = 1 << 30  # address space only; grows on demand
-# With writemap the whole map is allocated on disk (or in memory): start small, double.
-WRITEMAP_INITIAL_MAP = 64 << 20
+# With writemap the whole map is allocated on disk (in RAM for a memory store): start
+# small, then double (by 1 GiB at most).
+WRITEMAP_INITIAL_MAP = 16 << 20
 
 
 def log_key(tid: int, seq: int) -> bytes:
