@@ -13,7 +13,7 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Any, Iterator, List, Optional
+from typing import Any, Callable, Iterator, List, Optional
 
 PAYLOAD = "x" * 100
 
@@ -42,6 +42,32 @@ def scratch_dir(prefix: str = "pipeproc-bench-") -> Iterator[str]:
         yield d
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+def w6_client_run(write: Callable[[str, dict], Any], topic: str, n: int, cid: int) -> None:
+    """The body of a W6 client process (``_w6client``, ``peers/_redis_w6client``): 50
+    untimed warmup writes to ``w6warm``, ``ready`` on stdout, wait for ``go`` on stdin (the
+    common start barrier), then ``n`` single writes to ``topic``, one round trip each, and
+    one JSON line: start/end (time.monotonic, a system-wide clock on Linux) and the median
+    write latency."""
+    import json
+
+    for i in range(50):
+        write("w6warm", body(i))
+    sys.stdout.write("ready\n")
+    sys.stdout.flush()
+    if sys.stdin.readline().strip() != "go":
+        return
+    lat = []
+    base = cid * n
+    start = time.monotonic()
+    for i in range(n):
+        t = time.perf_counter()
+        write(topic, body(base + i))
+        lat.append(time.perf_counter() - t)
+    end = time.monotonic()
+    sys.stdout.write(json.dumps({"start": start, "end": end, "median": median(lat)}) + "\n")
+    sys.stdout.flush()
 
 
 def rss_anon_kb(pid: int) -> Optional[int]:

@@ -247,7 +247,7 @@ class Conn:
         self.live: set = set()              # hidden live procs owned by this connection
         # read state, owned by the I/O loop: a buffer of frames [start, end), or a frame
         # larger than the buffer being filled (big, big_have)
-        self.buf = bytearray()
+        self.buf = bytearray(RECV_BUFFER)
         self.view = memoryview(self.buf)
         self.start = 0
         self.end = 0
@@ -494,8 +494,6 @@ class IOLoop:
         with self._lock:
             new, self._new = self._new, []
         for conn in new:
-            conn.buf = bytearray(RECV_BUFFER)
-            conn.view = memoryview(conn.buf)
             try:
                 self.sel.register(conn.sock, selectors.EVENT_READ, conn)  # type: ignore[arg-type]
             except (KeyError, ValueError, OSError):
@@ -562,11 +560,7 @@ class IOLoop:
                 conn.big_have = avail - 4
                 conn.big[:avail - 4] = buf[conn.start + 4:conn.end]
                 conn.start = conn.end = 0
-                if conn.big_have >= n:  # pragma: no cover - cannot hold: n > buffer
-                    frame, conn.big, conn.big_view = conn.big, None, None
-                    if not self._serve(conn, frame):
-                        self._drop(conn)
-                return
+                return  # not complete: avail <= len(buf) < 4 + n
             if avail < 4 + n:
                 if conn.start + 4 + n > len(buf):  # the rest would not fit behind it
                     buf[:avail] = buf[conn.start:conn.end]

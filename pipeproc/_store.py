@@ -159,9 +159,7 @@ class Store:
         # space, though: a write into a hole of a full filesystem would be a SIGBUS.
         self.writemap = not durable
         self._data_fd: Optional[int] = None
-        initial = WRITEMAP_INITIAL_MAP if self.writemap else INITIAL_MAP
-        map_size = initial if max_map_size is None else min(initial, max_map_size)
-        self.env = self._open(path, map_size, durable)
+        self.env = self._open(path, durable)
         if self.writemap:
             try:
                 self._data_fd = os.open(os.path.join(path, "data.mdb"), os.O_RDWR)
@@ -173,8 +171,7 @@ class Store:
                     self._data_fd = None
                 self.env.close()
                 self.writemap = False
-                map_size = INITIAL_MAP if max_map_size is None else min(INITIAL_MAP, max_map_size)
-                self.env = self._open(path, map_size, durable)
+                self.env = self._open(path, durable)
         if memory:
             # The mapping stays valid after the unlink: nothing of a memory store survives
             # the node, not even after kill -9.
@@ -198,7 +195,10 @@ class Store:
 
     # ---------------------------------------------------------------- opening
 
-    def _open(self, path: str, map_size: int, durable: bool) -> lmdb.Environment:
+    def _open(self, path: str, durable: bool) -> lmdb.Environment:
+        """Open the environment at its initial map size (``writemap`` as set)."""
+        initial = WRITEMAP_INITIAL_MAP if self.writemap else INITIAL_MAP
+        map_size = initial if self.max_map_size is None else min(initial, self.max_map_size)
         return lmdb.open(
             path, map_size=map_size, max_dbs=8, max_readers=4096, mode=0o600,
             sync=durable, metasync=durable, readahead=False, lock=True,

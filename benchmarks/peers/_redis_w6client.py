@@ -11,34 +11,16 @@ start/end (time.monotonic, a system-wide clock on Linux) and the median XADD lat
 
 from __future__ import annotations
 
-import json
 import sys
-import time
 
 
 def main() -> None:
-    from benchmarks._common import body, median
+    from benchmarks._common import w6_client_run
     from benchmarks.peers.redis_streams import Resp, xadd
 
     sock, stream, n, cid = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     with Resp(sock) as r:
-        for i in range(50):
-            r.call(*xadd("w6warm", body(i)))
-        sys.stdout.write("ready\n")
-        sys.stdout.flush()
-        if sys.stdin.readline().strip() != "go":
-            return
-        call = r.call
-        lat = []
-        base = cid * n
-        start = time.monotonic()
-        for i in range(n):
-            t = time.perf_counter()
-            call(*xadd(stream, body(base + i)))
-            lat.append(time.perf_counter() - t)
-        end = time.monotonic()
-        sys.stdout.write(json.dumps({"start": start, "end": end, "median": median(lat)}) + "\n")
-        sys.stdout.flush()
+        w6_client_run(lambda s, b: r.call(*xadd(s, b)), stream, n, cid)
 
 
 if __name__ == "__main__":

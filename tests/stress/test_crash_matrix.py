@@ -205,17 +205,14 @@ def check_topic(pp, topic: str, gc: bool = False, ctx: str = "") -> Tuple[list, 
     return logs, first
 
 
-class BatchWriter(threading.Thread):
-    """Commits random batches over ``topics`` until the node goes away; records what
-    returned (``returned[b] = (items, ids)``) and the batch in flight when it failed."""
+class ClientThread(threading.Thread):
+    """A client loop on its own connection until stopped or the node goes away; whatever
+    ends it is kept in ``error`` (checked by the test)."""
 
-    def __init__(self, location, wid: int, start: int, seed: str, topics, pad: int = 200):
-        super().__init__(daemon=True, name=f"writer-{wid}")
-        self.location, self.wid, self.next_b = location, wid, start
-        self.topics, self.pad = topics, pad
-        self.rng = random.Random(seed)
-        self.returned: Dict[int, tuple] = {}
-        self.inflight: Optional[tuple] = None
+    def __init__(self, location, name: str) -> None:
+        super().__init__(daemon=True, name=name)
+        self.location = location
+        self.inflight: Optional[Any] = None  # the request in flight when the node died
         self.error: Optional[BaseException] = None
         self.stop = threading.Event()
 
@@ -223,27 +220,45 @@ class BatchWriter(threading.Thread):
         pp = None
         try:
             pp = pipeproc.connect(self.location, timeout=10)
-            rng = self.rng
             while not self.stop.is_set():
-                b = self.next_b
-                size = rng.randint(1, 6)
-                items = [{"topic": rng.choice(self.topics),
-                          "body": {"w": self.wid, "b": b, "i": i, "n": size,
-                                   "pad": rng.randbytes(rng.randint(0, self.pad))}}
-                         for i in range(size)]
-                single = size == 1 and rng.random() < 0.5
-                self.inflight = (b, items)
-                res = pp.commit(items[0] if single else items)
-                ids = [res] if single else res
-                assert len(ids) == size
-                self.returned[b] = (items, ids)
-                self.inflight = None
-                self.next_b = b + 1
+                self.step(pp)
         except BaseException as exc:  # noqa: BLE001 - reported by the test
             self.error = exc
         finally:
             if pp is not None:
                 pp.close()
+
+    def step(self, pp: Any) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class BatchWriter(ClientThread):
+    """Commits random batches over ``topics`` until the node goes away; records what
+    returned (``returned[b] = (items, ids)``) and the batch in flight when it failed."""
+
+    def __init__(self, location, wid: int, start: int, seed: str, topics, pad: int = 200):
+        super().__init__(location, f"writer-{wid}")
+        self.wid, self.next_b = wid, start
+        self.topics, self.pad = topics, pad
+        self.rng = random.Random(seed)
+        self.returned: Dict[int, tuple] = {}
+
+    def step(self, pp: Any) -> None:
+        rng = self.rng
+        b = self.next_b
+        size = rng.randint(1, 6)
+        items = [{"topic": rng.choice(self.topics),
+                  "body": {"w": self.wid, "b": b, "i": i, "n": size,
+                           "pad": rng.randbytes(rng.randint(0, self.pad))}}
+                 for i in range(size)]
+        single = size == 1 and rng.random() < 0.5
+        self.inflight = (b, items)
+        res = pp.commit(items[0] if single else items)
+        ids = [res] if single else res
+        assert len(ids) == size
+        self.returned[b] = (items, ids)
+        self.inflight = None
+        self.next_b = b + 1
 
 
 class BatchModel:
@@ -397,61 +412,49 @@ def test_node_killed_during_batch_commits(env, tmp_path):
 # ---------------------------------------------------------------- 2. node during ack_commit loops
 
 
-class AckCommitter(threading.Thread):
+class AckCommitter(ClientThread):
     """``proc`` -> ``ack_commit`` (claimed=) into ``to``, one output log per input log.
 
     Checks live that every claim starts right after the last acked log (no skip, no
     re-delivery of acked logs); records every ack_commit that returned."""
 
     def __init__(self, location, name: str, count_: int, to: str, rto: float, expect: int):
-        super().__init__(daemon=True, name=f"ackc-{name}")
-        self.location, self.pname, self.count_, self.to, self.rto = location, name, count_, to, rto
+        super().__init__(location, f"ackc-{name}")
+        self.pname, self.count_, self.to, self.rto = name, count_, to, rto
         self.expect = expect
         self.returned: List[tuple] = []  # (src ids, out ids)
-        self.inflight: Optional[List[str]] = None  # the claim being ack_committed at the kill
         self.problems: List[str] = []
         self.stale = 0
-        self.error: Optional[BaseException] = None
-        self.stop = threading.Event()
 
-    def run(self) -> None:
-        pp = None
+    def step(self, pp: Any) -> None:
+        got = pp.proc("in", name=self.pname, count=self.count_, reclaim_timeout=self.rto,
+                      max_reclaims=-1)
+        if not got:
+            time.sleep(0.002)
+            return
+        logs = got if isinstance(got, list) else [got]
+        ids = [lg.id for lg in logs]
+        if seq(ids[0]) != self.expect:
+            self.problems.append(f"claim {ids} while the next unacked seq is {self.expect}")
+        if [seq(i) for i in ids] != list(range(seq(ids[0]), seq(ids[0]) + len(ids))):
+            self.problems.append(f"claim {ids} is not consecutive")
+        bodies = [{"topic": self.to, "body": {"src": lg.id, "b": lg.body["b"],
+                                              "i": lg.body["i"], "p": self.pname}}
+                  for lg in logs]
+        self.inflight = ids  # the claim being ack_committed at the kill
         try:
-            pp = pipeproc.connect(self.location, timeout=10)
-            while not self.stop.is_set():
-                got = pp.proc("in", name=self.pname, count=self.count_, reclaim_timeout=self.rto,
-                              max_reclaims=-1)
-                if not got:
-                    time.sleep(0.002)
-                    continue
-                logs = got if isinstance(got, list) else [got]
-                ids = [lg.id for lg in logs]
-                if seq(ids[0]) != self.expect:
-                    self.problems.append(f"claim {ids} while the next unacked seq is {self.expect}")
-                if [seq(i) for i in ids] != list(range(seq(ids[0]), seq(ids[0]) + len(ids))):
-                    self.problems.append(f"claim {ids} is not consecutive")
-                bodies = [{"topic": self.to, "body": {"src": lg.id, "b": lg.body["b"],
-                                                      "i": lg.body["i"], "p": self.pname}}
-                          for lg in logs]
-                self.inflight = ids
-                try:
-                    res = pp.ack_commit(self.pname, bodies if self.count_ > 1 else bodies[0],
-                                        claimed=got)
-                except (pipeproc.StaleClaim, pipeproc.InvalidAck):
-                    self.stale += 1  # timed out meanwhile: it will be delivered again
-                    self.inflight = None
-                    continue
-                self.inflight = None
-                out = res.id if isinstance(res.id, list) else [res.id]
-                if res.acked != f"{ids[0]}..{ids[-1]}":
-                    self.problems.append(f"ack_commit of {ids} returned acked={res.acked!r}")
-                self.returned.append((ids, out))
-                self.expect = seq(ids[-1]) + 1
-        except BaseException as exc:  # noqa: BLE001
-            self.error = exc
-        finally:
-            if pp is not None:
-                pp.close()
+            res = pp.ack_commit(self.pname, bodies if self.count_ > 1 else bodies[0],
+                                claimed=got)
+        except (pipeproc.StaleClaim, pipeproc.InvalidAck):
+            self.stale += 1  # timed out meanwhile: it will be delivered again
+            self.inflight = None
+            return
+        self.inflight = None
+        out = res.id if isinstance(res.id, list) else [res.id]
+        if res.acked != f"{ids[0]}..{ids[-1]}":
+            self.problems.append(f"ack_commit of {ids} returned acked={res.acked!r}")
+        self.returned.append((ids, out))
+        self.expect = seq(ids[-1]) + 1
 
 
 ROUNDS2 = 15
@@ -555,52 +558,39 @@ ROUNDS3 = 10
 FAST_GC = {"min_prune_time": 0.0, "interval": 0.05}
 
 
-class Acker(threading.Thread):
+class Acker(ClientThread):
     """``proc`` -> ``ack`` on ``gin`` with random counts; checks claims never skip."""
 
     def __init__(self, location, expect: int, seed: str, rto: float = 1.0):
-        super().__init__(daemon=True, name="acker-gp")
-        self.location, self.expect, self.rto = location, expect, rto
+        super().__init__(location, "acker-gp")
+        self.expect, self.rto = expect, rto
         self.rng = random.Random(seed)
         self.acked: List[List[str]] = []
-        self.inflight: Optional[List[str]] = None  # the claim being acked at the kill
         self.bodies: Dict[str, Any] = {}
         self.problems: List[str] = []
-        self.error: Optional[BaseException] = None
-        self.stop = threading.Event()
 
-    def run(self) -> None:
-        pp = None
+    def step(self, pp: Any) -> None:
+        got = pp.proc("gin", name="gp", count=self.rng.randint(1, 4),
+                      reclaim_timeout=self.rto, max_reclaims=-1)
+        if not got:
+            time.sleep(0.002)
+            return
+        if isinstance(got, pipeproc.Log):  # count == 1
+            got = [got]
+        ids = [lg.id for lg in got]
+        if seq(ids[0]) != self.expect:
+            self.problems.append(f"gp claimed {ids} while the next unacked seq is {self.expect}")
+        for lg in got:
+            self.bodies[lg.id] = lg.body
+        self.inflight = ids  # the claim being acked at the kill
         try:
-            pp = pipeproc.connect(self.location, timeout=10)
-            while not self.stop.is_set():
-                got = pp.proc("gin", name="gp", count=self.rng.randint(1, 4),
-                              reclaim_timeout=self.rto, max_reclaims=-1)
-                if not got:
-                    time.sleep(0.002)
-                    continue
-                if isinstance(got, pipeproc.Log):  # count == 1
-                    got = [got]
-                ids = [lg.id for lg in got]
-                if seq(ids[0]) != self.expect:
-                    self.problems.append(
-                        f"gp claimed {ids} while the next unacked seq is {self.expect}")
-                for lg in got:
-                    self.bodies[lg.id] = lg.body
-                self.inflight = ids
-                try:
-                    pp.ack("gp", claimed=got)
-                except (pipeproc.StaleClaim, pipeproc.InvalidAck):  # timed out meanwhile
-                    self.inflight = None
-                    continue
-                self.inflight = None
-                self.acked.append(ids)
-                self.expect = seq(ids[-1]) + 1
-        except BaseException as exc:  # noqa: BLE001
-            self.error = exc
-        finally:
-            if pp is not None:
-                pp.close()
+            pp.ack("gp", claimed=got)
+        except (pipeproc.StaleClaim, pipeproc.InvalidAck):  # timed out meanwhile
+            self.inflight = None
+            return
+        self.inflight = None
+        self.acked.append(ids)
+        self.expect = seq(ids[-1]) + 1
 
 
 def protected_from(st) -> Tuple[int, int]:
