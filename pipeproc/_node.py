@@ -246,8 +246,9 @@ class Conn:
         self.claims: Dict[str, list] = {}   # worker claims: proc name -> claimed key
         self.live: set = set()              # hidden live procs owned by this connection
         # read state, owned by the I/O loop: a buffer of frames [start, end), or a frame
-        # larger than the buffer being filled (big, big_have)
-        self.buf = bytearray(RECV_BUFFER)
+        # larger than the buffer being filled (big, big_have). The buffer is allocated
+        # when the loop takes the connection: a peer that never authenticates costs none.
+        self.buf = bytearray()
         self.view = memoryview(self.buf)
         self.start = 0
         self.end = 0
@@ -494,6 +495,8 @@ class IOLoop:
         with self._lock:
             new, self._new = self._new, []
         for conn in new:
+            conn.buf = bytearray(RECV_BUFFER)
+            conn.view = memoryview(conn.buf)
             try:
                 self.sel.register(conn.sock, selectors.EVENT_READ, conn)  # type: ignore[arg-type]
             except (KeyError, ValueError, OSError):
