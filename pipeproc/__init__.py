@@ -40,6 +40,7 @@ from .errors import (
     ProcNameNotUnique,
     StaleClaim,
     StorageFull,
+    StoreCorrupted,
     Timeout,
 )
 
@@ -51,7 +52,8 @@ __all__ = [
     "InvalidProcName", "InvalidArgument", "InvalidRangeOffset", "InvalidProcessor",
     "InvalidTopic", "InvalidToneIdSearch", "InvalidProc", "ProcNameNotUnique",
     "ProcIsDisabled", "ProcAlreadyDisabled", "ProcAlreadyActive", "NothingToReclaim",
-    "InvalidAck", "StaleClaim", "NodeAlreadyActive", "StorageFull", "NoActiveNode",
+    "InvalidAck", "StaleClaim", "NodeAlreadyActive", "StorageFull", "StoreCorrupted",
+    "NoActiveNode",
     "AuthFailed", "ConnectionLost", "Timeout", "InternalError", "__version__",
 ]
 

@@ -28,6 +28,7 @@ every commit the writer wakes those whose topics or procs it touched. Nothing po
 
 from __future__ import annotations
 
+import errno
 import heapq
 import math
 import itertools
@@ -64,7 +65,7 @@ from ._protocol import (
     ok_reply_raw,
     page,
 )
-from ._store import PAGE_MAX_LOGS, Store
+from ._store import DAMAGE_ERRORS, PAGE_MAX_LOGS, Store, damaged
 from .errors import (
     InternalError,
     InvalidArgument,
@@ -72,6 +73,7 @@ from .errors import (
     InvalidTopic,
     PipeProcError,
     StorageFull,
+    StoreCorrupted,
 )
 
 log = logging.getLogger("pipeproc.node")
@@ -84,6 +86,8 @@ _DONTWAIT = socket.MSG_DONTWAIT
 _tls = threading.local()
 MAX_BACKLOG = 256 * 1024 * 1024
 LIVE_PREFIX = "liveproc-"
+#: In the location: written once its store exists (a missing store is then damage).
+STORE_MARKER = "store.created"
 MAX_TIMEOUT = 10 * 365 * 24 * 3600.0  # seconds; beyond: use -1 (never)
 # A GC pass runs in steps of at most this much work per write round.
 GC_DELETES_PER_ROUND = 20_000
@@ -595,6 +599,9 @@ class IOLoop:
             handler(conn, rid, *req[2:])
         except PipeProcError as exc:
             conn.send(err_reply(rid, exc.code, exc.message))
+        except DAMAGE_ERRORS as exc:  # the store's fault, not the request's: keep the peer
+            err = damaged(exc, self.node.store.path)
+            conn.send(err_reply(rid, err.code, err.message))
         except Exception as exc:  # malformed: costs the sender its connection
             log.warning("connection %d sent a malformed request (%s: %.200s); "
                         "closing it", conn.id, type(exc).__name__, str(exc))
@@ -816,6 +823,7 @@ class Writer:
     def _round(self, jobs: List[tuple]) -> None:
         store = self.store
         recycled = False
+        reserve = False  # grown into the GC's reserve for this round
         while True:
             tx = store.begin()
             results = []
@@ -837,18 +845,33 @@ class Writer:
                 if not recycled and store.recycle_pages():
                     recycled = True  # pages freed by the last commit are reusable now
                     continue
+                gc = self.node._gc
+                if not reserve and all(fn == gc for fn, _ in jobs) and store.grow(for_gc=True):
+                    reserve = True  # a full store: the GC alone may use the reserve
+                    log.warning("store full: the GC uses the map's reserve")
+                    continue
                 self._one_by_one(jobs, StorageFull("the store reached its maximum map size"))
+                return
+            except DAMAGE_ERRORS as exc:
+                tx.abort()
+                self._one_by_one(jobs, damaged(exc, store.path))
                 return
             except Exception as exc:
                 tx.abort()
-                full = isinstance(exc, lmdb.Error) and "No space" in str(exc)
+                full = isinstance(exc, lmdb.Error) and (
+                    "No space" in str(exc)
+                    # LMDB turns a short write (a full disk) into EIO
+                    or isinstance(exc, lmdb.DiskError) or "Input/output" in str(exc)
+                ) and ("No space" in str(exc) or store.disk_full())
                 if not full:
                     log.exception("a write request failed unexpectedly")
-                err = (StorageFull(f"the store cannot grow: {exc}") if full
+                err = (StorageFull(f"the disk of the store is full: {exc}") if full
                        else InternalError(f"{type(exc).__name__}: {exc}"))
                 self._one_by_one(jobs, err)
                 return
             break
+        if reserve:
+            store.leave_reserve()
         for done, ok, value in results:
             try:
                 done(ok, value)
@@ -885,6 +908,7 @@ class Node:
             None if cfg["memory"] else os.path.join(self.location, "store"),
             memory=cfg["memory"], durability=cfg["durability"],
             max_map_size=cfg.get("max_map_size"),
+            marker=None if cfg["memory"] else os.path.join(self.location, STORE_MARKER),
         )
         self.timers = Timers()
         self.writer = Writer(self)
@@ -1321,6 +1345,7 @@ class Node:
             "connections": len(self.conns), "map_size": info["map_size"],
             "store_bytes": (info["last_pgno"] + 1) * stat["psize"],
             "write_transactions": self.writer.rounds, "write_requests": self.writer.requests,
+            "damaged_reads": store.damaged_reads,
         }
         workers = self.supervisor.stats() if self.supervisor is not None else []
         conn.reply(rid, {"node": node, "workers": workers, "topics": topics, "procs": procs,
@@ -1664,7 +1689,12 @@ class Node:
                 continue
             d = defs[name]
             rec = _procs.expire(tx, name, rec)
-            recs = _procs.claim(tx, name, rec, d["count"])
+            try:
+                recs = _procs.claim(tx, name, rec, d["count"])
+            except StoreCorrupted as exc:  # never deliverable: stop this proc, not the pool
+                log.error("system proc %s disabled: %s", name, exc)
+                _procs.disable(tx, name)
+                continue
             if recs is None:
                 continue
             self.rr = idx + 1
@@ -1705,14 +1735,27 @@ def _lock_location(location: str) -> Optional[int]:
 
 
 def _write_private(path: str, data: bytes) -> None:
+    """Write ``path`` atomically (a temporary file, then a rename); on failure nothing is
+    left behind, and a full disk is :class:`StorageFull`."""
     tmp = f"{path}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise StorageFull(f"cannot write {path}: the disk is full ({exc.strerror})") from None
+        raise
 
 
 def main() -> None:
@@ -1757,7 +1800,18 @@ def main() -> None:
         node.serve()
         if node.supervisor is not None:
             node.supervisor.start()
+    except PipeProcError as exc:
+        log.error("node failed to start: %s", exc)
+        report({"error": [exc.code, exc.message]})
+        return
     except Exception as exc:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            log.error("node failed to start: %s", exc)
+            report({"error": ["storage_full", f"node failed to start: the disk is full: {exc}"]})
+            return
+        if isinstance(exc, lmdb.Error) and "No space" in str(exc):
+            report({"error": ["storage_full", f"node failed to start: the disk is full: {exc}"]})
+            return
         log.exception("node failed to start")
         report({"error": ["internal_error", f"node failed to start: {exc}"]})
         return

@@ -12,7 +12,9 @@ Log bodies are msgpack-encoded **once**, by the client, and travel inside reques
 
     0x93 0xcf <ms: u64 BE> 0xcf <seq: u64 BE> <body msgpack bytes>
 
-which is itself the msgpack encoding of ``[ms, seq, body]``. A page of logs is therefore
+which is itself the msgpack encoding of ``[ms, seq, body]``. The store keeps it followed by
+its CRC-32 (``zlib.crc32``, 4 bytes little-endian: see :func:`stored_record`) and serves the
+record without those 4 bytes once the checksum holds (store format 3). A page of logs is therefore
 sent as an array header followed by the stored records concatenated, and the client decodes
 the whole page in one ``unpackb`` call; the node never decodes a body.
 """
@@ -24,6 +26,7 @@ import socket
 import struct
 import threading
 import time
+import zlib
 from typing import Any, List, Optional
 
 import msgpack
@@ -65,6 +68,26 @@ RECORD_HEAD_SIZE = _RECORD_HEAD.size  # 19
 def record(ms: int, seq: int, body: bytes) -> bytes:
     """The stored form of a log: the msgpack of ``[ms, seq, body]`` with ``body`` pre-encoded."""
     return _RECORD_HEAD.pack(0x93, 0xCF, ms, 0xCF, seq) + body
+
+
+_CRC = struct.Struct("<I")
+#: Bytes of the checksum that follows a stored record (store format 3).
+CRC_SIZE = _CRC.size
+#: ``zlib.crc32`` of any bytes followed by their own CRC-32 in little-endian order: checking
+#: a stored record is one ``crc32`` call over the whole stored value.
+CRC_RESIDUE = 0x2144DF1C
+crc32 = zlib.crc32
+
+
+def stored_record(ms: int, seq: int, body: bytes) -> bytes:
+    """The stored form of a log (format 3): :func:`record` followed by its CRC-32."""
+    rec = _RECORD_HEAD.pack(0x93, 0xCF, ms, 0xCF, seq) + body
+    return rec + _CRC.pack(crc32(rec))
+
+
+def record_ok(value: Any) -> bool:
+    """Whether a stored record (format 3) is intact: its CRC-32 holds."""
+    return crc32(value) == CRC_RESIDUE
 
 
 def record_ms(value: Any) -> int:

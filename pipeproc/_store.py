@@ -7,11 +7,22 @@ db        key                            value
 ========= ============================== ===============================================
 topics    topic name (utf-8)             msgpack ``[tid, next_seq, first_seq, created_ms]``
                                          (``next_seq`` as of the last write of the record)
-logs      tid (u32 BE) + seq (u64 BE)    log record (see ``_protocol.record``)
-procs     proc name (utf-8)              msgpack proc record (``_procs``)
-sysprocs  system proc name (utf-8)       msgpack system proc definition
-meta      key                            format version, clock, next topic id
+logs      tid (u32 BE) + seq (u64 BE)    log record (see ``_protocol.record``) + its CRC-32
+procs     proc name (utf-8) [#]_         msgpack proc record (``_procs``)
+sysprocs  system proc name (utf-8) [#]_  msgpack system proc definition
+meta      key                            format version, clock, next topic id, ``unchecked``
 ========= ============================== ===============================================
+
+.. [#] A name longer than LMDB's key limit (511 bytes of UTF-8: a 200-character name in
+   CJK or emoji) is keyed ``0xff`` + its SHA-256 and its record carries the full name under
+   ``"_name"`` (``0xff`` never starts UTF-8, so the two kinds of keys never collide).
+
+Format 3 stores every log record followed by its CRC-32 (``_protocol.stored_record``) and
+every read checks it (:class:`~pipeproc.StoreCorrupted` naming topic and seq on a mismatch,
+never the damaged bytes). A format-2 store is upgraded in place at opening without
+rewriting a log: the meta key ``unchecked`` keeps, per topic id, the first sequence written
+with a checksum; the older records (no checksum) are served as before until the GC
+collects them.
 
 A commit writes only its log records: a topic's record is written when the topic is
 created and when the GC moves ``first_seq``, and the ``clock`` key only along with it. A
@@ -33,6 +44,7 @@ succeeded, so an aborted transaction leaves no trace in memory either.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -48,11 +60,15 @@ import lmdb
 import msgpack
 
 from . import _ids
-from ._protocol import record, record_ms
+from ._protocol import CRC_RESIDUE, CRC_SIZE, crc32, record_ms, stored_record
+from .errors import StoreCorrupted
 
 log = logging.getLogger("pipeproc.store")
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+#: LMDB's key size limit (the default of its build); longer names are keyed by a digest.
+MAX_KEY = 511
+_DIGEST_KEY = b"\xff"
 _KEY = struct.Struct(">IQ")
 PAGE_MAX_LOGS = 10_000
 PAGE_MAX_BYTES = 4 * 1024 * 1024
@@ -62,9 +78,113 @@ INITIAL_MAP = 1 << 30  # address space only; grows on demand
 WRITEMAP_INITIAL_MAP = 16 << 20
 
 
+#: LMDB errors that mean the store's pages are damaged (not a bad request, not a bug)
+DAMAGE_ERRORS = (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.InvalidError,
+                 lmdb.IncompatibleError, lmdb.PanicError)
+
+
+def damaged(exc: BaseException, path: Optional[str]) -> StoreCorrupted:
+    """The :class:`StoreCorrupted` for an LMDB error of :data:`DAMAGE_ERRORS`."""
+    log.error("store %s is damaged: %s", path, exc)
+    return StoreCorrupted(f"the store at {path} is damaged ({exc}): run `pipeproc check`; "
+                          "restore it from a backup")
+
+
 def log_key(tid: int, seq: int) -> bytes:
     """The key of a log in the ``logs`` database."""
     return _KEY.pack(tid, seq)
+
+
+def name_key(name: str) -> bytes:
+    """The key of a proc or system proc: its UTF-8, or a digest when that is too long."""
+    key = name.encode()
+    return key if len(key) <= MAX_KEY else _DIGEST_KEY + hashlib.sha256(key).digest()
+
+
+def _pack_named(name: str, key: bytes, rec: dict) -> bytes:
+    if key[:1] == _DIGEST_KEY:
+        rec = dict(rec, _name=name)
+    return msgpack.packb(rec, use_bin_type=True)
+
+
+def _unpack_named(db: str, key: Any, value: Any) -> Tuple[str, dict]:
+    """``(name, record)`` of a stored proc or system proc; StoreCorrupted when undecodable."""
+    key = bytes(key)
+    try:
+        rec = msgpack.unpackb(value, strict_map_key=False)
+        if type(rec) is not dict:
+            raise ValueError(f"a {type(rec).__name__}, not a map")
+        if key[:1] == _DIGEST_KEY:
+            name = rec.pop("_name")
+            if name_key(name) != key:
+                raise ValueError("its name does not match its key")
+        else:
+            name = key.decode()
+        return name, rec
+    except Exception as exc:
+        raise StoreCorrupted(
+            f"the {db} record {key[:60]!r} cannot be decoded ({type(exc).__name__}: {exc}); "
+            "run `pipeproc check` and restore the store from a backup") from None
+
+
+_META_MAGIC = 0xBEEFC0DE
+_META_VERSION = 1
+_META_HEAD = 16  # the page header before an LMDB meta record
+
+
+def _read_meta(fd: int, offset: int) -> Optional[Tuple[int, int, int]]:
+    """``(page size, last page number, txn id)`` of the LMDB meta page at ``offset``, or
+    ``None`` when it is not one (64-bit layout: magic, version, address, mapsize, 2 dbs)."""
+    raw = os.pread(fd, _META_HEAD + 144, offset)
+    if len(raw) < _META_HEAD + 144:
+        return None
+    magic, version = struct.unpack_from("<II", raw, _META_HEAD)
+    if magic != _META_MAGIC or version != _META_VERSION:
+        return None
+    psize = struct.unpack_from("<I", raw, _META_HEAD + 24)[0]  # free db's md_pad
+    last_pg, txnid = struct.unpack_from("<QQ", raw, _META_HEAD + 120)
+    return psize, last_pg, txnid
+
+
+def check_files(path: str, existed: bool) -> None:
+    """Refuse, before LMDB maps it, a store whose ``data.mdb`` is missing (while ``existed``
+    says a store was created there), empty, truncated or without LMDB's meta pages: LMDB
+    would otherwise open it as a new empty store, or touch mapped pages past the end of the
+    file (SIGBUS).
+
+    Raises:
+        StoreCorrupted: naming the file and what is wrong with it.
+    """
+    data = os.path.join(path, "data.mdb")
+    hint = ("restore it from a backup; to start over with an empty store, move the "
+            f"directory {path} away")
+    try:
+        fd = os.open(data, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except FileNotFoundError:
+        if existed:
+            raise StoreCorrupted(f"the store's data file {data} is missing although a store "
+                                 f"was created there: {hint}") from None
+        return
+    except OSError as exc:
+        raise StoreCorrupted(f"the store's data file {data} cannot be opened: {exc}") from None
+    try:
+        size = os.fstat(fd).st_size
+        if size == 0:
+            raise StoreCorrupted(f"the store's data file {data} is empty (0 bytes; truncated?): "
+                                 f"{hint}")
+        meta0 = _read_meta(fd, 0)
+        meta1 = _read_meta(fd, meta0[0]) if meta0 and 512 <= meta0[0] <= 1 << 16 else None
+        if meta0 is None or meta1 is None:
+            raise StoreCorrupted(f"the store's data file {data} is damaged: its LMDB meta page "
+                                 f"{0 if meta0 is None else 1} is not valid ({size} bytes): "
+                                 f"{hint}")
+        psize, last_pg, _ = max(meta0, meta1, key=lambda m: m[2])
+        need = (last_pg + 1) * psize
+        if size < need:
+            raise StoreCorrupted(f"the store's data file {data} is truncated: {size} bytes, "
+                                 f"its last page ends at {need}: {hint}")
+    finally:
+        os.close(fd)
 
 
 def _last_record(cur: lmdb.Cursor, tid: int) -> Optional[Tuple[int, Any]]:
@@ -76,6 +196,26 @@ def _last_record(cur: lmdb.Cursor, tid: int) -> Optional[Tuple[int, Any]]:
         return None
     t, seq = _KEY.unpack(cur.key())
     return (seq, cur.value()) if t == tid else None
+
+
+def _gc_reserve(max_map_size: int) -> int:
+    """The part of a capped map kept for the GC: 1/16 of it, at least 512 KiB (at most a
+    quarter of the map), at most 64 MiB."""
+    return min(64 << 20, max(max_map_size // 16, min(512 << 10, max_map_size // 4)))
+
+
+def write_marker(path: str) -> None:
+    """Write the file that says a store was created (see :class:`Store`)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0),
+                     0o600)
+    except FileExistsError:
+        return
+    try:
+        os.write(fd, f"pipeproc store format {FORMAT_VERSION}\n".encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class TopicMeta:
@@ -141,7 +281,16 @@ class Store:
     """An open pipeproc store (one per node process)."""
 
     def __init__(self, path: Optional[str], *, memory: bool = False, durability: str = "full",
-                 max_map_size: Optional[int] = None) -> None:
+                 max_map_size: Optional[int] = None, marker: Optional[str] = None) -> None:
+        """Open (or create) the store in directory ``path``.
+
+        ``marker``: a file written once the store exists (the node keeps it in its
+        location); while it exists a missing ``data.mdb`` is damage, not a new store.
+
+        Raises:
+            StoreCorrupted: the files of an existing store are missing, truncated or not
+                LMDB's, or a topic or proc record cannot be decoded.
+        """
         self.memory = memory
         self._tmpdir: Optional[str] = None
         if memory:
@@ -149,10 +298,21 @@ class Store:
             self._tmpdir = tempfile.mkdtemp(prefix="pipeproc-mem-", dir=base)
             path = self._tmpdir
         assert path is not None
+        if not memory:
+            existed = os.path.exists(os.path.join(path, "lock.mdb")) or (
+                marker is not None and os.path.exists(marker))
+            check_files(path, existed)
         os.makedirs(path, mode=0o700, exist_ok=True)
         os.chmod(path, 0o700)
         self.path = path
         self.max_map_size = max_map_size
+        #: bytes of the map only the GC may use (see :meth:`grow`): past a full store, a
+        #: delete still needs free pages for its copy-on-write and the freelist
+        self.reserve = 0 if max_map_size is None else _gc_reserve(max_map_size)
+        #: topic id -> first sequence stored with a checksum (older: format 2, unchecked)
+        self.unchecked: Dict[int, int] = {}
+        #: records that failed their checksum on a read since the node started
+        self.damaged_reads = 0
         durable = durability == "full" and not memory
         # Without fsync (durability "fast", memory stores) LMDB writes straight into its
         # shared map (writemap): a commit makes no system call. Only over preallocated
@@ -189,16 +349,21 @@ class Store:
         self.next_tid = 1
         try:
             self._load()
+        except lmdb.Error as exc:
+            self.close()
+            raise StoreCorrupted(f"the store at {path} cannot be read: {exc}") from None
         except BaseException:
             self.close()
             raise
+        if marker is not None and not os.path.exists(marker):
+            write_marker(marker)
 
     # ---------------------------------------------------------------- opening
 
     def _open(self, path: str, durable: bool) -> lmdb.Environment:
         """Open the environment at its initial map size (``writemap`` as set)."""
         initial = WRITEMAP_INITIAL_MAP if self.writemap else INITIAL_MAP
-        map_size = initial if self.max_map_size is None else min(initial, self.max_map_size)
+        map_size = initial if self.max_map_size is None else min(initial, self.map_limit())
         return lmdb.open(
             path, map_size=map_size, max_dbs=8, max_readers=4096, mode=0o600,
             sync=durable, metasync=durable, readahead=False, lock=True,
@@ -207,32 +372,68 @@ class Store:
 
     def _load(self) -> None:
         with self.env.begin(write=True) as txn:
-            version = txn.get(b"format", db=self.db_meta)
-            if version is None:
-                txn.put(b"format", str(FORMAT_VERSION).encode(), db=self.db_meta)
-            elif int(version) > FORMAT_VERSION:
+            try:
+                raw = txn.get(b"format", db=self.db_meta)
+                version = None if raw is None else int(raw)
+                clock = txn.get(b"clock", db=self.db_meta)
+                last_ms = int(clock) if clock else 0
+                tid = txn.get(b"next_tid", db=self.db_meta)
+                self.next_tid = int(tid) if tid else 1
+                unchecked = txn.get(b"unchecked", db=self.db_meta)
+                if unchecked is not None:
+                    self.unchecked = dict(msgpack.unpackb(unchecked, strict_map_key=False))
+            except (ValueError, TypeError, msgpack.UnpackException) as exc:
+                raise StoreCorrupted(f"the store's meta records at {self.path} cannot be "
+                                     f"decoded ({exc}): restore it from a backup") from None
+            if version is not None and version > FORMAT_VERSION:
                 raise RuntimeError(
-                    f"store format {int(version)} is newer than this pipeproc ({FORMAT_VERSION})"
+                    f"store format {version} is newer than this pipeproc ({FORMAT_VERSION})"
                 )
-            elif int(version) < FORMAT_VERSION:
-                txn.put(b"format", str(FORMAT_VERSION).encode(), db=self.db_meta)
-            clock = txn.get(b"clock", db=self.db_meta)
-            last_ms = int(clock) if clock else 0
-            tid = txn.get(b"next_tid", db=self.db_meta)
-            self.next_tid = int(tid) if tid else 1
             logs = txn.cursor(db=self.db_logs)
             for key, value in txn.cursor(db=self.db_topics):
-                meta = TopicMeta.unpack(value)
+                try:
+                    name = bytes(key).decode()
+                    meta = TopicMeta.unpack(value)
+                except Exception as exc:
+                    raise StoreCorrupted(
+                        f"the topic record {bytes(key)[:60]!r} cannot be decoded "
+                        f"({type(exc).__name__}: {exc}): restore the store from a backup"
+                    ) from None
                 last = _last_record(logs, meta.tid)
                 if last is not None:
                     meta.next = max(meta.next, last[0] + 1)
-                    last_ms = max(last_ms, record_ms(last[1]))
-                self.topics[bytes(key).decode()] = meta
+                    checked = (version is None or version >= 3) and last[0] >= self.unchecked.get(
+                        meta.tid, 0)
+                    if checked:
+                        if crc32(last[1]) == CRC_RESIDUE:
+                            last_ms = max(last_ms, record_ms(last[1]))
+                        else:  # served as store_corrupted; the clock does without it
+                            log.error("log %s:%d of topic %r fails its checksum",
+                                      meta.tid, last[0], name)
+                    else:
+                        last_ms = max(last_ms, record_ms(last[1]))
+                self.topics[name] = meta
             self.last_ms = last_ms
             for key, value in txn.cursor(db=self.db_procs):
-                self.procs[bytes(key).decode()] = msgpack.unpackb(value, strict_map_key=False)
+                name, rec = _unpack_named("proc", key, value)
+                self.procs[name] = rec
             for key, value in txn.cursor(db=self.db_sysprocs):
-                self.sysprocs[bytes(key).decode()] = msgpack.unpackb(value, strict_map_key=False)
+                name, rec = _unpack_named("system proc", key, value)
+                self.sysprocs[name] = rec
+            if version is not None and version < 3:
+                # format 2 logs carry no checksum: remember where checked ones begin
+                for meta in self.topics.values():
+                    if meta.next > meta.first:
+                        self.unchecked[meta.tid] = meta.next
+                if self.unchecked:
+                    txn.put(b"unchecked", msgpack.packb(self.unchecked), db=self.db_meta)
+                    log.warning("store format %d upgraded to %d: %d logs of %d topics were "
+                                "written without a checksum and are served unchecked until "
+                                "collected", version, FORMAT_VERSION,
+                                sum(m.next - m.first for m in self.topics.values()),
+                                len(self.unchecked))
+            if version != FORMAT_VERSION:
+                txn.put(b"format", str(FORMAT_VERSION).encode(), db=self.db_meta)
 
     def close(self) -> None:
         """Close the environment (after every writer and reader is done)."""
@@ -252,15 +453,25 @@ class Store:
         """Open a write transaction (the caller holds the writer role)."""
         return WriteTx(self, self.now_ms() if now is None else now)
 
-    def grow(self) -> bool:
+    def map_limit(self, for_gc: bool = False) -> int:
+        """The largest map ordinary writes may use (``max_map_size`` less the GC's reserve);
+        the GC may use all of ``max_map_size``."""
+        if self.max_map_size is None:
+            return 1 << 62
+        return self.max_map_size if for_gc else self.max_map_size - self.reserve
+
+    def grow(self, for_gc: bool = False) -> bool:
         """Double the map size (by 1 GiB at most when it is preallocated); ``False`` when
-        ``max_map_size`` forbids it, or there is no room for it."""
+        ``max_map_size`` forbids it, or there is no room for it. Only a transaction of the
+        GC alone (``for_gc``) may grow into the reserve kept for it, so that a store full of
+        logs can always be collected."""
         current = self.env.info()["map_size"]
         new = current * 2 if self._data_fd is None else current + min(current, 1 << 30)
         if self.max_map_size is not None:
-            if current >= self.max_map_size:
+            limit = self.map_limit(for_gc)
+            if current >= limit:
                 return False
-            new = min(new, self.max_map_size)
+            new = min(new, limit)
         if self._data_fd is not None:  # writemap: the map only ever covers allocated space
             try:
                 os.posix_fallocate(self._data_fd, 0, new)
@@ -269,8 +480,34 @@ class Store:
                 return False
         with self.gate.exclusive():
             self.env.set_mapsize(new)
-        log.info("store map grown to %d MiB", new >> 20)
+        log.info("store map grown to %d MiB%s", new >> 20, " (GC reserve)" if for_gc else "")
         return True
+
+    def leave_reserve(self) -> None:
+        """After a GC transaction used the reserve: give ordinary writes their limit back
+        (LMDB keeps the map at least as large as the pages in use)."""
+        limit = self.map_limit()
+        if self.env.info()["map_size"] > limit:
+            with self.gate.exclusive():
+                self.env.set_mapsize(limit)
+
+    def disk_full(self) -> bool:
+        """Whether the filesystem of the store has (almost) no room left: LMDB reports a
+        short write as EIO, this tells a full disk from a failing one."""
+        try:
+            st = os.statvfs(self.path)
+        except OSError:
+            return False
+        return st.f_bavail * st.f_frsize < (1 << 20)
+
+    def corrupted(self, tid: int, seq: int, what: str = "fails its checksum") -> StoreCorrupted:
+        """The error for a damaged log record (counted, and logged)."""
+        name = next((n for n, m in self.topics.items() if m.tid == tid), f"#{tid}")
+        self.damaged_reads += 1
+        log.error("log %d of topic %r %s (store %s)", seq, name, what, self.path)
+        return StoreCorrupted(
+            f"log {seq} of topic {name!r} {what}: the store at {self.path} is damaged "
+            "(run `pipeproc check`; restore from a backup)")
 
     def recycle_pages(self) -> bool:
         """Commit a minimal transaction so that the pages freed by the last commit (by
@@ -308,7 +545,9 @@ class _View:
     def ms_at(self, tid: int, seq: int) -> int:
         value = self.txn.get(log_key(tid, seq), db=self.store.db_logs)
         if value is None:  # pragma: no cover - contiguity is an invariant
-            raise RuntimeError(f"log {tid}:{seq} missing")
+            raise self.store.corrupted(tid, seq, "is missing")
+        if seq >= self.store.unchecked.get(tid, 0) and crc32(value) != CRC_RESIDUE:
+            raise self.store.corrupted(tid, seq)
         return record_ms(value)
 
     def resolve(self, meta: TopicMeta, lower: Optional[_ids.Bound], upper: Optional[_ids.Bound],
@@ -336,7 +575,22 @@ class _View:
             it = cur.iternext(keys=False, values=True)
         out: List[Any] = []
         size = 0
+        old = self.store.unchecked.get(meta.tid, 0)  # below: format 2, no checksum
+        if old <= lo:
+            for value in islice(it, n):
+                if crc32(value) != CRC_RESIDUE:
+                    raise self.store.corrupted(meta.tid, hi - len(out) if reverse else lo + len(out))
+                out.append(value[:-CRC_SIZE])
+                size += len(value)
+                if size >= max_bytes:
+                    break
+            return out
         for value in islice(it, n):
+            seq = hi - len(out) if reverse else lo + len(out)
+            if seq >= old:
+                if crc32(value) != CRC_RESIDUE:
+                    raise self.store.corrupted(meta.tid, seq)
+                value = value[:-CRC_SIZE]
             out.append(value)
             size += len(value)
             if size >= max_bytes:
@@ -420,7 +674,7 @@ class WriteTx(_View):
                 last_topic = topic
                 self.touched_topics.add(topic)
             seq = meta.next  # type: ignore[union-attr]
-            put(_KEY.pack(meta.tid, seq), record(now, seq, body), db=db)  # type: ignore[union-attr]
+            put(_KEY.pack(meta.tid, seq), stored_record(now, seq, body), db=db)  # type: ignore[union-attr]
             meta.next = seq + 1  # type: ignore[union-attr]
             seqs.append(seq)
         self.stamped = True
@@ -472,15 +726,17 @@ class WriteTx(_View):
         for name in self.persist:
             put(name.encode(), self.topics[name].pack(), db=s.db_topics)
         for name, rec in self.procs.items():
+            key = name_key(name)
             if rec is None:
-                delete(name.encode(), db=s.db_procs)
+                delete(key, db=s.db_procs)
             else:
-                put(name.encode(), msgpack.packb(rec, use_bin_type=True), db=s.db_procs)
+                put(key, _pack_named(name, key, rec), db=s.db_procs)
         for name, rec in self.sysprocs.items():
+            key = name_key(name)
             if rec is None:
-                delete(name.encode(), db=s.db_sysprocs)
+                delete(key, db=s.db_sysprocs)
             else:
-                put(name.encode(), msgpack.packb(rec, use_bin_type=True), db=s.db_sysprocs)
+                put(key, _pack_named(name, key, rec), db=s.db_sysprocs)
         if self.next_tid != s.next_tid:
             put(b"next_tid", str(self.next_tid).encode(), db=s.db_meta)
         if self.persist:  # the GC may delete a topic's last log: keep its stamp here

@@ -22,6 +22,7 @@ The tree::
     ├── StaleClaim                     stale_claim
     ├── NodeAlreadyActive              node_already_active
     ├── StorageFull                    storage_full
+    ├── StoreCorrupted                 store_corrupted
     ├── NoActiveNode                   no_active_node         (also ConnectionError)
     ├── AuthFailed                     auth_failed            (also ConnectionError)
     ├── ConnectionLost                 connection_lost        (also ConnectionError)
@@ -63,6 +64,7 @@ __all__ = [
     "StaleClaim",
     "NodeAlreadyActive",
     "StorageFull",
+    "StoreCorrupted",
     "NoActiveNode",
     "AuthFailed",
     "ConnectionLost",
@@ -204,6 +206,15 @@ class StorageFull(PipeProcError):
     code = "storage_full"
 
 
+class StoreCorrupted(PipeProcError):
+    """The store is damaged: a record whose checksum fails, a record that cannot be decoded,
+    or files of an existing store missing or truncated. The message names what and where
+    (topic and seq, proc, or file path); damaged data is never returned as data.
+    ``pipeproc check`` lists every damaged record."""
+
+    code = "store_corrupted"
+
+
 class NoActiveNode(PipeProcError, ConnectionError):
     """A call on a client that is not connected, or a connect with no node there."""
 
@@ -241,6 +252,7 @@ CODES: dict[str, type[PipeProcError]] = {
         InvalidRangeOffset, InvalidProcessor, InvalidTopic, InvalidToneIdSearch, InvalidProc,
         ProcNameNotUnique, ProcIsDisabled, ProcAlreadyDisabled, ProcAlreadyActive,
         NothingToReclaim, InvalidAck, StaleClaim, NodeAlreadyActive, StorageFull,
+        StoreCorrupted,
         NoActiveNode, AuthFailed, ConnectionLost, Timeout, InternalError,
     )
 }

@@ -1,0 +1,358 @@
+"""Store integrity (issue 14 items 3, 6, 11-14): checksummed log records, damaged or truncated
+stores refused with ``store_corrupted`` (never served as data, never a crashed node), long
+proc names, a GC that can always free a full store, a full disk as ``storage_full``."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+
+import lmdb
+import msgpack
+import pytest
+
+import pipeproc
+from pipeproc import _node, _store
+from pipeproc._protocol import record
+from pipeproc._store import FORMAT_VERSION, Store
+
+MARK = b"INTEGRITY-MARK-"
+
+
+def _location(tmp_path):
+    return str(tmp_path / "loc")
+
+
+def _flip(path: str, needle: bytes, offset: int = 0) -> int:
+    """Flip one byte of the first occurrence of ``needle`` in ``path``; returns how many
+    occurrences there were."""
+    with open(path, "r+b") as f:
+        data = f.read()
+        at = data.find(needle)
+        assert at >= 0, f"{needle!r} not in {path}"
+        f.seek(at + offset)
+        f.write(bytes([data[at + offset] ^ 0x01]))
+    return data.count(needle)
+
+
+def _data(location: str) -> str:
+    return os.path.join(location, "store", "data.mdb")
+
+
+def _fill(pp, n=20, topic="t"):
+    return pp.commit([{"topic": topic, "body": {"k": (MARK + b"%04d" % i)}} for i in range(n)])
+
+
+# ------------------------------------------------------------------ checksums (14.3, 14.14)
+
+def test_a_flipped_byte_in_a_body_is_store_corrupted_on_every_read_path(spawner, tmp_path):
+    loc = _location(tmp_path)
+    pp = spawner(loc)
+    _fill(pp)
+    pp.shutdown()
+    _flip(_data(loc), MARK + b"0007", len(MARK) + 3)  # body of seq 7: ...0007 -> ...0006
+    pp = spawner(loc)
+    with pytest.raises(pipeproc.StoreCorrupted) as e:
+        pp.range("t")
+    assert "log 7 of topic 't'" in str(e.value)
+    # the connection stays: reads around the damage work
+    assert [log.body["k"] for log in pp.range("t", ":0", ":6")] == [MARK + b"%04d" % i
+                                                                    for i in range(7)]
+    with pytest.raises(pipeproc.StoreCorrupted):
+        pp.revrange("t")
+    with pytest.raises(pipeproc.StoreCorrupted):
+        list(pp.iter_range("t", page_size=3))
+    assert len(pp.range("t", ":8")) == 12
+    # a proc claim that reaches the damaged record
+    assert len(pp.proc("t", name="p", count=7)) == 7
+    pp.ack("p")
+    with pytest.raises(pipeproc.StoreCorrupted):
+        pp.proc("t", name="p", count=3)
+    assert pp.length("t") == 20
+    assert pp.stats()["node"]["damaged_reads"] >= 4
+
+
+def _wait(cond, timeout=60.0):
+    import time
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.02)
+
+
+def test_a_damaged_record_never_reaches_a_worker(spawner, tmp_path):
+    """The system proc stops (disabled, logged) at the damaged record; the others go on."""
+    loc = _location(tmp_path)
+    pp = spawner(loc)
+    pp.commit([{"topic": "t", "body": {"n": i, "k": MARK + b"%04d" % i}} for i in range(5)])
+    pp.shutdown()
+    _flip(_data(loc), MARK + b"0002", len(MARK) + 3)
+    pp = spawner(loc, workers=1)
+    pp.system_proc(name="inc", from_="t", processor="procmods.sysmods:inc", to="out")
+    pp.system_proc(name="inc2", from_="u", processor="procmods.sysmods:inc", to="out2")
+    _wait(lambda: pp.stats()["procs"]["inc"]["status"] == "disabled")
+    assert sorted(log.body["n"] for log in pp.range("out")) == [1, 2]
+    pp.commit({"topic": "u", "body": {"n": 10}})
+    _wait(lambda: "out2" in pp.topics() and pp.length("out2") == 1)
+    assert pp.range("out2")[0].body == {"n": 11}
+
+
+def test_range_of_a_flipped_header_byte_is_store_corrupted(spawner, tmp_path):
+    """A damaged ms stamp (bound resolution reads it) is refused too."""
+    loc = _location(tmp_path)
+    pp = spawner(loc)
+    ids = _fill(pp, 3)
+    pp.shutdown()
+    ms = int(ids[1].split("-")[0])
+    head = record(ms, 1, b"")[:19]
+    _flip(_data(loc), head, 5)
+    pp = spawner(loc)
+    with pytest.raises(pipeproc.StoreCorrupted):
+        pp.range("t", ids[1], ids[1])
+
+
+def test_store_records_carry_a_checksum(tmp_path):
+    store = Store(str(tmp_path))
+    try:
+        tx = store.begin()
+        tx.append([("t", b"\xa3abc")])
+        tx.commit()
+        with store.env.begin() as txn:
+            value = bytes(txn.get(_store.log_key(1, 0), db=store.db_logs))
+        assert value[:-4] == record(store.last_ms, 0, b"\xa3abc")
+        with store.reader() as r:
+            assert [bytes(v) for v in r.records(r.topic("t"), 0, 0, 10, False)] == [value[:-4]]
+    finally:
+        store.close()
+
+
+def _make_format2_store(path: str, n: int) -> None:
+    """A store as format 2 wrote it: records without a checksum."""
+    store = Store(path)
+    try:
+        tx = store.begin()
+        for seq in range(n):
+            tx.txn.put(_store.log_key(1, seq), record(1000 + seq, seq, b"\xa1x"),
+                       db=store.db_logs)
+        meta = tx.topic_w("old")
+        meta.next = n
+        tx.commit()
+        with store.env.begin(write=True) as txn:
+            txn.put(b"format", b"2", db=store.db_meta)
+            txn.delete(b"unchecked", db=store.db_meta)
+    finally:
+        store.close()
+
+
+def test_a_format2_store_is_upgraded_and_its_old_logs_still_read(tmp_path):
+    path = str(tmp_path / "s")
+    _make_format2_store(path, 5)
+    store = Store(path)
+    try:
+        assert store.unchecked == {1: 5}
+        tx = store.begin()
+        tx.append([("old", b"\xa1y")] * 3)
+        tx.commit()
+        with store.reader() as r:
+            recs = [bytes(v) for v in r.records(r.topic("old"), 0, 10, 100, False)]
+            assert [msgpack.unpackb(v)[1:] for v in recs] == [[i, "x"] for i in range(5)] + [
+                [i, "y"] for i in range(5, 8)]
+            back = [bytes(v) for v in r.records(r.topic("old"), 0, 10, 100, True)]
+            assert back == recs[::-1]
+        with store.env.begin() as txn:
+            assert int(txn.get(b"format", db=store.db_meta)) == FORMAT_VERSION
+    finally:
+        store.close()
+    store = Store(path)  # the watermark survives a restart
+    try:
+        assert store.unchecked == {1: 5}
+        with store.reader() as r:
+            assert len(r.records(r.topic("old"), 0, 10, 100, False)) == 8
+    finally:
+        store.close()
+
+
+# ------------------------------------------------------------------ files (14.3, 14.11)
+
+@pytest.mark.parametrize("damage", ["empty", "half", "missing", "store-dir-gone", "meta"])
+def test_a_damaged_data_file_is_refused_at_start(spawner, tmp_path, damage):
+    loc = _location(tmp_path)
+    pp = spawner(loc)
+    _fill(pp, 2000)
+    pp.shutdown()
+    data = _data(loc)
+    size = os.path.getsize(data)
+    if damage == "empty":
+        os.truncate(data, 0)
+    elif damage == "half":
+        os.truncate(data, size // 2)
+    elif damage == "missing":
+        os.unlink(data)
+    elif damage == "store-dir-gone":
+        import shutil
+        shutil.rmtree(os.path.join(loc, "store"))
+    else:
+        with open(data, "r+b") as f:
+            f.seek(16)
+            f.write(b"\0" * 8)
+    with pytest.raises(pipeproc.StoreCorrupted) as e:
+        spawner(loc)
+    assert "data.mdb" in str(e.value)
+    assert not [n for n in os.listdir(loc) if n.endswith(".tmp")]
+
+
+def test_a_new_location_still_starts_and_marks_its_store(spawner, tmp_path):
+    loc = _location(tmp_path)
+    pp = spawner(loc)
+    assert os.path.exists(os.path.join(loc, _node.STORE_MARKER))
+    _fill(pp, 1)
+    pp.shutdown()
+    pp = spawner(loc)
+    assert len(pp.range("t")) == 1
+
+
+def test_an_lmdb_damage_error_keeps_the_connection(spawner, tmp_path, monkeypatch):
+    """MDB_PAGE_NOTFOUND / MDB_CORRUPTED while serving: store_corrupted to the caller, the
+    (healthy) client keeps its connection."""
+    pp = spawner(_location(tmp_path))
+    _fill(pp, 3)
+    node = _node.Node.__new__(_node.Node)  # the I/O loop's handling, without a process
+    sent = []
+
+    class FakeConn:
+        id = 1
+        closed = False
+
+        def send(self, data):
+            sent.append(data)
+
+    class FakeStore:
+        path = "/x"
+
+    def boom(conn, rid, *args):
+        raise lmdb.PageNotFoundError("mdb_get: MDB_PAGE_NOTFOUND: Requested page not found")
+
+    node.ops = {"range": boom}
+    node.store = FakeStore()
+    loop = _node.IOLoop.__new__(_node.IOLoop)
+    loop.node = node
+    loop.last_conn = None
+    assert loop._serve(FakeConn(), msgpack.packb([7, "range", "t"])) is True
+    rid, status, (code, message) = msgpack.unpackb(sent[0])
+    assert (rid, status, code) == (7, 1, "store_corrupted")
+    assert "MDB_PAGE_NOTFOUND" in message
+
+
+# ------------------------------------------------------------------ pipeproc check (14.11)
+
+def _check(*args):
+    return subprocess.run([sys.executable, "-m", "pipeproc", "check", *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_check_ok_then_reports_damage(spawner, tmp_path):
+    loc = _location(tmp_path)
+    pp = spawner(loc)
+    _fill(pp, 20)
+    pp.proc("t", name="p", count=2)
+    pp.shutdown()
+    r = _check("--location", loc)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "ok" in r.stdout and "20 logs" in r.stdout and "1 proc" in r.stdout
+    _flip(_data(loc), MARK + b"0011", len(MARK) + 2)
+    r = _check("--location", loc)
+    assert r.returncode == 1
+    assert "log 11 of topic 't'" in r.stdout + r.stderr
+
+
+def test_check_refuses_a_truncated_store_and_a_running_node(spawner, tmp_path):
+    loc = _location(tmp_path)
+    pp = spawner(loc)
+    _fill(pp, 5)
+    r = _check("--location", loc)
+    assert r.returncode == 2 and "running" in r.stderr
+    pp.shutdown()
+    os.truncate(_data(loc), 4096 * 2)
+    r = _check("--location", loc)
+    assert r.returncode == 1 and "truncated" in r.stdout + r.stderr
+
+
+# ------------------------------------------------------------------ long names (14.13)
+
+@pytest.mark.parametrize("char", ["漢", "😀"])
+def test_a_200_character_cjk_or_emoji_proc_name_works(spawner, tmp_path, char):
+    loc = _location(tmp_path)
+    pp = spawner(loc)
+    name = char * 200
+    _fill(pp, 5)
+    assert len(pp.proc("t", name=name, count=2)) == 2
+    pp.ack(name)
+    assert name in pp.stats()["procs"]
+    pp.shutdown()
+    pp = spawner(loc)
+    assert pp.inspect_proc(name).name == name
+    assert pp.proc("t", name=name, count=1).body["k"] == MARK + b"0002"
+    pp.ack(name)
+    pp.destroy_proc(name)
+    assert name not in pp.stats()["procs"]
+
+
+def test_long_names_are_keyed_by_digest_and_short_ones_keep_their_key(tmp_path):
+    assert _store.name_key("p" * 200) == b"p" * 200
+    long_key = _store.name_key("😀" * 200)
+    assert long_key[:1] == b"\xff" and len(long_key) == 33
+
+
+# ------------------------------------------------------------------ GC reserve (14.6)
+
+def test_the_gc_frees_a_store_full_of_small_logs(spawner, tmp_path):
+    """A store filled to storage_full with many small logs: once nothing holds them, the GC
+    collects them and writes succeed again."""
+    mb = 1 << 20
+    pp = spawner(_location(tmp_path), max_map_size=4 * mb,
+                 gc={"min_prune_time": 0, "interval": 0.05})
+    pp.proc("t", name="guard", offset="$>")  # holds every log
+    batch = [{"topic": "t", "body": [i]} for i in range(500)]
+    n = 0
+    with pytest.raises(pipeproc.StorageFull):
+        for _ in range(1000):
+            pp.commit(batch)
+            n += len(batch)
+    assert n > 10_000
+    pp.destroy_proc("guard")
+    import time
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            pp.commit(batch)
+            break
+        except pipeproc.StorageFull:
+            assert time.monotonic() < deadline, "the GC never freed the full store"
+            time.sleep(0.05)
+    assert pp.stats()["topics"]["t"]["stored"] < n
+
+
+# ------------------------------------------------------------------ full disk (14.12)
+
+def test_eio_on_a_full_disk_is_storage_full(tmp_path, monkeypatch):
+    store = Store(str(tmp_path / "s"))
+    try:
+        assert not store.disk_full()
+        monkeypatch.setattr(_store.os, "statvfs", lambda p: os.statvfs_result(
+            (4096, 4096, 1000, 0, 0, 100, 0, 0, 0, 255)))
+        assert store.disk_full()
+    finally:
+        store.close()
+
+
+def test_write_private_on_a_full_disk_leaves_nothing(tmp_path, monkeypatch):
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(_node.os, "write", full)
+    target = str(tmp_path / "node.key")
+    with pytest.raises(pipeproc.StorageFull):
+        _node._write_private(target, b"k" * 32)
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == []
