@@ -302,6 +302,14 @@ class Store:
             existed = os.path.exists(os.path.join(path, "lock.mdb")) or (
                 marker is not None and os.path.exists(marker))
             check_files(path, existed)
+            if os.path.exists(os.path.join(path, "data.mdb")):
+                from ._check import walk_pages
+                problems = walk_pages(path, limit=3)
+                if problems:  # LMDB would stop the node with an assertion on such a page
+                    raise StoreCorrupted(
+                        f"the store's data file {os.path.join(path, 'data.mdb')} is damaged: "
+                        f"{'; '.join(problems)}: run `pipeproc check`; restore it from a "
+                        "backup")
         os.makedirs(path, mode=0o700, exist_ok=True)
         os.chmod(path, 0o700)
         self.path = path

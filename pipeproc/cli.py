@@ -1,7 +1,8 @@
 """The ``pipeproc`` command line: run a node, commit, read, follow and manage procs.
 
 Every subcommand is a thin shell over the public client (:func:`pipeproc.connect`,
-:func:`pipeproc.spawn`); nothing here touches the store. Logging is configured here and only
+:func:`pipeproc.spawn`); nothing here touches the store but ``check``, which reads it
+with no node running (:mod:`pipeproc._check`). Logging is configured here and only
 here (the library never configures logging itself).
 
 Exit codes (named like dramatiq's ``RET_*``):
@@ -66,6 +67,9 @@ examples:
   pipeproc inspect my-proc --json
   pipeproc resume my-proc
   pipeproc stats --watch 2
+
+  # verify the store (every record's checksum, the proc records) with no node running
+  pipeproc check --location ./pipeproc_data
 
   # the demo pipeline (what `make demo` runs)
   pipeproc demo --logs 20000
@@ -442,6 +446,30 @@ def cmd_stats(args: argparse.Namespace) -> int:
             return RET_OK
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    """Verify the store at --location (no node running): exit 0 "ok", 1 on damage."""
+    from ._check import check_location
+    from .errors import InvalidArgument, NodeAlreadyActive
+    try:
+        report = check_location(args.location)
+    except (NodeAlreadyActive, InvalidArgument) as exc:
+        _report(args, exc)
+        return RET_USAGE
+    if args.json:
+        out(dumps(report))
+    elif report["ok"]:
+        out(f"ok: {report['topics']} topics, {report['logs']} logs "
+            f"({report['unchecked_logs']} without checksum, written by format 2), "
+            f"{report['procs']} procs, {report['system_procs']} system procs")
+    else:
+        for line in report["listed"]:
+            out(f"damaged: {line}")
+        more = report["problems"] - len(report["listed"])
+        out(f"{report['problems']} problems found" + (f" ({more} not listed)" if more else "")
+            + f" in {args.location}")
+    return RET_OK if report["ok"] else RET_ERROR
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from . import _demo
     return _demo.run(logs=args.logs, location=args.location, workers=args.workers,
@@ -580,6 +608,10 @@ def make_parser() -> argparse.ArgumentParser:
             "  pipeproc stats --watch 1\n")
     p.add_argument("--watch", type=_seconds, metavar="SECONDS",
                    help="refresh every SECONDS until Ctrl-C")
+
+    add("check", "verify every record of the store at --location (no node running); "
+        "exit 1 and a report on damage", cmd_check,
+        "  pipeproc check --location ./pipeproc_data\n")
 
     p = add("demo", "run the demo pipeline: raw -> parse -> enrich -> aggregate", cmd_demo,
             "  pipeproc demo\n"

@@ -1,0 +1,303 @@
+"""``pipeproc check``: verify a store with no node running, like SQLite's
+``PRAGMA integrity_check``.
+
+The data file is first checked against its LMDB meta pages with plain file I/O (a truncated
+file is never mapped). Then a child process (``python -m pipeproc._check STORE_DIR``) opens
+the store read-only and walks every database: each log record's checksum, header and
+sequence (contiguous ``[first, next)`` per topic), every topic, proc and system proc
+record. It prints a JSON report; a child killed by LMDB itself (an assertion on a damaged
+B-tree page, a SIGBUS) is reported as damage instead of taking the command down with it.
+
+While the check runs it holds the location's ``node.lock``, so no node starts meanwhile; a
+running node is refused (stop it first: the store belongs to one process at a time).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from typing import Any, Dict, List, Optional
+
+import lmdb
+import msgpack
+
+#: Problems listed in a report (all are counted).
+MAX_LISTED = 1000
+
+_PROC_KEYS = ("topic", "status", "claimed", "acked", "reclaims", "max_reclaims")
+
+
+_P_BRANCH, _P_LEAF, _P_OVERFLOW, _P_META, _P_LEAF2, _P_SUBP = 0x01, 0x02, 0x04, 0x08, 0x20, 0x40
+_F_BIGDATA, _F_SUBDATA, _F_DUPDATA = 0x01, 0x02, 0x04
+_HDR = 16  # LMDB page header (64-bit): pgno u64, pad u16, flags u16, lower u16, upper u16
+_P_INVALID = (1 << 64) - 1
+
+
+def walk_pages(path: str, deep: bool = False, limit: int = 20) -> List[str]:
+    """Walk the B-trees of the LMDB file ``path/data.mdb`` with plain reads, from its newest
+    meta page (call :func:`~pipeproc._store.check_files` first: the file is long enough).
+
+    Every page reachable from a branch page must say it is that page (its page number) and
+    be a branch or a leaf; LMDB itself trusts them, and stops the process with an assertion
+    on a zeroed page. ``deep`` also parses every leaf (named databases, overflow pages of
+    large values). Returns up to ``limit`` problems (empty: the trees are sound).
+    """
+    import mmap
+    import struct
+
+    problems: List[str] = []
+    with open(os.path.join(path, "data.mdb"), "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        psize = struct.unpack_from("<I", mm, _HDR + 24)[0]
+        metas = []
+        for off in (0, psize):
+            last_pg, txnid = struct.unpack_from("<QQ", mm, off + _HDR + 120)
+            metas.append((txnid, last_pg, off))
+        _, last_pg, moff = max(metas)
+        npages = min(last_pg + 1, size // psize)
+        unpack_from = struct.unpack_from
+        seen = set()
+        # (pgno, what, parent) ; roots: the free db and the main db
+        stack = []
+        for i, what in ((0, "free-page database"), (1, "main database")):
+            root = unpack_from("<Q", mm, moff + _HDR + 24 + 48 * i + 40)[0]
+            if root != _P_INVALID:
+                stack.append((root, what, None))
+        while stack and len(problems) < limit:
+            pgno, what, parent = stack.pop()
+            where = f"page {pgno} of the {what}" + (f" (child of page {parent})" if parent is not None else "")
+            if pgno < 2 or pgno >= npages:
+                problems.append(f"{where} is outside the file ({npages} pages)")
+                continue
+            if pgno in seen:
+                problems.append(f"{where} is reached twice")
+                continue
+            seen.add(pgno)
+            base = pgno * psize
+            own, flags, lower, upper = unpack_from("<QxxHHH", mm, base)
+            if own != pgno or not flags & (_P_BRANCH | _P_LEAF) or flags & (_P_META | _P_OVERFLOW):
+                problems.append(f"{where} is damaged (it says page {own}, flags {flags:#x})")
+                continue
+            if not _HDR <= lower <= upper <= psize or flags & _P_LEAF2:
+                problems.append(f"{where} is damaged (bounds {lower}..{upper})")
+                continue
+            n = (lower - _HDR) >> 1
+            branch = bool(flags & _P_BRANCH)
+            if not branch and not deep and what != "main database":
+                continue
+            ptrs = unpack_from(f"<{n}H", mm, base + _HDR)
+            for ptr in ptrs:
+                if not upper <= ptr <= psize - 8:
+                    problems.append(f"{where} is damaged (a node at offset {ptr})")
+                    break
+                lo, hi, nflags, ksize = unpack_from("<HHHH", mm, base + ptr)
+                if branch:
+                    stack.append((lo | hi << 16 | nflags << 32, what, pgno))
+                    continue
+                data = base + ptr + 8 + ksize
+                if nflags & _F_BIGDATA:
+                    opg = unpack_from("<Q", mm, data)[0]
+                    if not 2 <= opg < npages:
+                        problems.append(f"{where}: a value's overflow page {opg} is outside the file")
+                        continue
+                    own, oflags, count = unpack_from("<QxxHI", mm, opg * psize)
+                    if own != opg or not oflags & _P_OVERFLOW or opg + count > npages:
+                        problems.append(f"overflow page {opg} of the {what} (value on page {pgno}) "
+                                        f"is damaged (it says page {own}, flags {oflags:#x})")
+                elif nflags & _F_SUBDATA and what == "main database":
+                    name = bytes(mm[base + ptr + 8:base + ptr + 8 + ksize]).decode(errors="replace")
+                    root = unpack_from("<Q", mm, data + 40)[0]
+                    if root != _P_INVALID:
+                        stack.append((root, f"database {name!r}", pgno))
+    except (struct.error, ValueError, IndexError) as exc:
+        problems.append(f"the page structure cannot be read: {exc}")
+    finally:
+        mm.close()
+    return problems
+
+
+def proc_problem(rec: dict) -> Optional[str]:
+    """What is wrong with a decoded proc record, or ``None``."""
+    missing = [k for k in _PROC_KEYS if k not in rec]
+    if missing:
+        return f"fields missing: {', '.join(missing)}"
+    if type(rec["topic"]) is not str or rec["status"] not in ("active", "disabled"):
+        return "bad topic or status"
+    for k in ("claimed", "acked"):
+        r = rec[k]
+        if r is not None and (type(r) is not list or len(r) != 4
+                              or not all(type(v) is int for v in r)):
+            return f"bad {k} range {r!r}"
+    return None
+
+
+def scan(path: str) -> Dict[str, Any]:
+    """Walk the store in directory ``path`` (read-only); the report as a dict."""
+    from ._protocol import CRC_RESIDUE, crc32
+    from ._store import _KEY, FORMAT_VERSION, TopicMeta, _unpack_named
+    from .errors import StoreCorrupted
+
+    problems: List[str] = []
+    counts = {"topics": 0, "logs": 0, "unchecked_logs": 0, "procs": 0, "system_procs": 0}
+
+    def problem(text: str) -> None:
+        counts["problems"] = counts.get("problems", 0) + 1
+        if len(problems) < MAX_LISTED:
+            problems.append(text)
+
+    version: Optional[int] = None
+    env = lmdb.open(path, readonly=True, lock=False, max_dbs=8, readahead=False,
+                    subdir=True, create=False)
+    try:
+        with env.begin(buffers=True) as txn:
+            dbs = {n: env.open_db(n, txn=txn, create=False)
+                   for n in (b"topics", b"logs", b"procs", b"sysprocs", b"meta")}
+            meta_db = dbs[b"meta"]
+            fmt = txn.get(b"format", db=meta_db)
+            try:
+                version = int(bytes(fmt)) if fmt is not None else None
+                raw = txn.get(b"unchecked", db=meta_db)
+                unchecked = dict(msgpack.unpackb(raw, strict_map_key=False)) if raw else {}
+            except Exception as exc:
+                problem(f"meta records cannot be decoded: {exc}")
+                version, unchecked = FORMAT_VERSION, {}
+            if version is not None and version < 3:
+                unchecked = None  # a format-2 store: no record has a checksum yet
+            topics: Dict[int, tuple] = {}
+            for key, value in txn.cursor(db=dbs[b"topics"]):
+                try:
+                    name = bytes(key).decode()
+                    meta = TopicMeta.unpack(value)
+                except Exception as exc:
+                    problem(f"topic record {bytes(key)[:60]!r} cannot be decoded: {exc}")
+                    continue
+                counts["topics"] += 1
+                topics[meta.tid] = (name, meta)
+            expected: Dict[int, int] = {}  # tid -> next expected seq
+            for key, value in txn.cursor(db=dbs[b"logs"]):
+                key = bytes(key)
+                if len(key) != _KEY.size:
+                    problem(f"log key {key!r} is malformed")
+                    continue
+                tid, seq = _KEY.unpack(key)
+                if tid not in topics:
+                    problem(f"log {seq} of topic id {tid} belongs to no topic")
+                    continue
+                name, meta = topics[tid]
+                where = f"log {seq} of topic {name!r}"
+                nxt = expected.get(tid)
+                if nxt is None:
+                    if seq < meta.first:
+                        problem(f"{where} is below the topic's first stored log {meta.first}")
+                elif seq != nxt:
+                    problem(f"logs {nxt}..{seq - 1} of topic {name!r} are missing")
+                expected[tid] = seq + 1
+                counts["logs"] += 1
+                legacy = unchecked is None or seq < unchecked.get(tid, 0)
+                if legacy:
+                    counts["unchecked_logs"] += 1
+                    rec = bytes(value)
+                elif crc32(value) != CRC_RESIDUE:
+                    problem(f"{where} fails its checksum")
+                    continue
+                else:
+                    rec = bytes(value)[:-4]
+                if len(rec) < 20 or rec[0] != 0x93 or rec[1] != 0xCF or rec[10] != 0xCF:
+                    problem(f"{where} has a malformed header")
+                elif int.from_bytes(rec[11:19], "big") != seq:
+                    problem(f"{where} carries sequence {int.from_bytes(rec[11:19], 'big')}")
+                elif legacy:
+                    try:
+                        msgpack.unpackb(rec[19:], raw=False, strict_map_key=False)
+                    except Exception as exc:
+                        problem(f"{where} cannot be decoded ({type(exc).__name__}: {exc})")
+            for db, kind, key_name in ((b"procs", "proc", "procs"),
+                                       (b"sysprocs", "system proc", "system_procs")):
+                for key, value in txn.cursor(db=dbs[db]):
+                    try:
+                        name, rec = _unpack_named(kind, key, value)
+                    except StoreCorrupted as exc:
+                        problem(exc.message)
+                        continue
+                    counts[key_name] += 1
+                    if db == b"procs":
+                        bad = proc_problem(rec)
+                        if bad:
+                            problem(f"proc {name!r}: {bad}")
+                    elif type(rec.get("procs")) is not list:
+                        problem(f"system proc {name!r}: no proc list")
+    except lmdb.Error as exc:
+        problem(f"LMDB cannot read the store: {exc}")
+    finally:
+        env.close()
+    counts.setdefault("problems", 0)
+    return {"ok": counts["problems"] == 0, **counts, "listed": problems, "format": version}
+
+
+def check_location(location: str) -> Dict[str, Any]:
+    """Check the store of ``location`` (no node may run there).
+
+    Returns:
+        The report: ``ok``, counts and the ``listed`` problems.
+
+    Raises:
+        NodeAlreadyActive: a node runs on the location.
+        InvalidArgument: there is no store at the location.
+    """
+    import fcntl
+
+    from ._node import STORE_MARKER
+    from ._store import check_files
+    from .errors import InvalidArgument, NodeAlreadyActive, StoreCorrupted
+
+    store = os.path.join(location, "store")
+    marker = os.path.join(location, STORE_MARKER)
+    if not os.path.isdir(store) and not os.path.exists(marker):
+        raise InvalidArgument(f"there is no store at {location}")
+    fd = None
+    try:
+        fd = os.open(os.path.join(location, "node.lock"), os.O_RDWR | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        pass
+    try:
+        if fd is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                raise NodeAlreadyActive(
+                    f"a node is running on {location}: stop it first "
+                    "(`pipeproc check` reads the store with no node running)") from None
+        try:
+            check_files(store, True)
+        except StoreCorrupted as exc:
+            return {"ok": False, "problems": 1, "listed": [exc.message]}
+        pages = walk_pages(store, deep=True, limit=MAX_LISTED)
+        proc = subprocess.run([sys.executable, "-m", "pipeproc._check", store],
+                              capture_output=True, text=True)
+        if proc.returncode == 0:
+            report = json.loads(proc.stdout)
+        else:
+            if proc.returncode < 0:
+                sig = signal.Signals(-proc.returncode).name
+                text = (f"LMDB stopped reading {store}/data.mdb ({sig}): "
+                        f"{proc.stderr.strip()[-300:]}")
+            else:
+                text = f"the check failed (exit {proc.returncode}): {proc.stderr.strip()[-500:]}"
+            report = {"ok": False, "problems": 1, "listed": [text]}
+        if pages:
+            report["ok"] = False
+            report["problems"] = report.get("problems", 0) + len(pages)
+            report["listed"] = pages + report["listed"]
+        return report
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+if __name__ == "__main__":
+    print(json.dumps(scan(sys.argv[1])))
