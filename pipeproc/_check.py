@@ -172,7 +172,7 @@ def scan(path: str) -> Dict[str, Any]:
             for key, value in txn.cursor(db=dbs[b"topics"]):
                 try:
                     name = bytes(key).decode()
-                    meta = TopicMeta.unpack(value)
+                    meta = TopicMeta.unpack(value, sealed=unchecked is not None)
                 except Exception as exc:
                     problem(f"topic record {bytes(key)[:60]!r} cannot be decoded: {exc}")
                     continue
@@ -220,7 +220,7 @@ def scan(path: str) -> Dict[str, Any]:
                                        (b"sysprocs", "system proc", "system_procs")):
                 for key, value in txn.cursor(db=dbs[db]):
                     try:
-                        name, rec = _unpack_named(kind, key, value)
+                        name, rec = _unpack_named(kind, key, value, unchecked is not None)
                     except StoreCorrupted as exc:
                         problem(exc.message)
                         continue

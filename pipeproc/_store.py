@@ -61,6 +61,7 @@ import msgpack
 
 from . import _ids
 from ._protocol import CRC_RESIDUE, CRC_SIZE, crc32, record_ms, stored_record
+from ._protocol import _CRC
 from .errors import StoreCorrupted
 
 log = logging.getLogger("pipeproc.store")
@@ -101,17 +102,29 @@ def name_key(name: str) -> bytes:
     return key if len(key) <= MAX_KEY else _DIGEST_KEY + hashlib.sha256(key).digest()
 
 
+def seal(data: bytes) -> bytes:
+    """``data`` followed by its CRC-32 (topic, proc and system proc records, format 3)."""
+    return data + _CRC.pack(crc32(data))
+
+
+def unseal(value: Any) -> Any:
+    """The data of a sealed record; ``ValueError`` when its checksum fails."""
+    if crc32(value) != CRC_RESIDUE:
+        raise ValueError("its checksum fails")
+    return value[:-CRC_SIZE]
+
+
 def _pack_named(name: str, key: bytes, rec: dict) -> bytes:
     if key[:1] == _DIGEST_KEY:
         rec = dict(rec, _name=name)
-    return msgpack.packb(rec, use_bin_type=True)
+    return seal(msgpack.packb(rec, use_bin_type=True))
 
 
-def _unpack_named(db: str, key: Any, value: Any) -> Tuple[str, dict]:
-    """``(name, record)`` of a stored proc or system proc; StoreCorrupted when undecodable."""
+def _unpack_named(db: str, key: Any, value: Any, sealed: bool = True) -> Tuple[str, dict]:
+    """``(name, record)`` of a stored proc or system proc; StoreCorrupted when damaged."""
     key = bytes(key)
     try:
-        rec = msgpack.unpackb(value, strict_map_key=False)
+        rec = msgpack.unpackb(unseal(value) if sealed else value, strict_map_key=False)
         if type(rec) is not dict:
             raise ValueError(f"a {type(rec).__name__}, not a map")
         if key[:1] == _DIGEST_KEY:
@@ -122,9 +135,10 @@ def _unpack_named(db: str, key: Any, value: Any) -> Tuple[str, dict]:
             name = key.decode()
         return name, rec
     except Exception as exc:
+        shown = key.decode(errors="replace") if key[:1] != _DIGEST_KEY else key[1:9].hex()
         raise StoreCorrupted(
-            f"the {db} record {key[:60]!r} cannot be decoded ({type(exc).__name__}: {exc}); "
-            "run `pipeproc check` and restore the store from a backup") from None
+            f"the record of {db} {shown[:80]!r} is damaged ({type(exc).__name__}: {exc}): "
+            "run `pipeproc check`; restore the store from a backup") from None
 
 
 _META_MAGIC = 0xBEEFC0DE
@@ -230,11 +244,14 @@ class TopicMeta:
         return TopicMeta(self.tid, self.next, self.first, self.created)
 
     def pack(self) -> bytes:
-        return msgpack.packb([self.tid, self.next, self.first, self.created])
+        return seal(msgpack.packb([self.tid, self.next, self.first, self.created]))
 
     @classmethod
-    def unpack(cls, data: Any) -> "TopicMeta":
-        tid, nxt, first, created = msgpack.unpackb(data)
+    def unpack(cls, data: Any, sealed: bool = True) -> "TopicMeta":
+        """Decode a stored topic record; ``ValueError`` (or a msgpack error) when damaged."""
+        tid, nxt, first, created = msgpack.unpackb(unseal(data) if sealed else data)
+        if not all(type(v) is int for v in (tid, nxt, first, created)) or first > nxt:
+            raise ValueError(f"impossible values {[tid, nxt, first, created]}")
         return cls(tid, nxt, first, created)
 
 
@@ -401,7 +418,7 @@ class Store:
             for key, value in txn.cursor(db=self.db_topics):
                 try:
                     name = bytes(key).decode()
-                    meta = TopicMeta.unpack(value)
+                    meta = TopicMeta.unpack(value, sealed=version is None or version >= 3)
                 except Exception as exc:
                     raise StoreCorrupted(
                         f"the topic record {bytes(key)[:60]!r} cannot be decoded "
@@ -422,12 +439,25 @@ class Store:
                         last_ms = max(last_ms, record_ms(last[1]))
                 self.topics[name] = meta
             self.last_ms = last_ms
+            sealed = version is None or version >= 3
             for key, value in txn.cursor(db=self.db_procs):
-                name, rec = _unpack_named("proc", key, value)
+                name, rec = _unpack_named("proc", key, value, sealed)
+                from ._check import proc_problem
+                bad = proc_problem(rec)
+                if bad:
+                    raise StoreCorrupted(f"the record of proc {name!r} is damaged ({bad}): "
+                                         "run `pipeproc check`; restore it from a backup")
                 self.procs[name] = rec
             for key, value in txn.cursor(db=self.db_sysprocs):
-                name, rec = _unpack_named("system proc", key, value)
+                name, rec = _unpack_named("system proc", key, value, sealed)
                 self.sysprocs[name] = rec
+            if not sealed:  # format 2: seal the topic, proc and system proc records
+                for name, meta in self.topics.items():
+                    txn.put(name.encode(), meta.pack(), db=self.db_topics)
+                for table, db in ((self.procs, self.db_procs), (self.sysprocs, self.db_sysprocs)):
+                    for name, rec in table.items():
+                        key = name_key(name)
+                        txn.put(key, _pack_named(name, key, rec), db=db)
             if version is not None and version < 3:
                 # format 2 logs carry no checksum: remember where checked ones begin
                 for meta in self.topics.values():
@@ -616,7 +646,13 @@ class Reader(_View):
         value = self.txn.get(name.encode(), db=self.store.db_topics)
         if value is None:
             return None
-        meta = TopicMeta.unpack(value)
+        try:
+            meta = TopicMeta.unpack(value)
+        except Exception as exc:
+            self.store.damaged_reads += 1
+            raise StoreCorrupted(f"the record of topic {name!r} is damaged ({exc}): the store "
+                                 f"at {self.store.path} is damaged (run `pipeproc check`)"
+                                 ) from None
         last = _last_record(self.txn.cursor(db=self.store.db_logs), meta.tid)
         if last is not None and last[0] >= meta.next:
             meta.next = last[0] + 1

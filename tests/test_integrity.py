@@ -26,15 +26,19 @@ def _location(tmp_path):
 
 
 def _flip(path: str, needle: bytes, offset: int = 0) -> int:
-    """Flip one byte of the first occurrence of ``needle`` in ``path``; returns how many
-    occurrences there were."""
+    """Flip one byte of every occurrence of ``needle`` in ``path`` (stale copies in free
+    pages included); returns how many there were."""
     with open(path, "r+b") as f:
         data = f.read()
         at = data.find(needle)
         assert at >= 0, f"{needle!r} not in {path}"
-        f.seek(at + offset)
-        f.write(bytes([data[at + offset] ^ 0x01]))
-    return data.count(needle)
+        n = 0
+        while at >= 0:
+            f.seek(at + offset)
+            f.write(bytes([data[at + offset] ^ 0x01]))
+            n += 1
+            at = data.find(needle, at + 1)
+    return n
 
 
 def _data(location: str) -> str:
@@ -99,6 +103,37 @@ def test_a_damaged_record_never_reaches_a_worker(spawner, tmp_path):
     assert pp.range("out2")[0].body == {"n": 11}
 
 
+def test_a_damaged_proc_record_is_refused_at_start_and_reported(spawner, tmp_path):
+    loc = _location(tmp_path)
+    pp = spawner(loc)
+    _fill(pp, 3)
+    pp.proc("t", name="consumer", count=2)
+    pp.ack("consumer")
+    pp.shutdown()
+    _flip(_data(loc), b"last_acked_at", 3)
+    with pytest.raises(pipeproc.StoreCorrupted) as e:
+        spawner(loc)
+    assert "proc 'consumer'" in str(e.value)
+    r = _check("--location", loc)
+    assert r.returncode == 1 and "'consumer'" in r.stdout
+
+
+def test_a_damaged_topic_record_is_store_corrupted(spawner, tmp_path):
+    loc = _location(tmp_path)
+    pp = spawner(loc)
+    _fill(pp, 3, topic="tpc")
+    pp.shutdown()
+    with open(_data(loc), "rb") as f:
+        data = f.read()
+    # the topic record: key "tpc", value msgpack [tid, next, first, created] + crc
+    at = data.find(b"tpc\x94")
+    assert at > 0
+    _flip(_data(loc), b"tpc\x94", 5)
+    with pytest.raises(pipeproc.StoreCorrupted) as e:
+        spawner(loc)
+    assert "topic record" in str(e.value)
+
+
 def test_range_of_a_flipped_header_byte_is_store_corrupted(spawner, tmp_path):
     """A damaged ms stamp (bound resolution reads it) is refused too."""
     loc = _location(tmp_path)
@@ -139,9 +174,14 @@ def _make_format2_store(path: str, n: int) -> None:
         meta = tx.topic_w("old")
         meta.next = n
         tx.commit()
-        with store.env.begin(write=True) as txn:
+        from pipeproc import _procs
+        with store.env.begin(write=True) as txn:  # format 2: records without checksums
             txn.put(b"format", b"2", db=store.db_meta)
             txn.delete(b"unchecked", db=store.db_meta)
+            txn.put(b"old", msgpack.packb([1, n, 0, 1000]), db=store.db_topics)
+            txn.put(b"reader", msgpack.packb(_procs.new_record("old", ">", 1000, 0, 10, 10.0,
+                                                               "disable")),
+                    db=store.db_procs)
     finally:
         store.close()
 
@@ -152,6 +192,7 @@ def test_a_format2_store_is_upgraded_and_its_old_logs_still_read(tmp_path):
     store = Store(path)
     try:
         assert store.unchecked == {1: 5}
+        assert store.procs["reader"]["topic"] == "old"
         tx = store.begin()
         tx.append([("old", b"\xa1y")] * 3)
         tx.commit()
@@ -165,9 +206,10 @@ def test_a_format2_store_is_upgraded_and_its_old_logs_still_read(tmp_path):
             assert int(txn.get(b"format", db=store.db_meta)) == FORMAT_VERSION
     finally:
         store.close()
-    store = Store(path)  # the watermark survives a restart
+    store = Store(path)  # the watermark survives a restart, records are sealed now
     try:
         assert store.unchecked == {1: 5}
+        assert store.procs["reader"]["topic"] == "old" and store.topics["old"].next == 8
         with store.reader() as r:
             assert len(r.records(r.topic("old"), 0, 10, 100, False)) == 8
     finally:
