@@ -325,7 +325,11 @@ def baseline_lines(b: Dict[str, Dict[str, float]]) -> List[str]:
         f"median {fmt_us(ping['median_latency'])}; CPU per round trip: client "
         f"{ping['client_cpu_us_per_op']:.1f} µs, server {ping['server_cpu_us_per_op']:.1f} µs) |",
         f"| → W1 durable limit 1/(RTT + durable commit) | {fmt_rate(limit)} commits/s |",
-    ]
+    ] + ([
+        f"| crc32 of a stored record, 100-byte body ({b['record_crc']['record_bytes']:.0f} "
+        f"bytes; the read check of store format 3) | {b['record_crc']['us_per_record']:.3f} µs "
+        "per record |",
+    ] if "record_crc" in b else [])
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -287,6 +287,27 @@ def socket_pingpong(echo: EchoProbe, n: int, rounds: int) -> Dict[str, float]:
             "client_cpu_us_per_op": cpu_c / ops * 1e6, "server_cpu_us_per_op": cpu_s / ops * 1e6}
 
 
+def record_crc(n: int, rounds: int) -> Dict[str, float]:
+    """The per-record cost of store format 3's checksum on reads: ``zlib.crc32`` over a
+    stored record with a 100-byte body (as ``Reader.records`` checks it, on a memoryview),
+    plus the slice that drops the 4 checksum bytes; median of ``rounds``."""
+    import zlib
+
+    from pipeproc._protocol import CRC_RESIDUE, stored_record
+    value = memoryview(stored_record(1_700_000_000_000, 12345, b"\xc4\x62" + b"x" * 98))
+    crc32 = zlib.crc32
+    per: list = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            if crc32(value) != CRC_RESIDUE:
+                raise AssertionError("bad record")
+            value[:-4]
+        per.append((time.perf_counter() - t0) / n)
+    return {"rate": 1.0 / median(per), "us_per_record": median(per) * 1e6,
+            "record_bytes": len(value)}
+
+
 def run(quick: bool = False, echo: Optional[EchoProbe] = None) -> Dict[str, Dict[str, float]]:
     scale = 10 if quick else 1
     out: Dict[str, Dict[str, float]] = {}
@@ -295,6 +316,7 @@ def run(quick: bool = False, echo: Optional[EchoProbe] = None) -> Dict[str, Dict
         path = os.path.join(d, "batch")
         out["lmdb_batch_put"] = lmdb_batch_put(path, 100_000 // scale, 3)
         out["lmdb_paged_scan"] = lmdb_paged_scan(path, 100_000 // scale, 3)
+    out["record_crc"] = record_crc(200_000 // scale, 5)
     own = echo is None
     echo = echo or EchoProbe()
     try:
