@@ -850,7 +850,11 @@ class Writer:
                     reserve = True  # a full store: the GC alone may use the reserve
                     log.warning("store full: the GC uses the map's reserve")
                     continue
-                self._one_by_one(jobs, StorageFull("the store reached its maximum map size"))
+                capped = store.max_map_size is not None and \
+                    store.env.info()["map_size"] >= store.map_limit()
+                self._one_by_one(jobs, StorageFull(
+                    "the store reached its maximum map size" if capped
+                    else "the disk of the store is full: the store cannot grow"))
                 return
             except DAMAGE_ERRORS as exc:
                 tx.abort()
@@ -863,6 +867,10 @@ class Writer:
                     # LMDB turns a short write (a full disk) into EIO
                     or isinstance(exc, lmdb.DiskError) or "Input/output" in str(exc)
                 ) and ("No space" in str(exc) or store.disk_full())
+                if full and not reserve and all(fn == self.node._gc for fn, _ in jobs) \
+                        and store.release_disk_reserve():
+                    reserve = True  # a full disk: the GC alone may use the reserve file
+                    continue
                 if not full:
                     log.exception("a write request failed unexpectedly")
                 err = (StorageFull(f"the disk of the store is full: {exc}") if full
@@ -1176,6 +1184,7 @@ class Node:
     def gc_tick(self) -> None:
         if self.stopping.is_set():
             return
+        self.store.keep_disk_reserve()  # given up to the GC on a full disk: back when room
         self._gc_pass = None  # a new pass over every topic
         self.writer.submit(self._gc, self._gc_step_done)
 

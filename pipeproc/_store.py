@@ -44,6 +44,7 @@ succeeded, so an aborted transaction leaves no trace in memory either.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -74,6 +75,10 @@ _KEY = struct.Struct(">IQ")
 PAGE_MAX_LOGS = 10_000
 PAGE_MAX_BYTES = 4 * 1024 * 1024
 INITIAL_MAP = 1 << 30  # address space only; grows on demand
+#: A file of this size, allocated next to a disk store, that only the GC may give up: on a
+#: full disk a delete still needs new pages (copy-on-write, the freelist).
+DISK_RESERVE = 2 << 20
+RESERVE_FILE = "gc-reserve"
 # With writemap the whole map is allocated on disk (in RAM for a memory store): start
 # small, then double (by 1 GiB at most).
 WRITEMAP_INITIAL_MAP = 16 << 20
@@ -338,6 +343,8 @@ class Store:
         self.unchecked: Dict[int, int] = {}
         #: records that failed their checksum on a read since the node started
         self.damaged_reads = 0
+        self._has_reserve = False
+        self._reserve_warned = False
         durable = durability == "full" and not memory
         # Without fsync (durability "fast", memory stores) LMDB writes straight into its
         # shared map (writemap): a commit makes no system call. Only over preallocated
@@ -382,6 +389,7 @@ class Store:
             raise
         if marker is not None and not os.path.exists(marker):
             write_marker(marker)
+        self.keep_disk_reserve()
 
     # ---------------------------------------------------------------- opening
 
@@ -514,11 +522,74 @@ class Store:
             try:
                 os.posix_fallocate(self._data_fd, 0, new)
             except OSError as exc:
-                log.warning("store cannot grow to %d MiB: %s", new >> 20, exc)
-                return False
+                if not (for_gc and self.release_disk_reserve()):
+                    log.warning("store cannot grow to %d MiB: %s", new >> 20, exc)
+                    return False
+                new = min(new, current + DISK_RESERVE)  # what the reserve file gave back
+                try:
+                    os.posix_fallocate(self._data_fd, 0, new)
+                except OSError as exc2:
+                    log.warning("store cannot grow to %d MiB for the GC: %s", new >> 20, exc2)
+                    return False
         with self.gate.exclusive():
             self.env.set_mapsize(new)
         log.info("store map grown to %d MiB%s", new >> 20, " (GC reserve)" if for_gc else "")
+        return True
+
+    def _reserve_path(self) -> Optional[str]:
+        return None if self.memory else os.path.join(self.path, RESERVE_FILE)
+
+    def keep_disk_reserve(self) -> bool:
+        """Make sure the reserve file (:data:`DISK_RESERVE` bytes allocated on disk, kept for
+        the GC) exists; ``False`` when there is no room for it (tried again later)."""
+        path = self._reserve_path()
+        if path is None or self._has_reserve:
+            return True
+        fd = None
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+            try:
+                os.posix_fallocate(fd, 0, DISK_RESERVE)
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                os.ftruncate(fd, 0)
+                chunk = b"\0" * 65536
+                for _ in range(DISK_RESERVE // len(chunk)):
+                    os.write(fd, chunk)
+            os.fsync(fd)
+        except OSError as exc:
+            if fd is not None:
+                os.close(fd)
+                fd = None
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+            if not self._reserve_warned:
+                self._reserve_warned = True
+                log.warning("no room for the GC's disk reserve (%d MiB) in %s: %s",
+                            DISK_RESERVE >> 20, self.path, exc)
+            return False
+        finally:
+            if fd is not None:
+                os.close(fd)
+        self._has_reserve = True
+        self._reserve_warned = False
+        return True
+
+    def release_disk_reserve(self) -> bool:
+        """Delete the reserve file so that the GC can write on a full disk; ``False`` when
+        there was none."""
+        path = self._reserve_path()
+        if path is None or not self._has_reserve:
+            return False
+        try:
+            os.unlink(path)
+        except OSError:
+            return False
+        self._has_reserve = False
+        log.warning("disk full: the GC uses the disk reserve of %s", self.path)
         return True
 
     def leave_reserve(self) -> None:
