@@ -700,11 +700,22 @@ class _View:
                 if crc32(value) != CRC_RESIDUE:
                     raise self.store.corrupted(meta.tid, seq)
                 value = value[:-CRC_SIZE]
+            elif not _legacy_ok(value, seq):  # no checksum: at least never undecodable
+                raise self.store.corrupted(meta.tid, seq, "cannot be decoded")
             out.append(value)
             size += len(value)
             if size >= max_bytes:
                 break
         return out
+
+
+def _legacy_ok(value: Any, seq: int) -> bool:
+    """Whether a format-2 record (no checksum) decodes as ``[ms, seq, body]`` of ``seq``."""
+    try:
+        rec = msgpack.unpackb(value, raw=False, strict_map_key=False)
+    except Exception:
+        return False
+    return type(rec) is list and len(rec) == 3 and rec[1] == seq and type(rec[0]) is int
 
 
 class Reader(_View):

@@ -216,6 +216,24 @@ def test_a_format2_store_is_upgraded_and_its_old_logs_still_read(tmp_path):
         store.close()
 
 
+def test_an_undecodable_format2_record_is_store_corrupted(tmp_path):
+    """Format-2 records carry no checksum: served as they are, but never undecodable bytes
+    (the client would fail on the whole page with a raw FormatError/UnicodeDecodeError)."""
+    path = str(tmp_path / "s")
+    _make_format2_store(path, 3)
+    store = Store(path)
+    try:
+        with store.env.begin(write=True) as txn:  # a str body whose UTF-8 is broken
+            txn.put(_store.log_key(1, 1), record(1001, 1, b"\xa2\xff\xfe"), db=store.db_logs)
+        with store.reader() as r:
+            with pytest.raises(pipeproc.StoreCorrupted) as e:
+                r.records(r.topic("old"), 0, 2, 10, False)
+            assert "log 1 of topic 'old' cannot be decoded" in str(e.value)
+            assert len(r.records(r.topic("old"), 2, 2, 10, False)) == 1
+    finally:
+        store.close()
+
+
 # ------------------------------------------------------------------ files (14.3, 14.11)
 
 @pytest.mark.parametrize("damage", ["empty", "half", "missing", "store-dir-gone", "meta"])
