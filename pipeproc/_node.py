@@ -1217,7 +1217,12 @@ class Node:
             name = todo[0]
             meta = tx.topic(name)
             if meta is not None and meta.first < meta.next:
-                upto = _procs.gc_upto(tx, name, meta, by_topic.get(name, []), cutoff)
+                try:
+                    upto = _procs.gc_upto(tx, name, meta, by_topic.get(name, []), cutoff)
+                except StoreCorrupted as exc:  # the other topics are still collected
+                    log.error("the GC skips topic %r this pass: %s", name, exc)
+                    todo.popleft()
+                    continue
                 if upto > meta.first + budget:
                     upto = meta.first + budget  # the rest of this topic in the next step
                 else:

@@ -134,6 +134,36 @@ def test_a_damaged_topic_record_is_store_corrupted(spawner, tmp_path):
     assert "topic record" in str(e.value)
 
 
+def test_a_live_proc_reaching_a_damaged_record_gets_store_corrupted(spawner, tmp_path):
+    loc = _location(tmp_path)
+    pp = spawner(loc)
+    _fill(pp, 5)
+    pp.shutdown()
+    _flip(_data(loc), MARK + b"0002", len(MARK) + 3)
+    pp = spawner(loc)
+    live = pp.live_proc("t", mode="all", count=2)
+    try:
+        assert [log.body["k"] for log in next(live)] == [MARK + b"0000", MARK + b"0001"]
+        live.ack()
+        with pytest.raises(pipeproc.StoreCorrupted):
+            next(live)
+    finally:
+        live.cancel()
+    assert pp.length("t") == 5  # the node and this client go on
+
+
+def test_a_damaged_stamp_does_not_stop_the_gc_of_other_topics(spawner, tmp_path):
+    loc = _location(tmp_path)
+    pp = spawner(loc)
+    ids = _fill(pp, 40, topic="a")
+    ms = int(ids[20].split("-")[0])
+    pp.shutdown()
+    _flip(_data(loc), record(ms, 20, b"")[:19], 5)  # the GC's bisection reads the stamps
+    pp = spawner(loc, gc={"min_prune_time": 0, "interval": 0.05})
+    _fill(pp, 10, topic="b")
+    _wait(lambda: pp.stats()["topics"]["b"]["stored"] == 0)
+
+
 def test_range_of_a_flipped_header_byte_is_store_corrupted(spawner, tmp_path):
     """A damaged ms stamp (bound resolution reads it) is refused too."""
     loc = _location(tmp_path)
