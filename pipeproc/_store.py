@@ -217,6 +217,36 @@ def _last_record(cur: lmdb.Cursor, tid: int) -> Optional[Tuple[int, Any]]:
     return (seq, cur.value()) if t == tid else None
 
 
+def _remove_new(path: str) -> None:
+    """Undo the files of a store whose creation failed (a full disk): a half-made store
+    would pass for a damaged one at the next start."""
+    for name in ("data.mdb", "lock.mdb", RESERVE_FILE):
+        try:
+            os.unlink(os.path.join(path, name))
+        except OSError:
+            pass
+
+
+def _open_error(exc: BaseException, path: str) -> Exception:
+    """The error for an LMDB failure while opening: damage, a full disk, or as it is."""
+    if isinstance(exc, DAMAGE_ERRORS):
+        return damaged(exc, path)
+    text = str(exc)
+    if "No space" in text or "Disk quota" in text or (
+            "Input/output" in text and _disk_full(path)):
+        from .errors import StorageFull
+        return StorageFull(f"cannot open the store at {path}: the disk is full ({exc})")
+    return exc if isinstance(exc, Exception) else RuntimeError(str(exc))
+
+
+def _disk_full(path: str) -> bool:
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < (1 << 20)
+
+
 def _gc_reserve(max_map_size: int) -> int:
     """The part of a capped map kept for the GC: 1/16 of it, at least 512 KiB (at most a
     quarter of the map), at most 64 MiB."""
@@ -320,7 +350,9 @@ class Store:
             self._tmpdir = tempfile.mkdtemp(prefix="pipeproc-mem-", dir=base)
             path = self._tmpdir
         assert path is not None
+        fresh = False  # this open creates the store (undone if it fails)
         if not memory:
+            fresh = not os.path.exists(os.path.join(path, "data.mdb"))
             existed = os.path.exists(os.path.join(path, "lock.mdb")) or (
                 marker is not None and os.path.exists(marker))
             check_files(path, existed)
@@ -351,7 +383,12 @@ class Store:
         # space, though: a write into a hole of a full filesystem would be a SIGBUS.
         self.writemap = not durable
         self._data_fd: Optional[int] = None
-        self.env = self._open(path, durable)
+        try:
+            self.env = self._open(path, durable)
+        except lmdb.Error as exc:
+            if fresh:
+                _remove_new(path)
+            raise _open_error(exc, path) from None
         if self.writemap:
             try:
                 self._data_fd = os.open(os.path.join(path, "data.mdb"), os.O_RDWR)
@@ -381,11 +418,12 @@ class Store:
         self.next_tid = 1
         try:
             self._load()
-        except lmdb.Error as exc:
+        except BaseException as exc:
             self.close()
-            raise StoreCorrupted(f"the store at {path} cannot be read: {exc}") from None
-        except BaseException:
-            self.close()
+            if fresh:
+                _remove_new(path)
+            if isinstance(exc, lmdb.Error):
+                raise _open_error(exc, path) from None
             raise
         if marker is not None and not os.path.exists(marker):
             write_marker(marker)
@@ -603,11 +641,7 @@ class Store:
     def disk_full(self) -> bool:
         """Whether the filesystem of the store has (almost) no room left: LMDB reports a
         short write as EIO, this tells a full disk from a failing one."""
-        try:
-            st = os.statvfs(self.path)
-        except OSError:
-            return False
-        return st.f_bavail * st.f_frsize < (1 << 20)
+        return _disk_full(self.path)
 
     def corrupted(self, tid: int, seq: int, what: str = "fails its checksum") -> StoreCorrupted:
         """The error for a damaged log record (counted, and logged)."""

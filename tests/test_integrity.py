@@ -465,3 +465,19 @@ def test_write_private_on_a_full_disk_leaves_nothing(tmp_path, monkeypatch):
         _node._write_private(target, b"k" * 32)
     monkeypatch.undo()
     assert os.listdir(tmp_path) == []
+
+
+def test_a_store_whose_creation_fails_on_a_full_disk_leaves_no_half_store(tmp_path, monkeypatch):
+    real = lmdb.open
+
+    def full(path, **kw):
+        real(path, **kw).close()  # LMDB created its files, then the disk filled up
+        raise lmdb.Error("mdb_env_open: No space left on device")
+    monkeypatch.setattr(_store.lmdb, "open", full)
+    path = str(tmp_path / "s")
+    with pytest.raises(pipeproc.StorageFull):
+        Store(path)
+    monkeypatch.undo()
+    assert not os.path.exists(os.path.join(path, "data.mdb"))
+    assert not os.path.exists(os.path.join(path, "lock.mdb"))
+    Store(path).close()  # a later open creates it as new
