@@ -174,11 +174,13 @@ def scan(path: str) -> Dict[str, Any]:
                     name = bytes(key).decode()
                     meta = TopicMeta.unpack(value, sealed=unchecked is not None)
                 except Exception as exc:
-                    problem(f"topic record {bytes(key)[:60]!r} cannot be decoded: {exc}")
+                    shown = bytes(key)[:80].decode(errors="replace")
+                    problem(f"the record of topic {shown!r} is damaged ({exc})")
                     continue
                 counts["topics"] += 1
                 topics[meta.tid] = (name, meta)
             expected: Dict[int, int] = {}  # tid -> next expected seq
+            orphans: Dict[int, list] = {}  # tid -> [count, first seq, last seq]
             for key, value in txn.cursor(db=dbs[b"logs"]):
                 key = bytes(key)
                 if len(key) != _KEY.size:
@@ -186,7 +188,9 @@ def scan(path: str) -> Dict[str, Any]:
                     continue
                 tid, seq = _KEY.unpack(key)
                 if tid not in topics:
-                    problem(f"log {seq} of topic id {tid} belongs to no topic")
+                    o = orphans.setdefault(tid, [0, seq, seq])
+                    o[0] += 1
+                    o[2] = seq
                     continue
                 name, meta = topics[tid]
                 where = f"log {seq} of topic {name!r}"
@@ -194,6 +198,8 @@ def scan(path: str) -> Dict[str, Any]:
                 if nxt is None:
                     if seq < meta.first:
                         problem(f"{where} is below the topic's first stored log {meta.first}")
+                    elif seq > meta.first:
+                        problem(f"logs {meta.first}..{seq - 1} of topic {name!r} are missing")
                 elif seq != nxt:
                     problem(f"logs {nxt}..{seq - 1} of topic {name!r} are missing")
                 expected[tid] = seq + 1
@@ -216,13 +222,22 @@ def scan(path: str) -> Dict[str, Any]:
                         msgpack.unpackb(rec[19:], raw=False, strict_map_key=False)
                     except Exception as exc:
                         problem(f"{where} cannot be decoded ({type(exc).__name__}: {exc})")
+            for tid, (n, lo, hi) in orphans.items():
+                counts["logs"] += n
+                problem(f"{n} logs (seq {lo}..{hi}) of topic id {tid} belong to no topic "
+                        "record (damaged or missing)")
+            for tid, (name, meta) in topics.items():
+                # stored logs cover [first, next of the topic record) at least
+                end = expected.get(tid, meta.first)
+                if end < meta.next:
+                    problem(f"logs {end}..{meta.next - 1} of topic {name!r} are missing")
             for db, kind, key_name in ((b"procs", "proc", "procs"),
                                        (b"sysprocs", "system proc", "system_procs")):
                 for key, value in txn.cursor(db=dbs[db]):
                     try:
                         name, rec = _unpack_named(kind, key, value, unchecked is not None)
                     except StoreCorrupted as exc:
-                        problem(exc.message)
+                        problem(exc.message.split(": run `pipeproc check`")[0])
                         continue
                     counts[key_name] += 1
                     if db == b"procs":

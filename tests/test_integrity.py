@@ -388,6 +388,25 @@ def test_check_refuses_a_truncated_store_and_a_running_node(spawner, tmp_path):
     assert r.returncode == 1 and "truncated" in r.stdout + r.stderr
 
 
+def test_check_reports_missing_logs(tmp_path):
+    path = str(tmp_path / "loc" / "store")
+    os.makedirs(path)
+    store = Store(path)
+    try:
+        tx = store.begin()
+        tx.append([("t", b"\xa1x")] * 10)
+        tx.commit()
+        with store.env.begin(write=True) as txn:
+            txn.delete(_store.log_key(1, 4), db=store.db_logs)
+            txn.delete(_store.log_key(1, 0), db=store.db_logs)
+    finally:
+        store.close()
+    r = _check("--location", str(tmp_path / "loc"))
+    assert r.returncode == 1
+    assert "logs 0..0 of topic 't' are missing" in r.stdout
+    assert "logs 4..4 of topic 't' are missing" in r.stdout
+
+
 # ------------------------------------------------------------------ long names (14.13)
 
 @pytest.mark.parametrize("char", ["漢", "😀"])
