@@ -689,7 +689,8 @@ def spawn(location: Any = None, *, memory: bool = False, workers: int = 1,
         durability: ``"full"`` (fsync per request) or ``"fast"`` (no fsync).
         address: a Unix socket path, or ``("127.0.0.1", port)`` for TCP (port 0: any).
         authkey: the key clients must present (default: a random one).
-        max_map_size: cap of the store's size in bytes (``storage_full`` beyond it).
+        max_map_size: cap of the store's size in bytes (``storage_full`` beyond it; its last
+            1/16, 512 KiB to 64 MiB, is kept for the GC).
         max_frame_size: the largest request the node accepts, in bytes (default 64 MiB).
             A larger request fails with ``invalid_argument`` before it is sent.
         log_level: the node's log level on stderr (default WARNING).
