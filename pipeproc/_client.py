@@ -79,6 +79,10 @@ class ProcState(NamedTuple):
     max_reclaims: int
     reclaim_timeout: float
     on_max_reclaims_reached: str
+    #: ``None``, or the last failure of the proc's consumer (a system proc's processor
+    #: exception, dead worker or time limit): a dict with ``type``, ``message``,
+    #: ``traceback`` (when there is one), ``at`` (ms) and ``range`` (``"a..b"``).
+    last_error: Optional[dict] = None
 
 
 class AckCommit(NamedTuple):
@@ -162,6 +166,20 @@ def _check_opts(max_reclaims: Any, reclaim_timeout: Any, on_max: Any) -> tuple:
     if on_max not in ("disable", "continue"):
         raise InvalidArgument("on_max_reclaims_reached must be 'disable' or 'continue'")
     return max_reclaims, float(reclaim_timeout), on_max
+
+
+DEFAULT_BACKOFF = (0.1, 30.0)
+
+
+def _check_backoff(backoff: Any) -> List[float]:
+    """``system_proc``'s ``backoff``: ``(first delay, cap)`` in seconds, ``0 <= first <= cap``."""
+    if (not isinstance(backoff, (tuple, list)) or len(backoff) != 2
+            or any(isinstance(x, bool) or not isinstance(x, (int, float))
+                   or not math.isfinite(x) for x in backoff)
+            or not 0 <= backoff[0] <= backoff[1] <= MAX_TIMEOUT):
+        raise InvalidArgument(
+            f"backoff is (first delay, cap) in seconds with 0 <= first <= cap, got {backoff!r}")
+    return [float(backoff[0]), float(backoff[1])]
 
 
 def _check_offset(offset: Any) -> str:
@@ -548,6 +566,9 @@ class PipeProc(_NodeRef):
 
         Raises:
             Timeout: ``timeout`` seconds passed first.
+            ProcIsDisabled: a proc it waits for is (or becomes) disabled by
+                ``max_reclaims`` with work left (a dead stage); the message names it and its
+                last error. A proc disabled by ``disable_proc`` is not waited for.
         """
         if names is not None:
             if isinstance(names, str):
@@ -588,8 +609,16 @@ class PipeProc(_NodeRef):
     def system_proc(self, *, name: str, from_: Union[str, Sequence[str]], processor: Any,
                     to: Union[str, Sequence[str], None] = None, offset: str = ">", count: int = 1,
                     max_reclaims: int = 10, reclaim_timeout: Optional[float] = 10.0,
-                    on_max_reclaims_reached: str = "disable") -> Union[ProcState, List[ProcState]]:
+                    on_max_reclaims_reached: str = "disable",
+                    backoff: Tuple[float, float] = DEFAULT_BACKOFF,
+                    ) -> Union[ProcState, List[ProcState]]:
         """Register a processor run by the node's workers on ``from_``'s logs (SPEC §6).
+
+        A failed delivery (the processor raised, its worker died, or it ran longer than
+        ``reclaim_timeout``, which is the processor's time limit) is counted toward
+        ``max_reclaims`` and delivered again after a back-off: ``backoff=(first, cap)``
+        seconds, doubling with each failure in a row (default 0.1 s up to 30 s; ``(0, 0)``:
+        none). It is persisted with the system proc.
 
         Returns:
             The proc's state, or a list of states (one per topic) when ``from_`` is a list.
@@ -608,8 +637,10 @@ class PipeProc(_NodeRef):
         _check_offset(offset)
         _check_count(count)
         opts = _check_opts(max_reclaims, reclaim_timeout, on_max_reclaims_reached)
+        wire_backoff = _check_backoff(backoff)
         ref = processor_ref(processor)
-        states = self._call("sysproc", name, topics, multi, ref, tos, offset, count, *opts)
+        states = self._call("sysproc", name, topics, multi, ref, tos, offset, count, *opts,
+                            wire_backoff)
         out = [ProcState(*s) for s in states]
         return out if multi else out[0]
 

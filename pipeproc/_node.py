@@ -85,6 +85,9 @@ _tls = threading.local()
 MAX_BACKLOG = 256 * 1024 * 1024
 LIVE_PREFIX = "liveproc-"
 MAX_TIMEOUT = 10 * 365 * 24 * 3600.0  # seconds; beyond: use -1 (never)
+# back-off of a system proc between deliveries of a claim after a failure: (first delay,
+# cap) in seconds, the delay doubling with each failure in a row (system_proc(backoff=...))
+DEFAULT_BACKOFF = (0.1, 30.0)
 # A GC pass runs in steps of at most this much work per write round.
 GC_DELETES_PER_ROUND = 20_000
 GC_SECONDS_PER_ROUND = 0.005
@@ -210,6 +213,17 @@ def _claimed(v: Any) -> Optional[list]:
     return v
 
 
+def _backoff(v: Any) -> List[float]:
+    """A system proc's ``backoff``: ``[first, cap]`` seconds, ``0 <= first <= cap``."""
+    if v is None:
+        return list(DEFAULT_BACKOFF)
+    if (type(v) is not list or len(v) != 2
+            or any(type(x) not in (int, float) or not math.isfinite(x) for x in v)
+            or not 0 <= v[0] <= v[1] <= MAX_TIMEOUT):
+        raise InvalidArgument("backoff is (first delay, cap) in seconds, 0 <= first <= cap")
+    return [float(v[0]), float(v[1])]
+
+
 def _opts(max_reclaims: Any, reclaim_timeout: Any, on_max: Any) -> tuple:
     if type(max_reclaims) is not int or not (max_reclaims >= 1 or max_reclaims == -1):
         raise InvalidArgument("max_reclaims must be >= 1 or -1")
@@ -245,6 +259,7 @@ class Conn:
         self.worker: Optional[dict] = None  # set by "hello_worker"
         self.claims: Dict[str, list] = {}   # worker claims: proc name -> claimed key
         self.live: set = set()              # hidden live procs owned by this connection
+        self.recycled = False  # a worker the node killed (time limit): see conn_closed
         # read state, owned by the I/O loop: a buffer of frames [start, end), or a frame
         # larger than the buffer being filled (big, big_have). The buffer is allocated
         # when the loop takes the connection: a peer that never authenticates costs none.
@@ -900,9 +915,20 @@ class Node:
         self.idle_waiters: Dict[tuple, list] = {}
         self.claim_waiters: Dict[tuple, tuple] = {}  # (conn id, rid) -> (conn, rid, interest, attempt)
         self.rr = 0
-        # proc name -> the claim deadline (ms) its one pending reclaim timer fires at
-        self._armed: Dict[str, int] = {}
+        # proc name -> the claim deadline (monotonic s) its one pending reclaim timer fires at
+        self._armed: Dict[str, float] = {}
         self._armed_lock = threading.Lock()
+        # proc name -> (identity of its pending claim, monotonic deadline): deadlines never
+        # use the wall clock (a step back would freeze them); a claim found pending at
+        # start gets now + reclaim_timeout
+        self._mono: Dict[str, tuple] = {}
+        self._mono_lock = threading.Lock()
+        # system proc name -> monotonic time its back-off after a failure ends
+        self._backoff: Dict[str, float] = {}
+        # system proc name -> [outcome, tries]: a worker's outcome the store refused
+        # (storage_full...), written again by the node after a back-off
+        self._held: Dict[str, list] = {}
+        self._store_fails = 0  # store failures in a row of claims for workers
         self._sys_cache: Optional[tuple] = None
         self._gc_pass: Optional[deque] = None
         self.supervisor: Any = None
@@ -931,7 +957,7 @@ class Node:
         held = {n: rec["claimed"] for n, rec in self.store.procs.items()
                 if n in sys_names and _procs.pending(rec)}
         if held:
-            self.writer.submit(lambda tx: self._reclaim_dead(tx, held), lambda ok, v: None)
+            self.writer.submit(lambda tx: self._reclaim_dead(tx, held, None), lambda ok, v: None)
         gc = cfg.get("gc")
         if gc:
             self.gc_min_prune = float(gc["min_prune_time"])
@@ -986,16 +1012,116 @@ class Node:
             live = set(conn.live)
             conn.live.clear()
         if claims and not self.writer.stopped:
-            self.writer.submit(lambda tx: self._reclaim_dead(tx, claims), lambda ok, v: None)
+            if conn.recycled:  # killed for another claim's time limit: these are not at fault
+                self.writer.submit(lambda tx: self._release(tx, claims), lambda ok, v: None)
+            else:
+                self.writer.submit(lambda tx: self._reclaim_dead(tx, claims, conn.worker),
+                                   lambda ok, v: None)
         if live and not self.writer.stopped:
             self.writer.submit(lambda tx: self._drop_live(tx, live), lambda ok, v: None)
 
-    def _reclaim_dead(self, tx: Any, claims: Dict[str, list]) -> None:
+    def _reclaim_dead(self, tx: Any, claims: Dict[str, list], worker: Optional[dict]) -> None:
+        """Reclaim (counted) the claims of a dead worker (``None``: of a node's earlier life)."""
         for name, key in claims.items():
             rec = tx.proc(name)
             if rec is not None and _procs.pending(rec) and rec["claimed"] == key[:4]:
-                tx.put_proc(name, _procs._reclaimed(rec))
-                log.info("reclaimed %s held by a dead worker", name)
+                if worker is None:
+                    msg = "the node stopped while a worker processed these logs"
+                else:
+                    msg = (f"worker {worker.get('slot')} (pid {worker.get('pid')}) died while "
+                           "processing these logs")
+                err = _procs.error_info("WorkerDied", msg, tx.now, rec["claimed"])
+                new = _procs._reclaimed(rec, err)
+                tx.put_proc(name, new)
+                self._failed(name, new, err, backoff=worker is not None)
+
+    def _release(self, tx: Any, claims: Dict[str, list]) -> None:
+        """Drop claims without counting them: their holder was stopped for another reason."""
+        for name, key in claims.items():
+            rec = tx.proc(name)
+            if rec is not None and _procs.pending(rec) and rec["claimed"] == key[:4]:
+                tx.put_proc(name, _procs._reclaimed(rec, count=False))
+                log.info("proc %r: claim %s of a recycled worker delivered again (not counted)",
+                         name, _procs.range_str(rec["claimed"]))
+
+    # -- failures of system procs: logs, last_error, back-off
+
+    def _failed(self, name: str, new: dict, err: dict, backoff: bool = True) -> None:
+        """Say that ``name``'s consumer failed (``new``: the record after the counted
+        reclaim) and, for a system proc, hold its next delivery back."""
+        sysdef = self.sys_names().get(name)
+        what = "system proc" if sysdef is not None else "proc"
+        tb = err.get("traceback")
+        detail = f"{err['type']}: {err['message']}"
+        if new["status"] == "disabled":
+            self._backoff.pop(name, None)
+            log.error("%s %r failed on logs %s: %s\n%s %r is DISABLED: %d failures in a row "
+                      "reached max_reclaims=%d; its logs wait until resume_proc(%r)%s",
+                      what, name, err["range"], detail, what, name, new["reclaims"],
+                      new["max_reclaims"], name, ("\n" + tb.rstrip()) if tb else "")
+            return
+        delay = 0.0
+        if sysdef is not None and backoff:
+            first, cap = sysdef.get("backoff") or DEFAULT_BACKOFF
+            delay = min(cap, first * 2.0 ** min(max(new["reclaims"], 1) - 1, 64))
+        limit = "unlimited" if new["max_reclaims"] == -1 else str(new["max_reclaims"])
+        log.warning("%s %r failed on logs %s (failure %d in a row, max_reclaims=%s): %s; "
+                    "delivered again in %.1f s%s", what, name, err["range"], new["reclaims"],
+                    limit, detail, delay,
+                    ("\n" + tb.rstrip()) if tb and new["reclaims"] <= 1 else "")
+        if tb and new["reclaims"] > 1:
+            log.debug("traceback of %r's failure on %s:\n%s", name, err["range"], tb.rstrip())
+        if delay > 0:
+            until = time.monotonic() + delay
+            self._backoff[name] = until
+            self.timers.at(until, lambda: self._backoff_over(name, until))
+
+    def _in_backoff(self, name: str) -> bool:
+        until = self._backoff.get(name)
+        return until is not None and time.monotonic() < until
+
+    def _backoff_over(self, name: str, until: float) -> None:
+        """A back-off ended: wake an idle worker for the proc (if nothing replaced it)."""
+        if self._backoff.get(name) == until:
+            self._backoff.pop(name, None)
+        self._wake_sys(1)
+
+    def _wake_sys(self, n: int) -> None:
+        """Wake up to ``n`` idle workers (they look for a system proc claim again)."""
+        woken = []
+        with self.wlock:
+            for key, w in list(self.claim_waiters.items()):
+                if len(woken) >= n:
+                    break
+                if w[2] == "sys":
+                    woken.append(w)
+                    del self.claim_waiters[key]
+        for w in woken:
+            self.writer_retry(w)
+
+    def _recycle_holder(self, name: str, claimed: list) -> None:
+        """Kill the worker that holds ``name``'s claim ``claimed`` (it ran past its time
+        limit); its supervisor restarts it, and its late outcome can never be written."""
+        with self.conns_lock:
+            conns = list(self.conns.values())
+        holder = None
+        for c in conns:
+            if c.worker is None:
+                continue
+            with c.lock:
+                key = c.claims.get(name)
+                if key is not None and key[:4] == claimed:
+                    del c.claims[name]
+                    holder = c.worker
+                    break
+        if holder is None:
+            return
+        for c in conns:  # every loop (connection) of that worker process
+            if c.worker is not None and c.worker["pid"] == holder["pid"]:
+                with c.lock:
+                    c.recycled = True
+        if self.supervisor is not None:
+            self.supervisor.recycle(holder["slot"], holder["pid"])
 
     def _drop_live(self, tx: Any, names: set) -> None:
         for name in names:
@@ -1069,9 +1195,17 @@ class Node:
                 self.writer_retry(w)
         if procs and self.idle_waiters:
             done = []
+            failed = []
             with store.reader() as r:
                 with self.wlock:
                     for key, w in list(self.idle_waiters.items()):
+                        # a proc it waits for died (disabled by max_reclaims with work left)
+                        gone = _procs.first_dead(
+                            r, [n for n in procs if w[2] is None or n in w[2]], store.procs)
+                        if gone is not None:
+                            failed.append((w[0], w[1], self._dead_error(gone)))
+                            del self.idle_waiters[key]
+                            continue
                         # a waiter re-scans only once the proc that held it back is done
                         if _procs.busy(r, store.procs.get(w[3])):
                             continue
@@ -1081,6 +1215,20 @@ class Node:
                             del self.idle_waiters[key]
             for conn, rid in done:
                 conn.reply(rid, None)
+            for conn, rid, exc in failed:
+                conn.fail(rid, exc)
+
+    def _dead_error(self, name: str) -> PipeProcError:
+        """``proc_is_disabled`` for ``wait_for_procs`` over a dead stage."""
+        from .errors import ProcIsDisabled
+        rec = self.store.procs.get(name) or {}
+        err = rec.get("last_error")
+        last = (f"; last error on logs {err.get('range')}: {err.get('type')}: "
+                f"{err.get('message')}" if err else "")
+        return ProcIsDisabled(
+            f"proc {name!r} was disabled after {rec.get('reclaims')} failed attempts in a row "
+            f"(max_reclaims={rec.get('max_reclaims')}) with work left{last}. Fix the cause, "
+            f"then resume_proc({name!r}) (pipeproc resume {name})")
 
     def writer_retry(self, w: tuple) -> None:
         self.writer.submit(w[3], w[4])
@@ -1112,8 +1260,10 @@ class Node:
         """
         rec = self.store.procs.get(name)
         if rec is None:
+            with self._mono_lock:
+                self._mono.pop(name, None)
             return
-        due = _procs.deadline(rec)
+        due = self._mono_due(name, rec)
         if due is None:
             return
         with self._armed_lock:
@@ -1123,13 +1273,60 @@ class Node:
             self._armed[name] = due
         self._arm(name, due)
 
-    def _arm(self, name: str, due: int) -> None:
+    def _mono_due(self, name: str, rec: dict) -> Optional[float]:
+        """The monotonic deadline of ``rec``'s pending claim (``None``: it has none).
+
+        A claim is told apart from the earlier ones by its record (claim time, range, ids
+        digest, reclaims); the first time the node sees it, its deadline is now +
+        reclaim_timeout (the claim was just committed, or the node just started)."""
+        if _procs.deadline(rec) is None:
+            with self._mono_lock:
+                self._mono.pop(name, None)
+            return None
+        ident = (rec["tbase"], tuple(rec["claimed"]), rec.get("cdig"), rec["reclaims"],
+                 rec["last_claimed_at"])
+        with self._mono_lock:
+            e = self._mono.get(name)
+            if e is None or e[0] != ident:
+                e = self._mono[name] = (ident, time.monotonic() + rec["reclaim_timeout"])
+        return e[1]
+
+    def _due(self, name: str, rec: dict) -> bool:
+        """Whether ``rec``'s pending claim has timed out (monotonic clock)."""
+        if name in self._held:
+            return False  # the node writes its outcome again: not the consumer's delay
+        due = self._mono_due(name, rec)
+        return due is not None and time.monotonic() >= due
+
+    def _expire_rec(self, tx: Any, name: str, rec: dict) -> dict:
+        """Reclaim ``rec``'s pending claim when it timed out. For a system proc that is its
+        processor's time limit: say so, keep it as last_error, recycle the worker."""
+        if not self._due(name, rec):
+            return rec
+        if name not in self.sys_names():
+            new = _procs.expire(tx, name, rec, lambda n, r: True)
+            if new["status"] == "disabled":
+                log.error("proc %r is DISABLED: its claim %s timed out and reclaims reached "
+                          "max_reclaims=%d", name, _procs.range_str(rec["claimed"]),
+                          new["max_reclaims"])
+            return new
+        err = _procs.error_info(
+            "TimeLimitExceeded",
+            f"the processor ran longer than reclaim_timeout={rec['reclaim_timeout']:g} s "
+            "(a system proc's time limit); its worker was recycled", tx.now, rec["claimed"])
+        new = _procs._reclaimed(rec, err)
+        tx.put_proc(name, new)
+        self._failed(name, new, err)
+        self._recycle_holder(name, rec["claimed"])
+        return new
+
+    def _arm(self, name: str, due: float) -> None:
         def fire() -> None:
             with self._armed_lock:
                 if self._armed.get(name) != due:
                     return  # superseded by an earlier timer of this proc
                 current = self.store.procs.get(name)
-                now_due = None if current is None else _procs.deadline(current)
+                now_due = None if current is None else self._mono_due(name, current)
                 if now_due is not None and now_due > due:  # claimed again since: re-arm
                     self._armed[name] = now_due
                 else:
@@ -1138,13 +1335,14 @@ class Node:
                 self._arm(name, now_due)
             elif now_due is not None:
                 self.writer.submit(lambda tx: self._expire(tx, name), lambda ok, v: None)
-        self.timers.after(max(0.0, due / 1000 - time.time()) + 0.001, fire)
+        self.timers.at(due + 0.001, fire)
 
     def _expire(self, tx: Any, name: str) -> None:
         rec = tx.proc(name)
-        if rec is not None and _procs.expire(tx, name, rec) is rec and _procs.deadline(rec):
-            # not due yet by the node's clock (the timer ran early): the proc is unchanged,
-            # so no commit re-arms its timer; arm it again here
+        if (rec is not None and self._expire_rec(tx, name, rec) is rec
+                and _procs.deadline(rec) is not None and name not in self._held):
+            # not due yet (the timer ran early): the proc is unchanged, so no commit
+            # re-arms its timer; arm it again here
             self.arm_timeout(name)
 
     # -- GC
@@ -1311,6 +1509,7 @@ class Node:
                     "pending": _procs.range_str(rec["claimed"]) if _procs.pending(rec) else "",
                     "reclaims": rec["reclaims"], "lag": _procs.lag(r, rec),
                     "last_acked_range": _procs.range_str(rec["acked"]),
+                    "last_error": rec.get("last_error"),
                 }
         info = store.env.info()
         stat = store.env.stat()
@@ -1364,7 +1563,7 @@ class Node:
         opts = _opts(max_reclaims, reclaim_timeout, on_max)
 
         def fn(tx: Any) -> Any:
-            recs = _procs.proc(tx, name, topic, offset, count, *opts)
+            recs = _procs.proc(tx, name, topic, offset, count, *opts, due=self._due)
             return None if recs is None else page(recs, None)
         self._write_claim(conn, rid, fn, name)
 
@@ -1452,7 +1651,9 @@ class Node:
             order += [parsed[(start + i) % n] for i in range(n) if parsed[(start + i) % n][1]
                       not in created]
             for topic, name, offset, count, opts in order:
-                rec = _procs.expire(tx, name, tx.proc(name))
+                if self._in_backoff(name):
+                    continue  # a system proc held back after a failure
+                rec = self._expire_rec(tx, name, tx.proc(name))
                 recs = _procs.claim(tx, name, rec, count)
                 if recs is not None:
                     self.rr = (parsed.index((topic, name, offset, count, opts)) + 1)
@@ -1479,6 +1680,9 @@ class Node:
         timeout = _wait_timeout(timeout)
         key = (conn.id, rid)
         with self.store.reader() as r:
+            gone = _procs.first_dead(r, names, self.store.procs)
+            if gone is not None:
+                raise self._dead_error(gone)
             with self.wlock:
                 hold = _procs.first_busy(r, names, self.store.procs)
                 if hold is None:
@@ -1542,7 +1746,7 @@ class Node:
 
     def op_sysproc(self, conn: Conn, rid: int, name: Any, topics: Any, multi: Any, ref: Any,
                    tos: Any, offset: Any, count: Any, max_reclaims: Any, reclaim_timeout: Any,
-                   on_max: Any) -> None:
+                   on_max: Any, backoff: Any = None) -> None:
         _ids.check_proc_name(name)
         if type(topics) is not list or not topics or type(tos) is not list:
             raise InvalidArgument("from_ and to are topic names or lists of them")
@@ -1554,6 +1758,7 @@ class Node:
         _ids.parse_offset(offset)
         count = _count(count)
         opts = _opts(max_reclaims, reclaim_timeout, on_max)
+        backoff = _backoff(backoff)
         names = [f"{name}__{t}" for t in topics] if multi else [name]
         for pn in names:
             _ids.check_proc_name(pn)
@@ -1574,7 +1779,7 @@ class Node:
                 states.append(_procs.state(pn, rec))
             tx.put_sysproc(name, {"procs": names, "topics": topics, "processor": ref,
                                   "to": tos, "count": count, "multi": bool(multi),
-                                  "created_at": tx.now})
+                                  "created_at": tx.now, "backoff": backoff})
             return states
         self._write(conn, rid, fn)
 
@@ -1594,7 +1799,12 @@ class Node:
             name, key, kind, items = done
             _ids.check_proc_name(name)
             key = _claimed(key)
-            items = _items(items) if kind == "commit" else None
+            if kind == "commit":
+                items = _items(items)
+            elif kind == "reclaim":
+                items = _failure(items)
+            else:
+                items = None
             if self.supervisor is not None:
                 self.supervisor.count(conn.worker["slot"], kind == "reclaim")
         st = {"done": None if done is None else (name, key, kind, items)}
@@ -1609,7 +1819,25 @@ class Node:
             return self._claim_any(tx, rid)
 
         def finish(ok: bool, value: Any) -> None:
+            d = st["done"]
             st["done"] = None
+            if not ok and isinstance(value, (StorageFull, InternalError)):
+                # the store refused the write: not the processor's fault. The node writes
+                # the outcome again after a back-off; the worker waits for work meanwhile.
+                if d is not None:
+                    self._hold(d, value)
+                    value = None
+                else:
+                    self._store_fails += 1
+                    delay = min(DEFAULT_BACKOFF[1],
+                                DEFAULT_BACKOFF[0] * 2.0 ** min(self._store_fails - 1, 64))
+                    log.warning("the store refused a worker's claim (%s); trying again in "
+                                "%.1f s", value, delay)
+                    self.timers.after(delay, lambda: self._wake_sys(1))
+                    value = None
+                ok = True
+            elif ok and value is not None:
+                self._store_fails = 0
             if not ok:
                 conn.fail(rid, value)
                 return
@@ -1647,9 +1875,50 @@ class Node:
                 if items:
                     tx.append(items)
             else:
-                _procs.reclaim(tx, name, key)
+                _procs.reclaim(tx, name, key, items or {
+                    "type": "ProcessorFailed", "message": "the processor failed"})
+                new = tx.proc(name)
+                self._failed(name, new, new["last_error"])
         except PipeProcError as exc:
             log.info("worker outcome for %s dropped: %s", name, exc)
+
+    def _hold(self, outcome: tuple, err: PipeProcError) -> None:
+        """The store refused a worker's outcome: write it again after a back-off (store
+        failures are not the processor's: they never count toward max_reclaims, and the
+        claim does not time out meanwhile). The stage resumes by itself once writes succeed."""
+        name = outcome[0]
+        entry = self._held.get(name)
+        if entry is None or entry[0] is not outcome:
+            entry = self._held[name] = [outcome, 0]
+        entry[1] += 1
+        sysdef = self.sys_names().get(name) or {}
+        first, cap = sysdef.get("backoff") or DEFAULT_BACKOFF
+        first = first or DEFAULT_BACKOFF[0]
+        delay = min(max(cap, first), first * 2.0 ** min(entry[1] - 1, 64))
+        key = outcome[1]
+        log.warning("the store refused the outcome (%s) of system proc %r on logs %s-%s..%s-%s: "
+                    "%s: %s; writing it again in %.1f s (a store failure does not count "
+                    "toward max_reclaims)", outcome[2], name, key[0], key[1], key[2], key[3],
+                    err.code, err.message, delay)
+
+        def retry() -> None:
+            if self.stopping.is_set():
+                return
+            self.writer.submit(lambda tx: self._apply_outcome(tx, *outcome), done)
+
+        def done(ok: bool, value: Any) -> None:
+            if not ok and isinstance(value, (StorageFull, InternalError)):
+                self._hold(outcome, value)
+                return
+            if self._held.get(name) is entry:
+                del self._held[name]
+            if ok:
+                log.warning("the store accepts writes again: the outcome of system proc %r "
+                            "was written after %d attempt(s)", name, entry[1] + 1)
+            else:
+                log.error("the outcome of system proc %r was dropped: %s", name, value)
+            self.arm_timeout(name)
+        self.timers.after(delay, retry)
 
     def _claim_any(self, tx: Any, rid: int) -> Any:
         """Claim for a worker from the system procs with work, round robin."""
@@ -1660,10 +1929,10 @@ class Node:
             idx = (self.rr + i) % n
             name = names[idx]
             rec = tx.proc(name)
-            if rec is None or rec["status"] != "active":
+            if rec is None or rec["status"] != "active" or self._in_backoff(name):
                 continue
             d = defs[name]
-            rec = _procs.expire(tx, name, rec)
+            rec = self._expire_rec(tx, name, rec)
             recs = _procs.claim(tx, name, rec, d["count"])
             if recs is None:
                 continue
@@ -1681,6 +1950,21 @@ class Node:
     def op_shutdown(self, conn: Conn, rid: int) -> None:
         conn.reply(rid, None)
         threading.Thread(target=self.shutdown, daemon=True).start()
+
+
+def _failure(v: Any) -> Optional[dict]:
+    """A worker's report of a processor failure: ``{"type", "message", "traceback"}``."""
+    if type(v) is not dict:
+        return None
+    out = {}
+    for k, limit in (("type", 200), ("message", 2000), ("traceback", 20000)):
+        x = v.get(k)
+        if type(x) is str:
+            out[k] = x[:limit] if len(x) <= limit else x[:limit - 3] + "..."
+    if "type" not in out:
+        return None
+    out.setdefault("message", "")
+    return out
 
 
 def _count(count: Any) -> int:

@@ -252,11 +252,15 @@ class _Loop:
             items = [[t, encode_body(b)] for t in tos for b in bodies]
             return [name, key, "commit", items]
         except Exception as exc:
+            import traceback
             with _stats_lock:
                 self.stats["failures"] += 1
-            log.warning("processor %s failed on %s: %s: %s", ref,
-                        logs[0].id if logs else "?", type(exc).__name__, exc)
-            return [name, key, "reclaim", None]
+            # the node logs it (WARNING, ERROR when it disables the proc), naming the proc
+            # and the logs, and keeps it as the proc's last_error
+            log.debug("processor %s failed on %s: %s: %s", ref,
+                      logs[0].id if logs else "?", type(exc).__name__, exc)
+            return [name, key, "reclaim", {"type": type(exc).__name__, "message": str(exc),
+                                           "traceback": traceback.format_exc()}]
 
 
 _stats_lock = threading.Lock()

@@ -67,6 +67,7 @@ import msgpack
 
 from . import _client, _ids
 from ._client import (
+    DEFAULT_BACKOFF,
     DEFAULT_PAGE,
     HANDSHAKE_TIMEOUT,
     MIN_FRAME,
@@ -79,6 +80,7 @@ from ._client import (
     _check_count,
     _check_limit,
     _check_offset,
+    _check_backoff,
     _check_opts,
     _claim_key,
     _claim_result,
@@ -674,6 +676,9 @@ class AsyncPipeProc(_NodeRef):
 
         Raises:
             Timeout: ``timeout`` seconds passed first.
+            ProcIsDisabled: a proc it waits for is (or becomes) disabled by
+                ``max_reclaims`` with work left (a dead stage); the message names it and its
+                last error. A proc disabled by ``disable_proc`` is not waited for.
         """
         if names is not None:
             if isinstance(names, str):
@@ -723,8 +728,12 @@ class AsyncPipeProc(_NodeRef):
                           count: int = 1, max_reclaims: int = 10,
                           reclaim_timeout: Optional[float] = 10.0,
                           on_max_reclaims_reached: str = "disable",
+                          backoff: Tuple[float, float] = DEFAULT_BACKOFF,
                           ) -> Union[ProcState, List[ProcState]]:
         """Register a processor run by the node's workers on ``from_``'s logs (SPEC §6).
+
+        ``backoff=(first, cap)``: seconds between deliveries of a claim after a failure,
+        doubling with each failure in a row (see :meth:`PipeProc.system_proc`).
 
         Returns:
             The proc's state, or a list of states (one per topic) when ``from_`` is a list.
@@ -746,8 +755,10 @@ class AsyncPipeProc(_NodeRef):
         _check_offset(offset)
         _check_count(count)
         opts = _check_opts(max_reclaims, reclaim_timeout, on_max_reclaims_reached)
+        wire_backoff = _check_backoff(backoff)
         ref = processor_ref(processor)
-        states = await self._call("sysproc", name, topics, multi, ref, tos, offset, count, *opts)
+        states = await self._call("sysproc", name, topics, multi, ref, tos, offset, count, *opts,
+                                  wire_backoff)
         out = [ProcState(*s) for s in states]
         return out if multi else out[0]
 

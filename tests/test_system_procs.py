@@ -393,7 +393,10 @@ def test_log_that_kills_its_worker_every_time_disables_the_proc(spawner):
     assert [lg.body for lg in wait_len(pp, "ok_out", 1, timeout=10)] == [{"n": 10}]
     restarts = pp.stats()["workers"][0]["restarts"]
     assert restarts == 2
-    pp.wait_for_procs(timeout=10)
+    pp.wait_for_procs(["fine"], timeout=10)
+    with pytest.raises(pipeproc.PipeProcError) as e:  # a dead stage is not a finished one
+        pp.wait_for_procs(timeout=10)
+    assert e.value.code == "proc_is_disabled" and "killer" in e.value.message
     assert pp.stats()["workers"][0]["restarts"] == restarts
     assert "out" not in pp.topics()
 
@@ -411,20 +414,21 @@ def test_worker_killed_while_idle_is_restarted(spawner):
 
 
 def test_timed_out_worker_claim_is_redone_once(spawner, tmp_path):
-    """A processor slower than reclaim_timeout: the claim times out and another loop redoes
-    it; the late outcome of the slow execution is refused (claim identity), not committed."""
+    """A processor slower than reclaim_timeout (its time limit): the claim times out, the
+    slow worker is recycled (so its late outcome can never be written) and the log redone."""
     pp = spawner(workers=1, worker_concurrency=2)
     pp.system_proc(name="slow", from_="in", processor=f"{M}:slow_once", to="out",
                    reclaim_timeout=0.5)
     ids = pp.commit([{"topic": "in", "body": {"n": 1, "flag": str(tmp_path / "f"), "sleep": 2.0}}])
     logs = wait_len(pp, "out", 1, timeout=10)
     assert logs[0].body == {"n": 1, "slow": False}
-    wait_until(lambda: sum(w["executions"] for w in pp.stats()["workers"]) >= 2, timeout=10,
-               what="the slow execution reported")
+    wait_until(lambda: pp.stats()["workers"][0]["restarts"] >= 1, timeout=10,
+               what="the slow worker recycled")
     pp.wait_for_procs(["slow"], timeout=10)
     assert [lg.body for lg in pp.range("out")] == [{"n": 1, "slow": False}]
     st = pp.inspect_proc("slow")
     assert st.last_acked_range == f"{ids[0]}..{ids[0]}" and st.status == "active"
+    assert st.last_error["type"] == "TimeLimitExceeded"
 
 
 def test_system_proc_options(spawner):
