@@ -1510,6 +1510,10 @@ class Node:
                     "reclaims": rec["reclaims"], "lag": _procs.lag(r, rec),
                     "last_acked_range": _procs.range_str(rec["acked"]),
                     "last_error": rec.get("last_error"),
+                    # a system proc held back after a failure (seconds left), and a worker's
+                    # outcome the store refused that the node writes again (attempts so far)
+                    "backoff_left": max(0.0, self._backoff.get(name, 0.0) - time.monotonic()),
+                    "store_retries": (self._held.get(name) or (None, 0))[1],
                 }
         info = store.env.info()
         stat = store.env.stat()
@@ -1896,10 +1900,12 @@ class Node:
         first = first or DEFAULT_BACKOFF[0]
         delay = min(max(cap, first), first * 2.0 ** min(entry[1] - 1, 64))
         key = outcome[1]
-        log.warning("the store refused the outcome (%s) of system proc %r on logs %s-%s..%s-%s: "
-                    "%s: %s; writing it again in %.1f s (a store failure does not count "
-                    "toward max_reclaims)", outcome[2], name, key[0], key[1], key[2], key[3],
-                    err.code, err.message, delay)
+        # WARNING at the first refusal (and every 20th), the retries in between at DEBUG
+        (log.warning if entry[1] == 1 or entry[1] % 20 == 0 else log.debug)(
+            "the store refused the outcome (%s) of system proc %r on logs %s-%s..%s-%s: "
+            "%s: %s; writing it again in %.1f s (a store failure does not count toward "
+            "max_reclaims; attempt %d)", outcome[2], name, key[0], key[1], key[2], key[3],
+            err.code, err.message, delay, entry[1])
 
         def retry() -> None:
             if self.stopping.is_set():
@@ -1999,9 +2005,36 @@ def _write_private(path: str, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def _test_wall_clock(path: str) -> None:
+    """Tests only (``PIPEPROC_TEST_WALL_CLOCK=<file>``): the node's wall clock is the real
+    one plus the offset in ms written in ``file`` (read at most every 20 ms), so a test can
+    step the wall clock back without root. Never set in production."""
+    real_ns = time.time_ns
+    state = [0.0, 0]
+
+    def offset_ms() -> int:
+        now = time.monotonic()
+        if now - state[0] > 0.02:
+            state[0] = now
+            try:
+                with open(path) as f:
+                    state[1] = int(f.read().strip() or 0)
+            except (OSError, ValueError):
+                pass
+        return state[1]
+
+    def fake_ns() -> int:
+        return real_ns() + offset_ms() * 1_000_000
+
+    time.time_ns = fake_ns  # type: ignore[assignment]
+    time.time = lambda: fake_ns() / 1e9  # type: ignore[assignment]
+
+
 def main() -> None:
     """Entry point of the node process (``python -m pipeproc._node``)."""
     os.umask(0o077)
+    if os.environ.get("PIPEPROC_TEST_WALL_CLOCK"):
+        _test_wall_clock(os.environ["PIPEPROC_TEST_WALL_CLOCK"])
     stdin = sys.stdin.buffer
     size = int.from_bytes(stdin.read(4), "big")
     cfg = msgpack.unpackb(stdin.read(size), raw=False)

@@ -336,11 +336,20 @@ def cmd_topics(args: argparse.Namespace) -> int:
     return RET_OK
 
 
+def short_error(err: Any, width: int = 48) -> str:
+    """A proc's ``last_error`` in one short cell: ``Type: message`` truncated, or ``-``."""
+    if not isinstance(err, dict):
+        return "-"
+    text = f"{err.get('type')}: {err.get('message')}".replace("\n", " ")
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
 def procs_table(procs: Dict[str, dict]) -> str:
     rows = [[name, p.get("topic"), p.get("status"), p.get("pending") or "-",
-             p.get("reclaims"), p.get("lag")] for name, p in sorted(procs.items())]
-    return table(["NAME", "TOPIC", "STATUS", "PENDING CLAIM", "RECLAIMS", "LAG"], rows,
-                 right=(4, 5))
+             p.get("reclaims"), p.get("lag"), short_error(p.get("last_error"))]
+            for name, p in sorted(procs.items())]
+    return table(["NAME", "TOPIC", "STATUS", "PENDING CLAIM", "RECLAIMS", "LAG", "LAST ERROR"],
+                 rows, right=(4, 5))
 
 
 def cmd_procs(args: argparse.Namespace) -> int:
@@ -359,11 +368,25 @@ def _print_state(state: Any, as_json: bool) -> None:
         out(dumps(d))
         return
     for k, v in d.items():
+        if k == "last_error":
+            continue
         if k.endswith("_at"):
             v = f"{v} ({human_ms(v)})" if v else "0 (never)"
         elif v == "":
             v = "-"
         out(f"{k + ':':<25} {v}")
+    err = d.get("last_error")
+    if not isinstance(err, dict):
+        out(f"{'last_error:':<25} -")
+        return
+    at = err.get("at") or 0
+    out(f"{'last_error:':<25} {err.get('type')}: {err.get('message')}")
+    out(f"{'  on logs:':<25} {err.get('range') or '-'}")
+    out(f"{'  at:':<25} {at} ({human_ms(at)})" if at else f"{'  at:':<25} -")
+    if err.get("traceback"):
+        out("  traceback:")
+        for line in str(err["traceback"]).rstrip().splitlines():
+            out(f"    {line}")
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -562,7 +585,7 @@ def make_parser() -> argparse.ArgumentParser:
 
     add("topics", "list topics with their length and stored logs", cmd_topics,
         "  pipeproc topics --json\n")
-    add("procs", "list procs: topic, status, pending claim, reclaims, lag", cmd_procs,
+    add("procs", "list procs: topic, status, pending claim, reclaims, lag, last error", cmd_procs,
         "  pipeproc procs\n")
 
     p = add("inspect", "print the full state of a proc", cmd_inspect,
