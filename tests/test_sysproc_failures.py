@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -15,6 +17,7 @@ import pipeproc
 from pipeproc import aio
 
 M = "procmods.sysfail_mods"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MB = 1024 * 1024
 
 
@@ -117,6 +120,30 @@ def test_aio_system_proc_backoff_and_dead_stage(spawner):
         finally:
             await a.close()
     asyncio.run(main())
+
+
+def test_cli_procs_and_inspect_show_the_last_error(spawner, tmp_path):
+    loc = tmp_path / "store"
+    pp = spawner(loc, workers=1)
+    pp.system_proc(name="bad", from_="in", processor=f"{M}:fails", max_reclaims=1)
+    [lid] = pp.commit([{"topic": "in", "body": {"n": 3}}])
+    wait_until(lambda: pp.inspect_proc("bad").status == "disabled", what="disabled")
+    env = dict(os.environ, PYTHONPATH=ROOT)
+
+    def cli(*args):
+        r = subprocess.run([sys.executable, "-m", "pipeproc", "--location", str(loc), *args],
+                           capture_output=True, text=True, timeout=60, env=env)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+    header, row = cli("procs").splitlines()
+    assert header.split()[-2:] == ["LAST", "ERROR"]
+    assert row.split()[:3] == ["bad", "in", "disabled"]
+    assert row.endswith("ValueError: cannot handle n=3")
+    text = cli("inspect", "bad")
+    line = next(ln for ln in text.splitlines() if ln.startswith("last_error:"))
+    assert line.split(None, 1)[1] == "ValueError: cannot handle n=3"
+    assert "on logs:" in text and f"{lid}..{lid}" in text
+    assert "traceback:" in text and "in fails" in text and "Traceback" in text
 
 
 # ---------------------------------------------------------------- wait_for_procs
