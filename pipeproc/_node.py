@@ -1033,7 +1033,7 @@ class Node:
                 err = _procs.error_info("WorkerDied", msg, tx.now, rec["claimed"])
                 new = _procs._reclaimed(rec, err)
                 tx.put_proc(name, new)
-                self._failed(name, new, err, backoff=worker is not None)
+                self._note(tx, "failed", name, new, err, worker is not None)
 
     def _release(self, tx: Any, claims: Dict[str, list]) -> None:
         """Drop claims without counting them: their holder was stopped for another reason."""
@@ -1046,6 +1046,21 @@ class Node:
 
     # -- failures of system procs: logs, last_error, back-off
 
+    @staticmethod
+    def _note(tx: Any, *note: Any) -> None:
+        """Something to do once ``tx`` is committed (see :meth:`_after_notes`): a failure
+        is logged and backed off, a worker recycled, only if its reclaim was written."""
+        tx.__dict__.setdefault("sysfail_notes", []).append(note)
+        if note[0] == "failed":  # not claimed again in the same write (its back-off)
+            tx.__dict__.setdefault("sysfail_skip", set()).add(note[1])
+
+    def _after_notes(self, tx: Any) -> None:
+        for note in tx.__dict__.get("sysfail_notes", ()):
+            if note[0] == "failed":
+                self._failed(*note[1:])
+            elif note[0] == "recycle":
+                self._recycle_holder(*note[1:])
+
     def _failed(self, name: str, new: dict, err: dict, backoff: bool = True) -> None:
         """Say that ``name``'s consumer failed (``new``: the record after the counted
         reclaim) and, for a system proc, hold its next delivery back."""
@@ -1055,7 +1070,7 @@ class Node:
         detail = f"{err['type']}: {err['message']}"
         if new["status"] == "disabled":
             self._backoff.pop(name, None)
-            log.error("%s %r failed on logs %s: %s\n%s %r is DISABLED: %d failures in a row "
+            log.error("%s %r failed on logs %s: %s\n%s %r is DISABLED: %d failure(s) in a row "
                       "reached max_reclaims=%d; its logs wait until resume_proc(%r)%s",
                       what, name, err["range"], detail, what, name, new["reclaims"],
                       new["max_reclaims"], name, ("\n" + tb.rstrip()) if tb else "")
@@ -1149,6 +1164,7 @@ class Node:
     def after_commit(self, tx: Any) -> None:
         if tx.sysprocs:
             self._sys_cache = None
+        self._after_notes(tx)
         topics, procs = tx.touched_topics, tx.touched_procs
         if not topics and not procs:
             return
@@ -1316,8 +1332,8 @@ class Node:
             "(a system proc's time limit); its worker was recycled", tx.now, rec["claimed"])
         new = _procs._reclaimed(rec, err)
         tx.put_proc(name, new)
-        self._failed(name, new, err)
-        self._recycle_holder(name, rec["claimed"])
+        self._note(tx, "failed", name, new, err)
+        self._note(tx, "recycle", name, rec["claimed"])
         return new
 
     def _arm(self, name: str, due: float) -> None:
@@ -1600,7 +1616,15 @@ class Node:
     def op_reclaim(self, conn: Conn, rid: int, name: Any, claimed: Any) -> None:
         _ids.check_proc_name(name)
         claimed = _claimed(claimed)
-        self._write(conn, rid, lambda tx: _procs.reclaim(tx, name, claimed))
+
+        def fn(tx: Any) -> str:
+            out = _procs.reclaim(tx, name, claimed)
+            new = tx.proc(name)
+            if new["status"] == "disabled":
+                log.error("proc %r is DISABLED: %d reclaims in a row reached max_reclaims=%d",
+                          name, new["reclaims"], new["max_reclaims"])
+            return out
+        self._write(conn, rid, fn)
 
     def op_disable(self, conn: Conn, rid: int, name: Any) -> None:
         _ids.check_proc_name(name)
@@ -1655,7 +1679,7 @@ class Node:
             order += [parsed[(start + i) % n] for i in range(n) if parsed[(start + i) % n][1]
                       not in created]
             for topic, name, offset, count, opts in order:
-                if self._in_backoff(name):
+                if self._in_backoff(name) or name in tx.__dict__.get("sysfail_skip", ()):
                     continue  # a system proc held back after a failure
                 rec = self._expire_rec(tx, name, tx.proc(name))
                 recs = _procs.claim(tx, name, rec, count)
@@ -1882,7 +1906,7 @@ class Node:
                 _procs.reclaim(tx, name, key, items or {
                     "type": "ProcessorFailed", "message": "the processor failed"})
                 new = tx.proc(name)
-                self._failed(name, new, new["last_error"])
+                self._note(tx, "failed", name, new, new["last_error"])
         except PipeProcError as exc:
             log.info("worker outcome for %s dropped: %s", name, exc)
 
@@ -1935,7 +1959,8 @@ class Node:
             idx = (self.rr + i) % n
             name = names[idx]
             rec = tx.proc(name)
-            if rec is None or rec["status"] != "active" or self._in_backoff(name):
+            if (rec is None or rec["status"] != "active" or self._in_backoff(name)
+                    or name in tx.__dict__.get("sysfail_skip", ())):
                 continue
             d = defs[name]
             rec = self._expire_rec(tx, name, rec)

@@ -81,6 +81,24 @@ def test_failing_processor_backs_off_records_last_error_and_logs(spawner, capfd)
     assert "ValueError: cannot handle n=7" in error_part
 
 
+def test_a_processor_workers_cannot_import_is_backed_off_and_reported(spawner, tmp_path):
+    """The issue's ModuleNotFoundError case: the workers cannot load the processor."""
+    mod = tmp_path / "gone.py"
+    mod.write_text("def process(log):\n    return log.body\n")
+    pp = spawner(workers=1)
+    pp.system_proc(name="imp", from_="in", processor=str(mod), max_reclaims=2,
+                   backoff=(0.3, 0.3))
+    mod.unlink()  # registered, then gone before a worker imports it
+    t0 = time.monotonic()
+    pp.commit({"topic": "in", "body": {"n": 1}})
+    with pytest.raises(pipeproc.PipeProcError) as e:
+        pp.wait_for_procs(timeout=30)
+    assert time.monotonic() - t0 >= 0.3
+    assert e.value.code == "proc_is_disabled" and "InvalidProcessor" in e.value.message
+    err = pp.inspect_proc("imp").last_error
+    assert err["type"] == "InvalidProcessor" and "gone.py" in err["message"]
+
+
 def test_backoff_keyword_is_validated_and_persisted(spawner, tmp_path):
     loc = tmp_path / "store"
     pp = spawner(loc, workers=0)
