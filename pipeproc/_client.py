@@ -591,6 +591,11 @@ class PipeProc(_NodeRef):
                     on_max_reclaims_reached: str = "disable") -> Union[ProcState, List[ProcState]]:
         """Register a processor run by the node's workers on ``from_``'s logs (SPEC §6).
 
+        Called again with the same ``name`` and ``from_``, it updates the definition
+        (``processor``, ``to``, ``count``) from the next claim on; the proc keeps its position,
+        its options and its status (a disabled proc stays disabled until ``resume_proc``).
+        The same ``name`` with another ``from_`` raises ``proc_name_not_unique``.
+
         Returns:
             The proc's state, or a list of states (one per topic) when ``from_`` is a list.
         """

@@ -1561,8 +1561,8 @@ class Node:
         def fn(tx: Any) -> list:
             existing = tx.sysproc(name)
             if existing is not None:
-                return [_procs.state(pn, tx.proc(pn)) for pn in existing["procs"]
-                        if tx.proc(pn) is not None]
+                return self._sysproc_again(tx, name, existing, names, topics, ref, tos, count,
+                                           offset, opts)
             for pn, t in zip(names, topics):  # check everything before writing
                 rec = tx.proc(pn)
                 if rec is not None and rec["topic"] != t:
@@ -1577,6 +1577,38 @@ class Node:
                                   "created_at": tx.now})
             return states
         self._write(conn, rid, fn)
+
+    def _sysproc_again(self, tx: Any, name: str, existing: dict, names: list, topics: list,
+                       ref: str, tos: list, count: int, offset: str, opts: tuple) -> list:
+        """``system_proc`` on a name that exists: same procs and topics update the definition
+        (processor, ``to``, ``count``; from the next claim on), anything else is
+        ``proc_name_not_unique``. The procs keep their position and frozen options."""
+        if existing["procs"] != names or existing["topics"] != topics:
+            from .errors import ProcNameNotUnique
+            raise ProcNameNotUnique(
+                f"system proc {name!r} already exists on topic(s) {existing['topics']!r} "
+                f"(procs {existing['procs']!r}); a system proc is updated only with the same "
+                "from_; destroy it first (destroy_proc) or choose another name")
+        states = []
+        for pn, t in zip(names, topics):
+            rec = _procs.ensure(tx, pn, t, offset, *opts)
+            states.append(_procs.state(pn, rec))
+            kept = (rec["max_reclaims"], rec["reclaim_timeout"], rec["on_max"])
+            if kept != tuple(opts) or rec["offset"] != offset:
+                log.info("system proc %s: proc %s keeps its offset %r and options "
+                         "max_reclaims=%s reclaim_timeout=%s on_max_reclaims_reached=%s "
+                         "(the ones given again are ignored)", name, pn, rec["offset"], *kept)
+        old = {k: existing[k] for k in ("processor", "to", "count")}
+        new = {"processor": ref, "to": tos, "count": count}
+        if new != old:
+            d = dict(existing)
+            d.update(new)
+            d["updated_at"] = tx.now
+            tx.put_sysproc(name, d)
+            log.info("system proc %s updated from the next claim on: %s -> %s", name,
+                     " ".join(f"{k}={v!r}" for k, v in old.items()),
+                     " ".join(f"{k}={v!r}" for k, v in new.items()))
+        return states
 
     def op_hello_worker(self, conn: Conn, rid: int, slot: Any, pid: Any) -> None:
         conn.worker = {"slot": _int(slot, "slot"), "pid": _int(pid, "pid")}
