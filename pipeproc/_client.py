@@ -798,6 +798,9 @@ def _read_ready(fd: int, proc: subprocess.Popen, timeout: float) -> dict:
     return msgpack.unpackb(buf, raw=False)
 
 
+IDLE_CHECK = 0.05  # seconds between the two looks that find no node at a location
+
+
 def resolve_node(loc: Optional[str], address: Any, authkey: Optional[bytes]) -> Tuple[Any, bytes]:
     """The node's address and key: as given, else read from the location's files.
 
@@ -806,13 +809,21 @@ def resolve_node(loc: Optional[str], address: Any, authkey: Optional[bytes]) -> 
     """
     if address is not None and authkey is not None:
         return address, authkey
-    assert loc is not None
+    if loc is None:
+        raise InvalidArgument("connect(address=...) needs the node's authkey= as well (or "
+                              "location=, the node's directory, which holds its key)")
     try:
         with open(os.path.join(loc, "node.address"), "rb") as f:
             info = msgpack.unpackb(f.read(), raw=False)
         with open(os.path.join(loc, "node.key"), "rb") as f:
             file_key = f.read()
     except OSError as exc:
+        if address is not None and authkey is None and not os.path.exists(
+                os.path.join(loc, "node.key")):
+            raise NoActiveNode(
+                f"no key for the node at {address!r}: {os.path.join(loc, 'node.key')} does not "
+                "exist; pass authkey= (the node's key, pp.authkey) or location= (the node's "
+                "directory, which holds its key file node.key)") from None
         raise NoActiveNode(f"no node at {loc}: {exc}") from None
     a = info["address"]
     if address is None:
@@ -820,14 +831,54 @@ def resolve_node(loc: Optional[str], address: Any, authkey: Optional[bytes]) -> 
     return address, authkey if authkey is not None else file_key
 
 
+def node_starting(loc: Optional[str]) -> bool:
+    """Whether a node may be running or starting at ``loc`` (``connect`` keeps trying).
+
+    ``False`` only when the location exists and nothing holds its lock (``node.lock``, held by
+    a node from its start to its end): no node is there and none is starting. When that cannot
+    be told (no ``loc``, a location not created yet, no ``/proc/locks``), ``True``.
+    """
+    if loc is None or not os.path.isdir(loc):
+        return True
+    try:
+        ino = str(os.stat(os.path.join(loc, "node.lock")).st_ino)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    try:
+        with open("/proc/locks") as f:
+            locks = f.read()
+    except OSError:
+        return True
+    for line in locks.splitlines():
+        # "3: FLOCK  ADVISORY  WRITE 12207 fe:00:2147199 0 EOF" (the device is not compared:
+        # overlay file systems report another one; a false match only means waiting)
+        parts = line.split()
+        if "FLOCK" in parts and any(p.count(":") == 2 and p.rsplit(":", 1)[1] == ino
+                                    for p in parts):
+            return True
+    return False
+
+
+def no_node_error(loc: str, last: PipeProcError) -> NoActiveNode:
+    """The error of a connect to a location where no node runs or starts."""
+    return NoActiveNode(
+        f"no node is running or starting at {loc} (nothing holds {os.path.join(loc, 'node.lock')}"
+        f"): start one with pipeproc.spawn({loc!r}) or `pipeproc node --location {loc}` "
+        f"({last.message})")
+
+
 def connect(location: Any = None, *, address: Any = None, authkey: Optional[bytes] = None,
             timeout: float = 5.0) -> PipeProc:
     """Connect to a running node, by its location or by ``address`` and ``authkey``.
 
-    Retries until ``timeout`` seconds have passed; never hangs.
+    Retries until ``timeout`` seconds have passed while a node may be starting; never hangs.
+    A location that exists but where no node runs or starts (nothing holds its lock) fails
+    at once.
 
     Raises:
-        NoActiveNode: no node answered within ``timeout``.
+        NoActiveNode: no node answered within ``timeout``, or none runs at ``location``.
         AuthFailed: the node refused the key.
     """
     if (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
@@ -838,6 +889,7 @@ def connect(location: Any = None, *, address: Any = None, authkey: Optional[byte
     deadline = time.monotonic() + timeout
     delay = 0.01
     last: Exception = NoActiveNode("no node")
+    idle_since: Optional[float] = None
     while True:
         try:
             addr, key = resolve_node(loc, address, authkey)
@@ -852,6 +904,12 @@ def connect(location: Any = None, *, address: Any = None, authkey: Optional[byte
             raise
         except NoActiveNode as exc:
             last = exc
+            if node_starting(loc):
+                idle_since = None
+            elif idle_since is None:
+                idle_since = time.monotonic()
+            elif time.monotonic() - idle_since >= IDLE_CHECK:  # seen twice: not a start race
+                raise no_node_error(loc, exc)  # type: ignore[arg-type]
         if time.monotonic() + delay > deadline:
             raise NoActiveNode(f"{last.message} (gave up after {timeout} s)")
         time.sleep(delay)
