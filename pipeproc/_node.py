@@ -1793,6 +1793,7 @@ def main() -> None:
             return
         _private.check_entries(location, memory=cfg["memory"])
         if cfg.get("temp_location"):
+            os.write(lock_fd, _private.TEMP_MARK)  # after the pid: what clean_stale_temp removes
             _private.clean_stale_temp(location)
         cfg["authkey"] = cfg.get("authkey") or os.urandom(32)
         node = Node(cfg)

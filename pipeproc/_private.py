@@ -38,6 +38,9 @@ SOCKET = "node.sock"
 STORE = "store"
 STORE_FILES = ("data.mdb", "lock.mdb")
 TEMP_PREFIX = "pipeproc-"
+#: Written into ``node.lock`` after the pid by a node whose location is a temporary
+#: directory of its own (a memory node without a location).
+TEMP_MARK = b" temporary"
 
 
 def _refuse(path: str, what: str, fix: str) -> InvalidArgument:
@@ -216,9 +219,10 @@ def clean_stale_temp(location: str) -> None:
     """Remove the temporary directories of memory nodes of this user that died without
     cleaning up (kill -9), next to ``location`` (a memory node's own temporary directory).
 
-    A directory is stale when its ``node.lock`` names a node (written only once it held the
-    lock) and nobody holds the lock any more: its node is dead. A node still starting has
-    not written its lock, and is never touched."""
+    A directory is stale when its ``node.lock`` says a memory node made it its temporary
+    location (written only once that node held the lock), nobody holds the lock any more
+    (its node is dead) and it holds nothing but the node's files. A node still starting
+    has not written its lock, and is never touched; neither is a location a user chose."""
     import fcntl
     parent = os.path.dirname(location)
     uid = os.geteuid()
@@ -237,7 +241,9 @@ def clean_stale_temp(location: str) -> None:
             continue
         try:
             st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_uid != uid or not os.read(fd, 64).strip():
+            if (not stat.S_ISREG(st.st_mode) or st.st_uid != uid
+                    or not os.read(fd, 64).endswith(TEMP_MARK)
+                    or not all(n.startswith("node.") for n in os.listdir(entry.path))):
                 continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

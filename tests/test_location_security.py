@@ -307,11 +307,17 @@ def test_a_killed_memory_nodes_temp_dir_is_removed_at_the_next_start(tmp_path, m
     other = private_dir(os.path.join(tmp, "pipeproc-unrelated"))
     empty_lock = private_dir(os.path.join(tmp, "pipeproc-starting"))
     open(os.path.join(empty_lock, "node.lock"), "wb").close()  # a node not locked yet
+    chosen = os.path.join(tmp, "pipeproc-chosen")  # a location a user chose, node stopped
+    spawn(chosen).shutdown()
+    chosen_mem = os.path.join(tmp, "pipeproc-chosen-mem")
+    spawn(chosen_mem, memory=True).shutdown()
     live = spawn(None, memory=True)
     try:
         assert not os.path.exists(old)
         assert os.path.exists(live.location)
         assert os.path.exists(other) and os.path.exists(empty_lock)
+        assert os.path.exists(os.path.join(chosen, "store", "data.mdb"))
+        assert os.path.exists(os.path.join(chosen_mem, "node.lock"))
         second = spawn(None, memory=True)  # a live memory node's directory is kept
         try:
             assert os.path.exists(live.location)
