@@ -339,6 +339,13 @@ def _rss_anon_kib(pid):
     raise AssertionError("no RssAnon")
 
 
+def _unsent(c):
+    """Bytes ``c`` sent that its peer has not read yet (a Unix socket's send queue)."""
+    import fcntl
+    import termios
+    return struct.unpack("i", fcntl.ioctl(c.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+
+
 def _ping(c, rid):
     c.send_bytes(msgpack.packb([rid, "ping"]))
     reply = msgpack.unpackb(c.recv_bytes(), raw=False)
@@ -359,7 +366,9 @@ def test_a_peer_stalling_in_a_big_frame_costs_what_it_sent_and_is_dropped(tmp_pa
             c = Client(address, authkey=key)
             os.write(c.fileno(), struct.pack("!i", 60 << 20) + b"x" * 1024)
             peers.append(c)
-        _ping(healthy, 2)  # the node has read what the peers sent (level-triggered loop)
+        for i, c in enumerate(peers):
+            wait_for(lambda: _unsent(c) == 0, 30, f"the node to read what peer {i} sent")
+        _ping(healthy, 2)
         grown = _rss_anon_kib(pid) - before
         assert grown < 32 * 1024, f"the node grew by {grown} KiB for 4 KiB of stalled frames"
 
