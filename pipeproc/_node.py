@@ -99,6 +99,8 @@ SOLO_WINDOW = 0.002
 
 
 HANDSHAKE_TIMEOUT = 10.0  # seconds a peer has to complete the authkey handshake
+_HANDSHAKE_TV = struct.pack("ll", int(HANDSHAKE_TIMEOUT), 0)
+_NO_TV = struct.pack("ll", 0, 0)
 # Seconds an authenticated peer may stall in the middle of a request (no byte of it
 # arriving) before it is disconnected; ``PIPEPROC_STALL_TIMEOUT`` overrides it (tests).
 STALL_TIMEOUT = 30.0
@@ -110,8 +112,17 @@ def _stall_timeout() -> float:
     except ValueError:
         value = STALL_TIMEOUT
     return value if value > 0 and math.isfinite(value) else STALL_TIMEOUT
-_HANDSHAKE_TV = struct.pack("ll", int(HANDSHAKE_TIMEOUT), 0)
-_NO_TV = struct.pack("ll", 0, 0)
+
+
+def _unread(sock: Optional[socket.socket]) -> int:
+    """Bytes received on ``sock`` and not read yet (0 when unknown)."""
+    try:
+        import fcntl
+        import termios
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD,  # type: ignore[union-attr]
+                                              b"\0\0\0\0"))[0]
+    except (OSError, ValueError, AttributeError):
+        return 0
 
 
 def _peer(sock: socket.socket) -> str:
@@ -1010,6 +1021,8 @@ class Node:
         for conn in conns:
             since = conn.progress
             if since and now - since > self.stall_timeout and not conn.closed:
+                if _unread(conn.sock):  # the peer did send: the I/O loop was busy, not it
+                    continue
                 log.warning("connection %d (%s) stalled in the middle of a request for more "
                             "than %g s; closing it", conn.id,
                             _peer(conn.sock) if conn.sock is not None else "?",
@@ -1208,8 +1221,6 @@ class Node:
         else:
             self._gc_pass = None
             self.timers.after(self.gc_interval, self.gc_tick)
-        self.stall_timeout = _stall_timeout()
-        self.timers.after(self._stall_check(), self._drop_stalled)
 
     def _gc(self, tx: Any) -> bool:
         """One bounded step of a GC pass; ``True`` when the pass has more to do."""
