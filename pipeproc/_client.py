@@ -28,7 +28,7 @@ from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tu
 
 import msgpack
 
-from . import _ids, _procs
+from . import _ids, _private, _procs
 from ._protocol import ERR, REPLY_LIMIT, Channel, decode, encode_body, pack
 from .errors import (
     AuthFailed,
@@ -806,6 +806,8 @@ def resolve_node(loc: Optional[str], address: Any, authkey: Optional[bytes]) -> 
 
     Raises:
         NoActiveNode: the location holds no running node's files.
+        InvalidArgument: the location, or a file read from it, is not private to this user
+            (another user's, writable by others, a symbolic link).
     """
     if address is not None and authkey is not None:
         return address, authkey
@@ -813,10 +815,9 @@ def resolve_node(loc: Optional[str], address: Any, authkey: Optional[bytes]) -> 
         raise InvalidArgument("connect(address=...) needs the node's authkey= as well (or "
                               "location=, the node's directory, which holds its key)")
     try:
-        with open(os.path.join(loc, "node.address"), "rb") as f:
-            info = msgpack.unpackb(f.read(), raw=False)
-        with open(os.path.join(loc, "node.key"), "rb") as f:
-            file_key = f.read()
+        _private.check_location(loc)
+        info = msgpack.unpackb(_private.read_private(os.path.join(loc, "node.address")), raw=False)
+        file_key = _private.read_private(os.path.join(loc, "node.key"))
     except OSError as exc:
         if address is not None and authkey is None and not os.path.exists(
                 os.path.join(loc, "node.key")):
