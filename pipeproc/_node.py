@@ -52,7 +52,7 @@ from typing import Any, Callable, Dict, List, Optional
 import lmdb
 import msgpack
 
-from . import _ids, _procs
+from . import _ids, _private, _procs
 from ._protocol import (
     BUSY_POLL,
     MAX_FRAME,
@@ -104,6 +104,28 @@ SOLO_WINDOW = 0.002
 HANDSHAKE_TIMEOUT = 10.0  # seconds a peer has to complete the authkey handshake
 _HANDSHAKE_TV = struct.pack("ll", int(HANDSHAKE_TIMEOUT), 0)
 _NO_TV = struct.pack("ll", 0, 0)
+# Seconds an authenticated peer may stall in the middle of a request (no byte of it
+# arriving) before it is disconnected; ``PIPEPROC_STALL_TIMEOUT`` overrides it (tests).
+STALL_TIMEOUT = 30.0
+
+
+def _stall_timeout() -> float:
+    try:
+        value = float(os.environ.get("PIPEPROC_STALL_TIMEOUT", STALL_TIMEOUT))
+    except ValueError:
+        value = STALL_TIMEOUT
+    return value if value > 0 and math.isfinite(value) else STALL_TIMEOUT
+
+
+def _unread(sock: Optional[socket.socket]) -> int:
+    """Bytes received on ``sock`` and not read yet (0 when unknown)."""
+    try:
+        import fcntl
+        import termios
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD,  # type: ignore[union-attr]
+                                              b"\0\0\0\0"))[0]
+    except (OSError, ValueError, AttributeError):
+        return 0
 
 
 def _peer(sock: socket.socket) -> str:
@@ -261,15 +283,18 @@ class Conn:
         self.live: set = set()              # hidden live procs owned by this connection
         self.recycled = False  # a worker the node killed (time limit): see conn_closed
         # read state, owned by the I/O loop: a buffer of frames [start, end), or a frame
-        # larger than the buffer being filled (big, big_have). The buffer is allocated
-        # when the loop takes the connection: a peer that never authenticates costs none.
+        # larger than the buffer being filled (big, growing as its bytes arrive up to
+        # big_need). The buffer is allocated when the loop takes the connection: a peer
+        # that never authenticates costs none.
         self.buf = bytearray()
         self.view = memoryview(self.buf)
         self.start = 0
         self.end = 0
         self.big: Optional[bytearray] = None
-        self.big_view: Optional[memoryview] = None
-        self.big_have = 0
+        self.big_need = 0
+        # when bytes of an incomplete frame last arrived (0.0: no frame in progress); a
+        # connection stalled mid-frame past the node's stall timeout is dropped
+        self.progress = 0.0
 
     # -- replies (from any thread; never block the caller on a slow reader)
 
@@ -529,13 +554,19 @@ class IOLoop:
         sock = conn.sock
         try:
             if conn.big is not None:  # a frame larger than the buffer, being filled
-                k = sock.recv_into(conn.big_view[conn.big_have:], 0, _DONTWAIT)  # type: ignore[union-attr]
+                # it grows by what arrives (through the connection's buffer), never by what
+                # the peer announced: a peer that announces 60 MiB and stalls costs what
+                # it sent
+                k = sock.recv_into(conn.view, min(len(conn.buf), conn.big_need - len(conn.big)),  # type: ignore[union-attr]
+                                   _DONTWAIT)
                 if not k:
                     raise EOFError
-                conn.big_have += k
-                if conn.big_have < len(conn.big):
+                conn.big += conn.view[:k]
+                if len(conn.big) < conn.big_need:
+                    conn.progress = time.monotonic()
                     return
-                frame, conn.big, conn.big_view = conn.big, None, None
+                frame, conn.big = conn.big, None
+                conn.progress = 0.0
                 if not self._serve(conn, frame):
                     self._drop(conn)
                 return
@@ -573,11 +604,10 @@ class IOLoop:
                 self._drop(conn)
                 return
             if 4 + n > len(buf):  # larger than the buffer: it gets its own
-                conn.big = bytearray(n)
-                conn.big_view = memoryview(conn.big)
-                conn.big_have = avail - 4
-                conn.big[:avail - 4] = buf[conn.start + 4:conn.end]
+                conn.big = bytearray(buf[conn.start + 4:conn.end])
+                conn.big_need = n
                 conn.start = conn.end = 0
+                conn.progress = time.monotonic()
                 return  # not complete: avail <= len(buf) < 4 + n
             if avail < 4 + n:
                 if conn.start + 4 + n > len(buf):  # the rest would not fit behind it
@@ -591,6 +621,8 @@ class IOLoop:
                 return
         if conn.closed:
             self._drop(conn)
+            return
+        conn.progress = time.monotonic() if conn.end > conn.start else 0.0
 
     def _serve(self, conn: Conn, data: Any) -> bool:
         """Decode and run one request; ``False``: it was malformed (drop the sender)."""
@@ -963,6 +995,8 @@ class Node:
             self.gc_min_prune = float(gc["min_prune_time"])
             self.gc_interval = float(gc["interval"])
             self.timers.after(self.gc_interval, self.gc_tick)
+        self.stall_timeout = _stall_timeout()
+        self.timers.after(self._stall_check(), self._drop_stalled)
 
     # -- serving
 
@@ -998,6 +1032,29 @@ class Node:
             with self.conns_lock:
                 self.conns[conn.id] = conn
             threading.Thread(target=conn.handshake, name=f"auth-{conn.id}", daemon=True).start()
+
+    def _stall_check(self) -> float:
+        return min(max(self.stall_timeout / 4, 0.25), 5.0)
+
+    def _drop_stalled(self) -> None:
+        """Drop the connections stalled mid-request past ``stall_timeout`` (timer thread):
+        a peer that announced a frame and stopped sending would hold it forever."""
+        if self.stopping.is_set():
+            return
+        now = time.monotonic()
+        with self.conns_lock:
+            conns = list(self.conns.values())
+        for conn in conns:
+            since = conn.progress
+            if since and now - since > self.stall_timeout and not conn.closed:
+                if _unread(conn.sock):  # the peer did send: the I/O loop was busy, not it
+                    continue
+                log.warning("connection %d (%s) stalled in the middle of a request for more "
+                            "than %g s; closing it", conn.id,
+                            _peer(conn.sock) if conn.sock is not None else "?",
+                            self.stall_timeout)
+                conn.close()  # the I/O loop sees the end of the stream and drops it
+        self.timers.after(self._stall_check(), self._drop_stalled)
 
     def conn_closed(self, conn: Conn) -> None:
         with self.conns_lock:
@@ -1794,8 +1851,8 @@ class Node:
         def fn(tx: Any) -> list:
             existing = tx.sysproc(name)
             if existing is not None:
-                return [_procs.state(pn, tx.proc(pn)) for pn in existing["procs"]
-                        if tx.proc(pn) is not None]
+                return self._sysproc_again(tx, name, existing, names, topics, ref, tos, count,
+                                           offset, opts, backoff)
             for pn, t in zip(names, topics):  # check everything before writing
                 rec = tx.proc(pn)
                 if rec is not None and rec["topic"] != t:
@@ -1810,6 +1867,41 @@ class Node:
                                   "created_at": tx.now, "backoff": backoff})
             return states
         self._write(conn, rid, fn)
+
+    def _sysproc_again(self, tx: Any, name: str, existing: dict, names: list, topics: list,
+                       ref: str, tos: list, count: int, offset: str, opts: tuple,
+                       backoff: Optional[List[float]] = None) -> list:
+        """``system_proc`` on a name that exists: same procs and topics update the definition
+        (processor, ``to``, ``count``, ``backoff``; from the next claim on), anything else is
+        ``proc_name_not_unique``. The procs keep their position and frozen options."""
+        if existing["procs"] != names or existing["topics"] != topics:
+            from .errors import ProcNameNotUnique
+            raise ProcNameNotUnique(
+                f"system proc {name!r} already exists on topic(s) {existing['topics']!r} "
+                f"(procs {existing['procs']!r}); a system proc is updated only with the same "
+                "from_; destroy it first (destroy_proc) or choose another name")
+        states = []
+        for pn, t in zip(names, topics):
+            rec = _procs.ensure(tx, pn, t, offset, *opts)
+            states.append(_procs.state(pn, rec))
+            kept = (rec["max_reclaims"], rec["reclaim_timeout"], rec["on_max"])
+            if kept != tuple(opts) or rec["offset"] != offset:
+                log.info("system proc %s: proc %s keeps its offset %r and options "
+                         "max_reclaims=%s reclaim_timeout=%s on_max_reclaims_reached=%s "
+                         "(the ones given again are ignored)", name, pn, rec["offset"], *kept)
+        old = {k: existing[k] for k in ("processor", "to", "count")}
+        old["backoff"] = existing.get("backoff") or list(DEFAULT_BACKOFF)
+        new = {"processor": ref, "to": tos, "count": count,
+               "backoff": backoff or list(DEFAULT_BACKOFF)}
+        if new != old:
+            d = dict(existing)
+            d.update(new)
+            d["updated_at"] = tx.now
+            tx.put_sysproc(name, d)
+            log.info("system proc %s updated from the next claim on: %s -> %s", name,
+                     " ".join(f"{k}={v!r}" for k, v in old.items()),
+                     " ".join(f"{k}={v!r}" for k, v in new.items()))
+        return states
 
     def op_hello_worker(self, conn: Conn, rid: int, slot: Any, pid: Any) -> None:
         conn.worker = {"slot": _int(slot, "slot"), "pid": _int(pid, "pid")}
@@ -2008,7 +2100,7 @@ def _count(count: Any) -> int:
 
 def _lock_location(location: str) -> Optional[int]:
     import fcntl
-    fd = os.open(os.path.join(location, "node.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    fd = _private.open_private(os.path.join(location, "node.lock"), os.O_RDWR | os.O_CREAT)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -2021,7 +2113,11 @@ def _lock_location(location: str) -> Optional[int]:
 
 def _write_private(path: str, data: bytes) -> None:
     tmp = f"{path}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:  # left by a dead node that had our pid (we hold the lock); a link is not followed
+        os.unlink(tmp)
+    except FileNotFoundError:
+        pass
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _private.NOFOLLOW, 0o600)
     try:
         os.write(fd, data)
         os.fsync(fd)
@@ -2077,12 +2173,16 @@ def main() -> None:
 
     location = cfg["location"]
     try:
-        os.makedirs(location, mode=0o700, exist_ok=True)
+        _private.check_location(location, create=True)
         lock_fd = _lock_location(location)
         if lock_fd is None:
             report({"error": ["node_already_active",
                               f"a node is already running on {location}"]})
             return
+        _private.check_entries(location, memory=cfg["memory"])
+        if cfg.get("temp_location"):
+            os.write(lock_fd, _private.TEMP_MARK)  # after the pid: what clean_stale_temp removes
+            _private.clean_stale_temp(location)
         cfg["authkey"] = cfg.get("authkey") or os.urandom(32)
         node = Node(cfg)
         try:
@@ -2099,6 +2199,9 @@ def main() -> None:
         node.serve()
         if node.supervisor is not None:
             node.supervisor.start()
+    except PipeProcError as exc:
+        report({"error": [exc.code, exc.message]})
+        return
     except Exception as exc:
         log.exception("node failed to start")
         report({"error": ["internal_error", f"node failed to start: {exc}"]})

@@ -732,6 +732,12 @@ class AsyncPipeProc(_NodeRef):
                           ) -> Union[ProcState, List[ProcState]]:
         """Register a processor run by the node's workers on ``from_``'s logs (SPEC §6).
 
+        Called again with the same ``name`` and ``from_``, it updates the definition
+        (``processor``, ``to``, ``count``, ``backoff``) from the next claim on; the proc keeps
+        its position, its options and its status (a disabled proc stays disabled until
+        ``resume_proc``).
+        The same ``name`` with another ``from_`` raises ``proc_name_not_unique``.
+
         ``backoff=(first, cap)``: seconds between deliveries of a claim after a failure,
         doubling with each failure in a row (see :meth:`PipeProc.system_proc`).
 
@@ -1012,7 +1018,9 @@ async def connect(location: Any = None, *, address: Any = None, authkey: Optiona
                   timeout: float = 5.0) -> AsyncPipeProc:
     """Connect to a running node, by its location or by ``address`` and ``authkey``.
 
-    Retries until ``timeout`` seconds have passed; never hangs.
+    Retries until ``timeout`` seconds have passed while a node may be starting; never hangs.
+    A location that exists but where no node runs or starts (nothing holds its lock) fails
+    at once.
 
     Args:
         location: the node's directory (``None``: ``./pipeproc_data``), where its address
@@ -1025,7 +1033,7 @@ async def connect(location: Any = None, *, address: Any = None, authkey: Optiona
         A connected :class:`AsyncPipeProc`.
 
     Raises:
-        NoActiveNode: no node answered within ``timeout``.
+        NoActiveNode: no node answered within ``timeout``, or none runs at ``location``.
         AuthFailed: the node refused the key.
     """
     if (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
@@ -1036,6 +1044,7 @@ async def connect(location: Any = None, *, address: Any = None, authkey: Optiona
     deadline = time.monotonic() + timeout
     delay = 0.01
     last: PipeProcError = NoActiveNode("no node")
+    idle_since: Optional[float] = None
     while True:
         try:
             addr, key = _client.resolve_node(loc, address, authkey)
@@ -1049,6 +1058,12 @@ async def connect(location: Any = None, *, address: Any = None, authkey: Optiona
             raise
         except NoActiveNode as exc:
             last = exc
+            if _client.node_starting(loc):
+                idle_since = None
+            elif idle_since is None:
+                idle_since = time.monotonic()
+            elif time.monotonic() - idle_since >= _client.IDLE_CHECK:
+                raise _client.no_node_error(loc, exc)  # type: ignore[arg-type]
         if time.monotonic() + delay > deadline:
             raise NoActiveNode(f"{last.message} (gave up after {timeout} s)")
         await asyncio.sleep(delay)

@@ -115,6 +115,9 @@ def test_backoff_keyword_is_validated_and_persisted(spawner, tmp_path):
     pp2 = spawner(loc, workers=0)
     assert pp2.stats()["system_procs"]["x"]["backoff"] == [0.5, 2.0]
     assert pp2.inspect_proc("x").last_error is None
+    # registering it again updates the back-off with the rest of the definition
+    pp2.system_proc(name="x", from_="in", processor=f"{M}:echo", backoff=(1, 4))
+    assert pp2.stats()["system_procs"]["x"]["backoff"] == [1.0, 4.0]
 
 
 def test_aio_system_proc_backoff_and_dead_stage(spawner):

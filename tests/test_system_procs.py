@@ -302,7 +302,9 @@ def test_from_list_creates_one_proc_per_topic(spawner):
     assert sorted(lg.body["n"] for lg in logs) == [2, 4]
 
 
-def test_creating_again_returns_it_unchanged(spawner):
+def test_creating_again_keeps_the_proc_and_updates_the_definition(spawner):
+    """SPEC §6 (issue 13 item 2): the proc (position, options) is unchanged, the definition
+    (processor, to, count) is the new one; see tests/test_sysproc_update.py."""
     pp = spawner(workers=0)
     first = pp.system_proc(name="once", from_="in", processor=f"{M}:double", to="out",
                            max_reclaims=4)
@@ -312,7 +314,10 @@ def test_creating_again_returns_it_unchanged(spawner):
                            max_reclaims=7, offset="$>")
     assert again == first
     assert again.created_at == first.created_at and again.max_reclaims == 4
-    assert pp.stats()["system_procs"]["once"] == definition
+    updated = pp.stats()["system_procs"]["once"]
+    assert updated["processor"] == f"{M}:inc" and updated["to"] == ["x", "y"]
+    assert {k: v for k, v in updated.items() if k not in ("processor", "to", "updated_at")} \
+        == {k: v for k, v in definition.items() if k not in ("processor", "to")}
     firsts = pp.system_proc(name="twice", from_=["a", "b"], processor=f"{M}:double")
     assert pp.system_proc(name="twice", from_=["a", "b"], processor=f"{M}:double") == firsts
 
