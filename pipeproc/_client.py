@@ -28,7 +28,7 @@ from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tu
 
 import msgpack
 
-from . import _ids, _procs
+from . import _ids, _private, _procs
 from ._protocol import ERR, REPLY_LIMIT, Channel, decode, encode_body, pack
 from .errors import (
     AuthFailed,
@@ -79,6 +79,10 @@ class ProcState(NamedTuple):
     max_reclaims: int
     reclaim_timeout: float
     on_max_reclaims_reached: str
+    #: ``None``, or the last failure of the proc's consumer (a system proc's processor
+    #: exception, dead worker or time limit): a dict with ``type``, ``message``,
+    #: ``traceback`` (when there is one), ``at`` (ms) and ``range`` (``"a..b"``).
+    last_error: Optional[dict] = None
 
 
 class AckCommit(NamedTuple):
@@ -162,6 +166,20 @@ def _check_opts(max_reclaims: Any, reclaim_timeout: Any, on_max: Any) -> tuple:
     if on_max not in ("disable", "continue"):
         raise InvalidArgument("on_max_reclaims_reached must be 'disable' or 'continue'")
     return max_reclaims, float(reclaim_timeout), on_max
+
+
+DEFAULT_BACKOFF = (0.1, 30.0)
+
+
+def _check_backoff(backoff: Any) -> List[float]:
+    """``system_proc``'s ``backoff``: ``(first delay, cap)`` in seconds, ``0 <= first <= cap``."""
+    if (not isinstance(backoff, (tuple, list)) or len(backoff) != 2
+            or any(isinstance(x, bool) or not isinstance(x, (int, float))
+                   or not math.isfinite(x) for x in backoff)
+            or not 0 <= backoff[0] <= backoff[1] <= MAX_TIMEOUT):
+        raise InvalidArgument(
+            f"backoff is (first delay, cap) in seconds with 0 <= first <= cap, got {backoff!r}")
+    return [float(backoff[0]), float(backoff[1])]
 
 
 def _check_offset(offset: Any) -> str:
@@ -548,6 +566,9 @@ class PipeProc(_NodeRef):
 
         Raises:
             Timeout: ``timeout`` seconds passed first.
+            ProcIsDisabled: a proc it waits for is (or becomes) disabled by
+                ``max_reclaims`` with work left (a dead stage); the message names it and its
+                last error. A proc disabled by ``disable_proc`` is not waited for.
         """
         if names is not None:
             if isinstance(names, str):
@@ -588,8 +609,22 @@ class PipeProc(_NodeRef):
     def system_proc(self, *, name: str, from_: Union[str, Sequence[str]], processor: Any,
                     to: Union[str, Sequence[str], None] = None, offset: str = ">", count: int = 1,
                     max_reclaims: int = 10, reclaim_timeout: Optional[float] = 10.0,
-                    on_max_reclaims_reached: str = "disable") -> Union[ProcState, List[ProcState]]:
+                    on_max_reclaims_reached: str = "disable",
+                    backoff: Tuple[float, float] = DEFAULT_BACKOFF,
+                    ) -> Union[ProcState, List[ProcState]]:
         """Register a processor run by the node's workers on ``from_``'s logs (SPEC §6).
+
+        Called again with the same ``name`` and ``from_``, it updates the definition
+        (``processor``, ``to``, ``count``, ``backoff``) from the next claim on; the proc keeps
+        its position, its options and its status (a disabled proc stays disabled until
+        ``resume_proc``).
+        The same ``name`` with another ``from_`` raises ``proc_name_not_unique``.
+
+        A failed delivery (the processor raised, its worker died, or it ran longer than
+        ``reclaim_timeout``, which is the processor's time limit) is counted toward
+        ``max_reclaims`` and delivered again after a back-off: ``backoff=(first, cap)``
+        seconds, doubling with each failure in a row (default 0.1 s up to 30 s; ``(0, 0)``:
+        none). It is persisted with the system proc.
 
         Returns:
             The proc's state, or a list of states (one per topic) when ``from_`` is a list.
@@ -608,8 +643,10 @@ class PipeProc(_NodeRef):
         _check_offset(offset)
         _check_count(count)
         opts = _check_opts(max_reclaims, reclaim_timeout, on_max_reclaims_reached)
+        wire_backoff = _check_backoff(backoff)
         ref = processor_ref(processor)
-        states = self._call("sysproc", name, topics, multi, ref, tos, offset, count, *opts)
+        states = self._call("sysproc", name, topics, multi, ref, tos, offset, count, *opts,
+                            wire_backoff)
         out = [ProcState(*s) for s in states]
         return out if multi else out[0]
 
@@ -794,21 +831,33 @@ def _read_ready(fd: int, proc: subprocess.Popen, timeout: float) -> dict:
     return msgpack.unpackb(buf, raw=False)
 
 
+IDLE_CHECK = 0.05  # seconds between the two looks that find no node at a location
+
+
 def resolve_node(loc: Optional[str], address: Any, authkey: Optional[bytes]) -> Tuple[Any, bytes]:
     """The node's address and key: as given, else read from the location's files.
 
     Raises:
         NoActiveNode: the location holds no running node's files.
+        InvalidArgument: the location, or a file read from it, is not private to this user
+            (another user's, writable by others, a symbolic link).
     """
     if address is not None and authkey is not None:
         return address, authkey
-    assert loc is not None
+    if loc is None:
+        raise InvalidArgument("connect(address=...) needs the node's authkey= as well (or "
+                              "location=, the node's directory, which holds its key)")
     try:
-        with open(os.path.join(loc, "node.address"), "rb") as f:
-            info = msgpack.unpackb(f.read(), raw=False)
-        with open(os.path.join(loc, "node.key"), "rb") as f:
-            file_key = f.read()
+        _private.check_location(loc)
+        info = msgpack.unpackb(_private.read_private(os.path.join(loc, "node.address")), raw=False)
+        file_key = _private.read_private(os.path.join(loc, "node.key"))
     except OSError as exc:
+        if address is not None and authkey is None and not os.path.exists(
+                os.path.join(loc, "node.key")):
+            raise NoActiveNode(
+                f"no key for the node at {address!r}: {os.path.join(loc, 'node.key')} does not "
+                "exist; pass authkey= (the node's key, pp.authkey) or location= (the node's "
+                "directory, which holds its key file node.key)") from None
         raise NoActiveNode(f"no node at {loc}: {exc}") from None
     a = info["address"]
     if address is None:
@@ -816,14 +865,54 @@ def resolve_node(loc: Optional[str], address: Any, authkey: Optional[bytes]) -> 
     return address, authkey if authkey is not None else file_key
 
 
+def node_starting(loc: Optional[str]) -> bool:
+    """Whether a node may be running or starting at ``loc`` (``connect`` keeps trying).
+
+    ``False`` only when the location exists and nothing holds its lock (``node.lock``, held by
+    a node from its start to its end): no node is there and none is starting. When that cannot
+    be told (no ``loc``, a location not created yet, no ``/proc/locks``), ``True``.
+    """
+    if loc is None or not os.path.isdir(loc):
+        return True
+    try:
+        ino = str(os.stat(os.path.join(loc, "node.lock")).st_ino)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    try:
+        with open("/proc/locks") as f:
+            locks = f.read()
+    except OSError:
+        return True
+    for line in locks.splitlines():
+        # "3: FLOCK  ADVISORY  WRITE 12207 fe:00:2147199 0 EOF" (the device is not compared:
+        # overlay file systems report another one; a false match only means waiting)
+        parts = line.split()
+        if "FLOCK" in parts and any(p.count(":") == 2 and p.rsplit(":", 1)[1] == ino
+                                    for p in parts):
+            return True
+    return False
+
+
+def no_node_error(loc: str, last: PipeProcError) -> NoActiveNode:
+    """The error of a connect to a location where no node runs or starts."""
+    return NoActiveNode(
+        f"no node is running or starting at {loc} (nothing holds {os.path.join(loc, 'node.lock')}"
+        f"): start one with pipeproc.spawn({loc!r}) or `pipeproc node --location {loc}` "
+        f"({last.message})")
+
+
 def connect(location: Any = None, *, address: Any = None, authkey: Optional[bytes] = None,
             timeout: float = 5.0) -> PipeProc:
     """Connect to a running node, by its location or by ``address`` and ``authkey``.
 
-    Retries until ``timeout`` seconds have passed; never hangs.
+    Retries until ``timeout`` seconds have passed while a node may be starting; never hangs.
+    A location that exists but where no node runs or starts (nothing holds its lock) fails
+    at once.
 
     Raises:
-        NoActiveNode: no node answered within ``timeout``.
+        NoActiveNode: no node answered within ``timeout``, or none runs at ``location``.
         AuthFailed: the node refused the key.
     """
     if (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
@@ -834,6 +923,7 @@ def connect(location: Any = None, *, address: Any = None, authkey: Optional[byte
     deadline = time.monotonic() + timeout
     delay = 0.01
     last: Exception = NoActiveNode("no node")
+    idle_since: Optional[float] = None
     while True:
         try:
             addr, key = resolve_node(loc, address, authkey)
@@ -848,6 +938,12 @@ def connect(location: Any = None, *, address: Any = None, authkey: Optional[byte
             raise
         except NoActiveNode as exc:
             last = exc
+            if node_starting(loc):
+                idle_since = None
+            elif idle_since is None:
+                idle_since = time.monotonic()
+            elif time.monotonic() - idle_since >= IDLE_CHECK:  # seen twice: not a start race
+                raise no_node_error(loc, exc)  # type: ignore[arg-type]
         if time.monotonic() + delay > deadline:
             raise NoActiveNode(f"{last.message} (gave up after {timeout} s)")
         time.sleep(delay)

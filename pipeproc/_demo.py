@@ -4,8 +4,8 @@ What it does, in order:
 
 1. spawns a node on ``location`` (default ``./pipeproc_data``) with two workers, or connects
    to the node already running there;
-2. registers the pipeline (creating an existing system proc again returns it unchanged, so a
-   rerun continues on the same store)::
+2. registers the pipeline (registering an existing system proc again with the same definition
+   changes nothing, so a rerun continues on the same store)::
 
        raw ─demo-parse (100)─▶ parsed ─demo-enrich (100)─▶ enriched ─demo-aggregate (500)─▶ totals
 
@@ -265,5 +265,33 @@ def _summary(pp: Any, base: Dict[str, int], n_logs: int, elapsed: float) -> None
     for k, v in lines:
         print(f"{k:<11} {v}")
     print()
-    print("rerun to add more; to look around, run `python -m pipeproc node` and in another "
-          "shell `python -m pipeproc procs` or `python -m pipeproc tail totals -n 1`")
+    cmd = cli_command()
+    where = _location_option(node.get("location"))
+    print(f"rerun to add more; to look around, run `{cmd} node{where}` and in another "
+          f"shell `{cmd} procs{where}` or `{cmd} tail totals -n 1{where}`")
+
+
+def cli_command() -> str:
+    """How to run the ``pipeproc`` command from the current shell.
+
+    ``pipeproc`` when that is what is on ``PATH``; otherwise the script next to this Python
+    (``.venv/bin/pipeproc`` after ``make demo``, relative when under the working directory),
+    else ``<python> -m pipeproc``.
+    """
+    import shutil
+    script = os.path.join(os.path.dirname(sys.executable), "pipeproc")
+    if not os.path.exists(script):
+        return f"{sys.executable} -m pipeproc"
+    found = shutil.which("pipeproc")
+    if found and os.path.abspath(found) == os.path.abspath(script):
+        return "pipeproc"
+    rel = os.path.relpath(script)
+    return rel if not rel.startswith("..") else script
+
+
+def _location_option(location: Optional[str]) -> str:
+    """`` --location DIR`` unless ``location`` is the default ``./pipeproc_data``."""
+    if not location or os.path.abspath(location) == os.path.abspath("pipeproc_data"):
+        return ""
+    rel = os.path.relpath(location)
+    return f" --location {location if rel.startswith('..') else rel}"

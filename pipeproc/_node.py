@@ -53,7 +53,7 @@ from typing import Any, Callable, Dict, List, Optional
 import lmdb
 import msgpack
 
-from . import _ids, _procs
+from . import _ids, _private, _procs
 from ._protocol import (
     BUSY_POLL,
     MAX_FRAME,
@@ -89,6 +89,9 @@ LIVE_PREFIX = "liveproc-"
 #: In the location: written once its store exists (a missing store is then damage).
 STORE_MARKER = "store.created"
 MAX_TIMEOUT = 10 * 365 * 24 * 3600.0  # seconds; beyond: use -1 (never)
+# back-off of a system proc between deliveries of a claim after a failure: (first delay,
+# cap) in seconds, the delay doubling with each failure in a row (system_proc(backoff=...))
+DEFAULT_BACKOFF = (0.1, 30.0)
 # A GC pass runs in steps of at most this much work per write round.
 GC_DELETES_PER_ROUND = 20_000
 GC_SECONDS_PER_ROUND = 0.005
@@ -105,6 +108,28 @@ SOLO_WINDOW = 0.002
 HANDSHAKE_TIMEOUT = 10.0  # seconds a peer has to complete the authkey handshake
 _HANDSHAKE_TV = struct.pack("ll", int(HANDSHAKE_TIMEOUT), 0)
 _NO_TV = struct.pack("ll", 0, 0)
+# Seconds an authenticated peer may stall in the middle of a request (no byte of it
+# arriving) before it is disconnected; ``PIPEPROC_STALL_TIMEOUT`` overrides it (tests).
+STALL_TIMEOUT = 30.0
+
+
+def _stall_timeout() -> float:
+    try:
+        value = float(os.environ.get("PIPEPROC_STALL_TIMEOUT", STALL_TIMEOUT))
+    except ValueError:
+        value = STALL_TIMEOUT
+    return value if value > 0 and math.isfinite(value) else STALL_TIMEOUT
+
+
+def _unread(sock: Optional[socket.socket]) -> int:
+    """Bytes received on ``sock`` and not read yet (0 when unknown)."""
+    try:
+        import fcntl
+        import termios
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD,  # type: ignore[union-attr]
+                                              b"\0\0\0\0"))[0]
+    except (OSError, ValueError, AttributeError):
+        return 0
 
 
 def _peer(sock: socket.socket) -> str:
@@ -214,6 +239,17 @@ def _claimed(v: Any) -> Optional[list]:
     return v
 
 
+def _backoff(v: Any) -> List[float]:
+    """A system proc's ``backoff``: ``[first, cap]`` seconds, ``0 <= first <= cap``."""
+    if v is None:
+        return list(DEFAULT_BACKOFF)
+    if (type(v) is not list or len(v) != 2
+            or any(type(x) not in (int, float) or not math.isfinite(x) for x in v)
+            or not 0 <= v[0] <= v[1] <= MAX_TIMEOUT):
+        raise InvalidArgument("backoff is (first delay, cap) in seconds, 0 <= first <= cap")
+    return [float(v[0]), float(v[1])]
+
+
 def _opts(max_reclaims: Any, reclaim_timeout: Any, on_max: Any) -> tuple:
     if type(max_reclaims) is not int or not (max_reclaims >= 1 or max_reclaims == -1):
         raise InvalidArgument("max_reclaims must be >= 1 or -1")
@@ -249,16 +285,20 @@ class Conn:
         self.worker: Optional[dict] = None  # set by "hello_worker"
         self.claims: Dict[str, list] = {}   # worker claims: proc name -> claimed key
         self.live: set = set()              # hidden live procs owned by this connection
+        self.recycled = False  # a worker the node killed (time limit): see conn_closed
         # read state, owned by the I/O loop: a buffer of frames [start, end), or a frame
-        # larger than the buffer being filled (big, big_have). The buffer is allocated
-        # when the loop takes the connection: a peer that never authenticates costs none.
+        # larger than the buffer being filled (big, growing as its bytes arrive up to
+        # big_need). The buffer is allocated when the loop takes the connection: a peer
+        # that never authenticates costs none.
         self.buf = bytearray()
         self.view = memoryview(self.buf)
         self.start = 0
         self.end = 0
         self.big: Optional[bytearray] = None
-        self.big_view: Optional[memoryview] = None
-        self.big_have = 0
+        self.big_need = 0
+        # when bytes of an incomplete frame last arrived (0.0: no frame in progress); a
+        # connection stalled mid-frame past the node's stall timeout is dropped
+        self.progress = 0.0
 
     # -- replies (from any thread; never block the caller on a slow reader)
 
@@ -518,13 +558,19 @@ class IOLoop:
         sock = conn.sock
         try:
             if conn.big is not None:  # a frame larger than the buffer, being filled
-                k = sock.recv_into(conn.big_view[conn.big_have:], 0, _DONTWAIT)  # type: ignore[union-attr]
+                # it grows by what arrives (through the connection's buffer), never by what
+                # the peer announced: a peer that announces 60 MiB and stalls costs what
+                # it sent
+                k = sock.recv_into(conn.view, min(len(conn.buf), conn.big_need - len(conn.big)),  # type: ignore[union-attr]
+                                   _DONTWAIT)
                 if not k:
                     raise EOFError
-                conn.big_have += k
-                if conn.big_have < len(conn.big):
+                conn.big += conn.view[:k]
+                if len(conn.big) < conn.big_need:
+                    conn.progress = time.monotonic()
                     return
-                frame, conn.big, conn.big_view = conn.big, None, None
+                frame, conn.big = conn.big, None
+                conn.progress = 0.0
                 if not self._serve(conn, frame):
                     self._drop(conn)
                 return
@@ -562,11 +608,10 @@ class IOLoop:
                 self._drop(conn)
                 return
             if 4 + n > len(buf):  # larger than the buffer: it gets its own
-                conn.big = bytearray(n)
-                conn.big_view = memoryview(conn.big)
-                conn.big_have = avail - 4
-                conn.big[:avail - 4] = buf[conn.start + 4:conn.end]
+                conn.big = bytearray(buf[conn.start + 4:conn.end])
+                conn.big_need = n
                 conn.start = conn.end = 0
+                conn.progress = time.monotonic()
                 return  # not complete: avail <= len(buf) < 4 + n
             if avail < 4 + n:
                 if conn.start + 4 + n > len(buf):  # the rest would not fit behind it
@@ -580,6 +625,8 @@ class IOLoop:
                 return
         if conn.closed:
             self._drop(conn)
+            return
+        conn.progress = time.monotonic() if conn.end > conn.start else 0.0
 
     def _serve(self, conn: Conn, data: Any) -> bool:
         """Decode and run one request; ``False``: it was malformed (drop the sender)."""
@@ -932,9 +979,20 @@ class Node:
         self.idle_waiters: Dict[tuple, list] = {}
         self.claim_waiters: Dict[tuple, tuple] = {}  # (conn id, rid) -> (conn, rid, interest, attempt)
         self.rr = 0
-        # proc name -> the claim deadline (ms) its one pending reclaim timer fires at
-        self._armed: Dict[str, int] = {}
+        # proc name -> the claim deadline (monotonic s) its one pending reclaim timer fires at
+        self._armed: Dict[str, float] = {}
         self._armed_lock = threading.Lock()
+        # proc name -> (identity of its pending claim, monotonic deadline): deadlines never
+        # use the wall clock (a step back would freeze them); a claim found pending at
+        # start gets now + reclaim_timeout
+        self._mono: Dict[str, tuple] = {}
+        self._mono_lock = threading.Lock()
+        # system proc name -> monotonic time its back-off after a failure ends
+        self._backoff: Dict[str, float] = {}
+        # system proc name -> [outcome, tries]: a worker's outcome the store refused
+        # (storage_full...), written again by the node after a back-off
+        self._held: Dict[str, list] = {}
+        self._store_fails = 0  # store failures in a row of claims for workers
         self._sys_cache: Optional[tuple] = None
         self._gc_pass: Optional[deque] = None
         self.supervisor: Any = None
@@ -963,12 +1021,14 @@ class Node:
         held = {n: rec["claimed"] for n, rec in self.store.procs.items()
                 if n in sys_names and _procs.pending(rec)}
         if held:
-            self.writer.submit(lambda tx: self._reclaim_dead(tx, held), lambda ok, v: None)
+            self.writer.submit(lambda tx: self._reclaim_dead(tx, held, None), lambda ok, v: None)
         gc = cfg.get("gc")
         if gc:
             self.gc_min_prune = float(gc["min_prune_time"])
             self.gc_interval = float(gc["interval"])
             self.timers.after(self.gc_interval, self.gc_tick)
+        self.stall_timeout = _stall_timeout()
+        self.timers.after(self._stall_check(), self._drop_stalled)
 
     # -- serving
 
@@ -1005,6 +1065,29 @@ class Node:
                 self.conns[conn.id] = conn
             threading.Thread(target=conn.handshake, name=f"auth-{conn.id}", daemon=True).start()
 
+    def _stall_check(self) -> float:
+        return min(max(self.stall_timeout / 4, 0.25), 5.0)
+
+    def _drop_stalled(self) -> None:
+        """Drop the connections stalled mid-request past ``stall_timeout`` (timer thread):
+        a peer that announced a frame and stopped sending would hold it forever."""
+        if self.stopping.is_set():
+            return
+        now = time.monotonic()
+        with self.conns_lock:
+            conns = list(self.conns.values())
+        for conn in conns:
+            since = conn.progress
+            if since and now - since > self.stall_timeout and not conn.closed:
+                if _unread(conn.sock):  # the peer did send: the I/O loop was busy, not it
+                    continue
+                log.warning("connection %d (%s) stalled in the middle of a request for more "
+                            "than %g s; closing it", conn.id,
+                            _peer(conn.sock) if conn.sock is not None else "?",
+                            self.stall_timeout)
+                conn.close()  # the I/O loop sees the end of the stream and drops it
+        self.timers.after(self._stall_check(), self._drop_stalled)
+
     def conn_closed(self, conn: Conn) -> None:
         with self.conns_lock:
             self.conns.pop(conn.id, None)
@@ -1018,16 +1101,131 @@ class Node:
             live = set(conn.live)
             conn.live.clear()
         if claims and not self.writer.stopped:
-            self.writer.submit(lambda tx: self._reclaim_dead(tx, claims), lambda ok, v: None)
+            if conn.recycled:  # killed for another claim's time limit: these are not at fault
+                self.writer.submit(lambda tx: self._release(tx, claims), lambda ok, v: None)
+            else:
+                self.writer.submit(lambda tx: self._reclaim_dead(tx, claims, conn.worker),
+                                   lambda ok, v: None)
         if live and not self.writer.stopped:
             self.writer.submit(lambda tx: self._drop_live(tx, live), lambda ok, v: None)
 
-    def _reclaim_dead(self, tx: Any, claims: Dict[str, list]) -> None:
+    def _reclaim_dead(self, tx: Any, claims: Dict[str, list], worker: Optional[dict]) -> None:
+        """Reclaim (counted) the claims of a dead worker (``None``: of a node's earlier life)."""
         for name, key in claims.items():
             rec = tx.proc(name)
             if rec is not None and _procs.pending(rec) and rec["claimed"] == key[:4]:
-                tx.put_proc(name, _procs._reclaimed(rec))
-                log.info("reclaimed %s held by a dead worker", name)
+                if worker is None:
+                    msg = "the node stopped while a worker processed these logs"
+                else:
+                    msg = (f"worker {worker.get('slot')} (pid {worker.get('pid')}) died while "
+                           "processing these logs")
+                err = _procs.error_info("WorkerDied", msg, tx.now, rec["claimed"])
+                new = _procs._reclaimed(rec, err)
+                tx.put_proc(name, new)
+                self._note(tx, "failed", name, new, err, worker is not None)
+
+    def _release(self, tx: Any, claims: Dict[str, list]) -> None:
+        """Drop claims without counting them: their holder was stopped for another reason."""
+        for name, key in claims.items():
+            rec = tx.proc(name)
+            if rec is not None and _procs.pending(rec) and rec["claimed"] == key[:4]:
+                tx.put_proc(name, _procs._reclaimed(rec, count=False))
+                log.info("proc %r: claim %s of a recycled worker delivered again (not counted)",
+                         name, _procs.range_str(rec["claimed"]))
+
+    # -- failures of system procs: logs, last_error, back-off
+
+    @staticmethod
+    def _note(tx: Any, *note: Any) -> None:
+        """Something to do once ``tx`` is committed (see :meth:`_after_notes`): a failure
+        is logged and backed off, a worker recycled, only if its reclaim was written."""
+        tx.__dict__.setdefault("sysfail_notes", []).append(note)
+        if note[0] == "failed":  # not claimed again in the same write (its back-off)
+            tx.__dict__.setdefault("sysfail_skip", set()).add(note[1])
+
+    def _after_notes(self, tx: Any) -> None:
+        for note in tx.__dict__.get("sysfail_notes", ()):
+            if note[0] == "failed":
+                self._failed(*note[1:])
+            elif note[0] == "recycle":
+                self._recycle_holder(*note[1:])
+
+    def _failed(self, name: str, new: dict, err: dict, backoff: bool = True) -> None:
+        """Say that ``name``'s consumer failed (``new``: the record after the counted
+        reclaim) and, for a system proc, hold its next delivery back."""
+        sysdef = self.sys_names().get(name)
+        what = "system proc" if sysdef is not None else "proc"
+        tb = err.get("traceback")
+        detail = f"{err['type']}: {err['message']}"
+        if new["status"] == "disabled":
+            self._backoff.pop(name, None)
+            log.error("%s %r failed on logs %s: %s\n%s %r is DISABLED: %d failure(s) in a row "
+                      "reached max_reclaims=%d; its logs wait until resume_proc(%r)%s",
+                      what, name, err["range"], detail, what, name, new["reclaims"],
+                      new["max_reclaims"], name, ("\n" + tb.rstrip()) if tb else "")
+            return
+        delay = 0.0
+        if sysdef is not None and backoff:
+            first, cap = sysdef.get("backoff") or DEFAULT_BACKOFF
+            delay = min(cap, first * 2.0 ** min(max(new["reclaims"], 1) - 1, 64))
+        limit = "unlimited" if new["max_reclaims"] == -1 else str(new["max_reclaims"])
+        log.warning("%s %r failed on logs %s (failure %d in a row, max_reclaims=%s): %s; "
+                    "delivered again in %.1f s%s", what, name, err["range"], new["reclaims"],
+                    limit, detail, delay,
+                    ("\n" + tb.rstrip()) if tb and new["reclaims"] <= 1 else "")
+        if tb and new["reclaims"] > 1:
+            log.debug("traceback of %r's failure on %s:\n%s", name, err["range"], tb.rstrip())
+        if delay > 0:
+            until = time.monotonic() + delay
+            self._backoff[name] = until
+            self.timers.at(until, lambda: self._backoff_over(name, until))
+
+    def _in_backoff(self, name: str) -> bool:
+        until = self._backoff.get(name)
+        return until is not None and time.monotonic() < until
+
+    def _backoff_over(self, name: str, until: float) -> None:
+        """A back-off ended: wake an idle worker for the proc (if nothing replaced it)."""
+        if self._backoff.get(name) == until:
+            self._backoff.pop(name, None)
+        self._wake_sys(1)
+
+    def _wake_sys(self, n: int) -> None:
+        """Wake up to ``n`` idle workers (they look for a system proc claim again)."""
+        woken = []
+        with self.wlock:
+            for key, w in list(self.claim_waiters.items()):
+                if len(woken) >= n:
+                    break
+                if w[2] == "sys":
+                    woken.append(w)
+                    del self.claim_waiters[key]
+        for w in woken:
+            self.writer_retry(w)
+
+    def _recycle_holder(self, name: str, claimed: list) -> None:
+        """Kill the worker that holds ``name``'s claim ``claimed`` (it ran past its time
+        limit); its supervisor restarts it, and its late outcome can never be written."""
+        with self.conns_lock:
+            conns = list(self.conns.values())
+        holder = None
+        for c in conns:
+            if c.worker is None:
+                continue
+            with c.lock:
+                key = c.claims.get(name)
+                if key is not None and key[:4] == claimed:
+                    del c.claims[name]
+                    holder = c.worker
+                    break
+        if holder is None:
+            return
+        for c in conns:  # every loop (connection) of that worker process
+            if c.worker is not None and c.worker["pid"] == holder["pid"]:
+                with c.lock:
+                    c.recycled = True
+        if self.supervisor is not None:
+            self.supervisor.recycle(holder["slot"], holder["pid"])
 
     def _drop_live(self, tx: Any, names: set) -> None:
         for name in names:
@@ -1055,6 +1253,7 @@ class Node:
     def after_commit(self, tx: Any) -> None:
         if tx.sysprocs:
             self._sys_cache = None
+        self._after_notes(tx)
         topics, procs = tx.touched_topics, tx.touched_procs
         if not topics and not procs:
             return
@@ -1101,9 +1300,17 @@ class Node:
                 self.writer_retry(w)
         if procs and self.idle_waiters:
             done = []
+            failed = []
             with store.reader() as r:
                 with self.wlock:
                     for key, w in list(self.idle_waiters.items()):
+                        # a proc it waits for died (disabled by max_reclaims with work left)
+                        gone = _procs.first_dead(
+                            r, [n for n in procs if w[2] is None or n in w[2]], store.procs)
+                        if gone is not None:
+                            failed.append((w[0], w[1], self._dead_error(gone)))
+                            del self.idle_waiters[key]
+                            continue
                         # a waiter re-scans only once the proc that held it back is done
                         if _procs.busy(r, store.procs.get(w[3])):
                             continue
@@ -1113,6 +1320,20 @@ class Node:
                             del self.idle_waiters[key]
             for conn, rid in done:
                 conn.reply(rid, None)
+            for conn, rid, exc in failed:
+                conn.fail(rid, exc)
+
+    def _dead_error(self, name: str) -> PipeProcError:
+        """``proc_is_disabled`` for ``wait_for_procs`` over a dead stage."""
+        from .errors import ProcIsDisabled
+        rec = self.store.procs.get(name) or {}
+        err = rec.get("last_error")
+        last = (f"; last error on logs {err.get('range')}: {err.get('type')}: "
+                f"{err.get('message')}" if err else "")
+        return ProcIsDisabled(
+            f"proc {name!r} was disabled after {rec.get('reclaims')} failed attempts in a row "
+            f"(max_reclaims={rec.get('max_reclaims')}) with work left{last}. Fix the cause, "
+            f"then resume_proc({name!r}) (pipeproc resume {name})")
 
     def writer_retry(self, w: tuple) -> None:
         self.writer.submit(w[3], w[4])
@@ -1144,8 +1365,10 @@ class Node:
         """
         rec = self.store.procs.get(name)
         if rec is None:
+            with self._mono_lock:
+                self._mono.pop(name, None)
             return
-        due = _procs.deadline(rec)
+        due = self._mono_due(name, rec)
         if due is None:
             return
         with self._armed_lock:
@@ -1155,13 +1378,60 @@ class Node:
             self._armed[name] = due
         self._arm(name, due)
 
-    def _arm(self, name: str, due: int) -> None:
+    def _mono_due(self, name: str, rec: dict) -> Optional[float]:
+        """The monotonic deadline of ``rec``'s pending claim (``None``: it has none).
+
+        A claim is told apart from the earlier ones by its record (claim time, range, ids
+        digest, reclaims); the first time the node sees it, its deadline is now +
+        reclaim_timeout (the claim was just committed, or the node just started)."""
+        if _procs.deadline(rec) is None:
+            with self._mono_lock:
+                self._mono.pop(name, None)
+            return None
+        ident = (rec["tbase"], tuple(rec["claimed"]), rec.get("cdig"), rec["reclaims"],
+                 rec["last_claimed_at"])
+        with self._mono_lock:
+            e = self._mono.get(name)
+            if e is None or e[0] != ident:
+                e = self._mono[name] = (ident, time.monotonic() + rec["reclaim_timeout"])
+        return e[1]
+
+    def _due(self, name: str, rec: dict) -> bool:
+        """Whether ``rec``'s pending claim has timed out (monotonic clock)."""
+        if name in self._held:
+            return False  # the node writes its outcome again: not the consumer's delay
+        due = self._mono_due(name, rec)
+        return due is not None and time.monotonic() >= due
+
+    def _expire_rec(self, tx: Any, name: str, rec: dict) -> dict:
+        """Reclaim ``rec``'s pending claim when it timed out. For a system proc that is its
+        processor's time limit: say so, keep it as last_error, recycle the worker."""
+        if not self._due(name, rec):
+            return rec
+        if name not in self.sys_names():
+            new = _procs.expire(tx, name, rec, lambda n, r: True)
+            if new["status"] == "disabled":
+                log.error("proc %r is DISABLED: its claim %s timed out and reclaims reached "
+                          "max_reclaims=%d", name, _procs.range_str(rec["claimed"]),
+                          new["max_reclaims"])
+            return new
+        err = _procs.error_info(
+            "TimeLimitExceeded",
+            f"the processor ran longer than reclaim_timeout={rec['reclaim_timeout']:g} s "
+            "(a system proc's time limit); its worker was recycled", tx.now, rec["claimed"])
+        new = _procs._reclaimed(rec, err)
+        tx.put_proc(name, new)
+        self._note(tx, "failed", name, new, err)
+        self._note(tx, "recycle", name, rec["claimed"])
+        return new
+
+    def _arm(self, name: str, due: float) -> None:
         def fire() -> None:
             with self._armed_lock:
                 if self._armed.get(name) != due:
                     return  # superseded by an earlier timer of this proc
                 current = self.store.procs.get(name)
-                now_due = None if current is None else _procs.deadline(current)
+                now_due = None if current is None else self._mono_due(name, current)
                 if now_due is not None and now_due > due:  # claimed again since: re-arm
                     self._armed[name] = now_due
                 else:
@@ -1170,13 +1440,14 @@ class Node:
                 self._arm(name, now_due)
             elif now_due is not None:
                 self.writer.submit(lambda tx: self._expire(tx, name), lambda ok, v: None)
-        self.timers.after(max(0.0, due / 1000 - time.time()) + 0.001, fire)
+        self.timers.at(due + 0.001, fire)
 
     def _expire(self, tx: Any, name: str) -> None:
         rec = tx.proc(name)
-        if rec is not None and _procs.expire(tx, name, rec) is rec and _procs.deadline(rec):
-            # not due yet by the node's clock (the timer ran early): the proc is unchanged,
-            # so no commit re-arms its timer; arm it again here
+        if (rec is not None and self._expire_rec(tx, name, rec) is rec
+                and _procs.deadline(rec) is not None and name not in self._held):
+            # not due yet (the timer ran early): the proc is unchanged, so no commit
+            # re-arms its timer; arm it again here
             self.arm_timeout(name)
 
     # -- GC
@@ -1349,6 +1620,11 @@ class Node:
                     "pending": _procs.range_str(rec["claimed"]) if _procs.pending(rec) else "",
                     "reclaims": rec["reclaims"], "lag": _procs.lag(r, rec),
                     "last_acked_range": _procs.range_str(rec["acked"]),
+                    "last_error": rec.get("last_error"),
+                    # a system proc held back after a failure (seconds left), and a worker's
+                    # outcome the store refused that the node writes again (attempts so far)
+                    "backoff_left": max(0.0, self._backoff.get(name, 0.0) - time.monotonic()),
+                    "store_retries": (self._held.get(name) or (None, 0))[1],
                 }
         info = store.env.info()
         stat = store.env.stat()
@@ -1403,7 +1679,7 @@ class Node:
         opts = _opts(max_reclaims, reclaim_timeout, on_max)
 
         def fn(tx: Any) -> Any:
-            recs = _procs.proc(tx, name, topic, offset, count, *opts)
+            recs = _procs.proc(tx, name, topic, offset, count, *opts, due=self._due)
             return None if recs is None else page(recs, None)
         self._write_claim(conn, rid, fn, name)
 
@@ -1436,7 +1712,15 @@ class Node:
     def op_reclaim(self, conn: Conn, rid: int, name: Any, claimed: Any) -> None:
         _ids.check_proc_name(name)
         claimed = _claimed(claimed)
-        self._write(conn, rid, lambda tx: _procs.reclaim(tx, name, claimed))
+
+        def fn(tx: Any) -> str:
+            out = _procs.reclaim(tx, name, claimed)
+            new = tx.proc(name)
+            if new["status"] == "disabled":
+                log.error("proc %r is DISABLED: %d reclaims in a row reached max_reclaims=%d",
+                          name, new["reclaims"], new["max_reclaims"])
+            return out
+        self._write(conn, rid, fn)
 
     def op_disable(self, conn: Conn, rid: int, name: Any) -> None:
         _ids.check_proc_name(name)
@@ -1491,7 +1775,9 @@ class Node:
             order += [parsed[(start + i) % n] for i in range(n) if parsed[(start + i) % n][1]
                       not in created]
             for topic, name, offset, count, opts in order:
-                rec = _procs.expire(tx, name, tx.proc(name))
+                if self._in_backoff(name) or name in tx.__dict__.get("sysfail_skip", ()):
+                    continue  # a system proc held back after a failure
+                rec = self._expire_rec(tx, name, tx.proc(name))
                 recs = _procs.claim(tx, name, rec, count)
                 if recs is not None:
                     self.rr = (parsed.index((topic, name, offset, count, opts)) + 1)
@@ -1518,6 +1804,9 @@ class Node:
         timeout = _wait_timeout(timeout)
         key = (conn.id, rid)
         with self.store.reader() as r:
+            gone = _procs.first_dead(r, names, self.store.procs)
+            if gone is not None:
+                raise self._dead_error(gone)
             with self.wlock:
                 hold = _procs.first_busy(r, names, self.store.procs)
                 if hold is None:
@@ -1581,7 +1870,7 @@ class Node:
 
     def op_sysproc(self, conn: Conn, rid: int, name: Any, topics: Any, multi: Any, ref: Any,
                    tos: Any, offset: Any, count: Any, max_reclaims: Any, reclaim_timeout: Any,
-                   on_max: Any) -> None:
+                   on_max: Any, backoff: Any = None) -> None:
         _ids.check_proc_name(name)
         if type(topics) is not list or not topics or type(tos) is not list:
             raise InvalidArgument("from_ and to are topic names or lists of them")
@@ -1593,6 +1882,7 @@ class Node:
         _ids.parse_offset(offset)
         count = _count(count)
         opts = _opts(max_reclaims, reclaim_timeout, on_max)
+        backoff = _backoff(backoff)
         names = [f"{name}__{t}" for t in topics] if multi else [name]
         for pn in names:
             _ids.check_proc_name(pn)
@@ -1600,8 +1890,8 @@ class Node:
         def fn(tx: Any) -> list:
             existing = tx.sysproc(name)
             if existing is not None:
-                return [_procs.state(pn, tx.proc(pn)) for pn in existing["procs"]
-                        if tx.proc(pn) is not None]
+                return self._sysproc_again(tx, name, existing, names, topics, ref, tos, count,
+                                           offset, opts, backoff)
             for pn, t in zip(names, topics):  # check everything before writing
                 rec = tx.proc(pn)
                 if rec is not None and rec["topic"] != t:
@@ -1613,9 +1903,44 @@ class Node:
                 states.append(_procs.state(pn, rec))
             tx.put_sysproc(name, {"procs": names, "topics": topics, "processor": ref,
                                   "to": tos, "count": count, "multi": bool(multi),
-                                  "created_at": tx.now})
+                                  "created_at": tx.now, "backoff": backoff})
             return states
         self._write(conn, rid, fn)
+
+    def _sysproc_again(self, tx: Any, name: str, existing: dict, names: list, topics: list,
+                       ref: str, tos: list, count: int, offset: str, opts: tuple,
+                       backoff: Optional[List[float]] = None) -> list:
+        """``system_proc`` on a name that exists: same procs and topics update the definition
+        (processor, ``to``, ``count``, ``backoff``; from the next claim on), anything else is
+        ``proc_name_not_unique``. The procs keep their position and frozen options."""
+        if existing["procs"] != names or existing["topics"] != topics:
+            from .errors import ProcNameNotUnique
+            raise ProcNameNotUnique(
+                f"system proc {name!r} already exists on topic(s) {existing['topics']!r} "
+                f"(procs {existing['procs']!r}); a system proc is updated only with the same "
+                "from_; destroy it first (destroy_proc) or choose another name")
+        states = []
+        for pn, t in zip(names, topics):
+            rec = _procs.ensure(tx, pn, t, offset, *opts)
+            states.append(_procs.state(pn, rec))
+            kept = (rec["max_reclaims"], rec["reclaim_timeout"], rec["on_max"])
+            if kept != tuple(opts) or rec["offset"] != offset:
+                log.info("system proc %s: proc %s keeps its offset %r and options "
+                         "max_reclaims=%s reclaim_timeout=%s on_max_reclaims_reached=%s "
+                         "(the ones given again are ignored)", name, pn, rec["offset"], *kept)
+        old = {k: existing[k] for k in ("processor", "to", "count")}
+        old["backoff"] = existing.get("backoff") or list(DEFAULT_BACKOFF)
+        new = {"processor": ref, "to": tos, "count": count,
+               "backoff": backoff or list(DEFAULT_BACKOFF)}
+        if new != old:
+            d = dict(existing)
+            d.update(new)
+            d["updated_at"] = tx.now
+            tx.put_sysproc(name, d)
+            log.info("system proc %s updated from the next claim on: %s -> %s", name,
+                     " ".join(f"{k}={v!r}" for k, v in old.items()),
+                     " ".join(f"{k}={v!r}" for k, v in new.items()))
+        return states
 
     def op_hello_worker(self, conn: Conn, rid: int, slot: Any, pid: Any) -> None:
         conn.worker = {"slot": _int(slot, "slot"), "pid": _int(pid, "pid")}
@@ -1633,7 +1958,12 @@ class Node:
             name, key, kind, items = done
             _ids.check_proc_name(name)
             key = _claimed(key)
-            items = _items(items) if kind == "commit" else None
+            if kind == "commit":
+                items = _items(items)
+            elif kind == "reclaim":
+                items = _failure(items)
+            else:
+                items = None
             if self.supervisor is not None:
                 self.supervisor.count(conn.worker["slot"], kind == "reclaim")
         st = {"done": None if done is None else (name, key, kind, items)}
@@ -1648,7 +1978,25 @@ class Node:
             return self._claim_any(tx, rid)
 
         def finish(ok: bool, value: Any) -> None:
+            d = st["done"]
             st["done"] = None
+            if not ok and isinstance(value, (StorageFull, InternalError)):
+                # the store refused the write: not the processor's fault. The node writes
+                # the outcome again after a back-off; the worker waits for work meanwhile.
+                if d is not None:
+                    self._hold(d, value)
+                    value = None
+                else:
+                    self._store_fails += 1
+                    delay = min(DEFAULT_BACKOFF[1],
+                                DEFAULT_BACKOFF[0] * 2.0 ** min(self._store_fails - 1, 64))
+                    log.warning("the store refused a worker's claim (%s); trying again in "
+                                "%.1f s", value, delay)
+                    self.timers.after(delay, lambda: self._wake_sys(1))
+                    value = None
+                ok = True
+            elif ok and value is not None:
+                self._store_fails = 0
             if not ok:
                 conn.fail(rid, value)
                 return
@@ -1686,9 +2034,52 @@ class Node:
                 if items:
                     tx.append(items)
             else:
-                _procs.reclaim(tx, name, key)
+                _procs.reclaim(tx, name, key, items or {
+                    "type": "ProcessorFailed", "message": "the processor failed"})
+                new = tx.proc(name)
+                self._note(tx, "failed", name, new, new["last_error"])
         except PipeProcError as exc:
             log.info("worker outcome for %s dropped: %s", name, exc)
+
+    def _hold(self, outcome: tuple, err: PipeProcError) -> None:
+        """The store refused a worker's outcome: write it again after a back-off (store
+        failures are not the processor's: they never count toward max_reclaims, and the
+        claim does not time out meanwhile). The stage resumes by itself once writes succeed."""
+        name = outcome[0]
+        entry = self._held.get(name)
+        if entry is None or entry[0] is not outcome:
+            entry = self._held[name] = [outcome, 0]
+        entry[1] += 1
+        sysdef = self.sys_names().get(name) or {}
+        first, cap = sysdef.get("backoff") or DEFAULT_BACKOFF
+        first = first or DEFAULT_BACKOFF[0]
+        delay = min(max(cap, first), first * 2.0 ** min(entry[1] - 1, 64))
+        key = outcome[1]
+        # WARNING at the first refusal (and every 20th), the retries in between at DEBUG
+        (log.warning if entry[1] == 1 or entry[1] % 20 == 0 else log.debug)(
+            "the store refused the outcome (%s) of system proc %r on logs %s-%s..%s-%s: "
+            "%s: %s; writing it again in %.1f s (a store failure does not count toward "
+            "max_reclaims; attempt %d)", outcome[2], name, key[0], key[1], key[2], key[3],
+            err.code, err.message, delay, entry[1])
+
+        def retry() -> None:
+            if self.stopping.is_set():
+                return
+            self.writer.submit(lambda tx: self._apply_outcome(tx, *outcome), done)
+
+        def done(ok: bool, value: Any) -> None:
+            if not ok and isinstance(value, (StorageFull, InternalError)):
+                self._hold(outcome, value)
+                return
+            if self._held.get(name) is entry:
+                del self._held[name]
+            if ok:
+                log.warning("the store accepts writes again: the outcome of system proc %r "
+                            "was written after %d attempt(s)", name, entry[1] + 1)
+            else:
+                log.error("the outcome of system proc %r was dropped: %s", name, value)
+            self.arm_timeout(name)
+        self.timers.after(delay, retry)
 
     def _claim_any(self, tx: Any, rid: int) -> Any:
         """Claim for a worker from the system procs with work, round robin."""
@@ -1699,10 +2090,11 @@ class Node:
             idx = (self.rr + i) % n
             name = names[idx]
             rec = tx.proc(name)
-            if rec is None or rec["status"] != "active":
+            if (rec is None or rec["status"] != "active" or self._in_backoff(name)
+                    or name in tx.__dict__.get("sysfail_skip", ())):
                 continue
             d = defs[name]
-            rec = _procs.expire(tx, name, rec)
+            rec = self._expire_rec(tx, name, rec)
             try:
                 recs = _procs.claim(tx, name, rec, d["count"])
             except StoreCorrupted as exc:  # never deliverable: stop this proc, not the pool
@@ -1727,6 +2119,21 @@ class Node:
         threading.Thread(target=self.shutdown, daemon=True).start()
 
 
+def _failure(v: Any) -> Optional[dict]:
+    """A worker's report of a processor failure: ``{"type", "message", "traceback"}``."""
+    if type(v) is not dict:
+        return None
+    out = {}
+    for k, limit in (("type", 200), ("message", 2000), ("traceback", 20000)):
+        x = v.get(k)
+        if type(x) is str:
+            out[k] = x[:limit] if len(x) <= limit else x[:limit - 3] + "..."
+    if "type" not in out:
+        return None
+    out.setdefault("message", "")
+    return out
+
+
 def _count(count: Any) -> int:
     if type(count) is not int or count < 1:
         raise InvalidArgument("count must be an int >= 1")
@@ -1737,7 +2144,7 @@ def _count(count: Any) -> int:
 
 def _lock_location(location: str) -> Optional[int]:
     import fcntl
-    fd = os.open(os.path.join(location, "node.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    fd = _private.open_private(os.path.join(location, "node.lock"), os.O_RDWR | os.O_CREAT)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -1752,8 +2159,12 @@ def _write_private(path: str, data: bytes) -> None:
     """Write ``path`` atomically (a temporary file, then a rename); on failure nothing is
     left behind, and a full disk is :class:`StorageFull`."""
     tmp = f"{path}.{os.getpid()}.tmp"
+    try:  # left by a dead node that had our pid (we hold the lock); a link is not followed
+        os.unlink(tmp)
+    except FileNotFoundError:
+        pass
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _private.NOFOLLOW, 0o600)
         try:
             view = memoryview(data)
             while view:
@@ -1772,9 +2183,36 @@ def _write_private(path: str, data: bytes) -> None:
         raise
 
 
+def _test_wall_clock(path: str) -> None:
+    """Tests only (``PIPEPROC_TEST_WALL_CLOCK=<file>``): the node's wall clock is the real
+    one plus the offset in ms written in ``file`` (read at most every 20 ms), so a test can
+    step the wall clock back without root. Never set in production."""
+    real_ns = time.time_ns
+    state = [0.0, 0]
+
+    def offset_ms() -> int:
+        now = time.monotonic()
+        if now - state[0] > 0.02:
+            state[0] = now
+            try:
+                with open(path) as f:
+                    state[1] = int(f.read().strip() or 0)
+            except (OSError, ValueError):
+                pass
+        return state[1]
+
+    def fake_ns() -> int:
+        return real_ns() + offset_ms() * 1_000_000
+
+    time.time_ns = fake_ns  # type: ignore[assignment]
+    time.time = lambda: fake_ns() / 1e9  # type: ignore[assignment]
+
+
 def main() -> None:
     """Entry point of the node process (``python -m pipeproc._node``)."""
     os.umask(0o077)
+    if os.environ.get("PIPEPROC_TEST_WALL_CLOCK"):
+        _test_wall_clock(os.environ["PIPEPROC_TEST_WALL_CLOCK"])
     stdin = sys.stdin.buffer
     size = int.from_bytes(stdin.read(4), "big")
     cfg = msgpack.unpackb(stdin.read(size), raw=False)
@@ -1792,12 +2230,16 @@ def main() -> None:
 
     location = cfg["location"]
     try:
-        os.makedirs(location, mode=0o700, exist_ok=True)
+        _private.check_location(location, create=True)
         lock_fd = _lock_location(location)
         if lock_fd is None:
             report({"error": ["node_already_active",
                               f"a node is already running on {location}"]})
             return
+        _private.check_entries(location, memory=cfg["memory"])
+        if cfg.get("temp_location"):
+            os.write(lock_fd, _private.TEMP_MARK)  # after the pid: what clean_stale_temp removes
+            _private.clean_stale_temp(location)
         cfg["authkey"] = cfg.get("authkey") or os.urandom(32)
         node = Node(cfg)
         try:

@@ -7,7 +7,10 @@ A proc record is a dict persisted as msgpack in the ``procs`` database:
 claimed, last acked and previous claimed ranges), ``last_claimed_at, last_acked_at`` (ms),
 ``status`` (``"active"``/``"disabled"``), ``reclaims, max_reclaims, reclaim_timeout``
 (seconds, ``-1`` for never), ``on_max`` and ``tbase`` (ms from which a pending claim's
-timeout counts: its claim, or the resume that re-armed it).
+timeout counts: its claim, or the resume that re-armed it). Optional keys: ``last_error``
+(the last failure of the proc's consumer, see :func:`error_info`) and ``disabled_by``
+(``"max_reclaims"`` or ``"user"``, while disabled: a stage that died is not a stage that
+was stopped on purpose).
 
 A claim is *pending* while ``claimed != acked``. Every function here checks all its error
 conditions before it changes anything, and returns the new record through
@@ -36,7 +39,7 @@ Range = Optional[List[int]]  # [lo_ms, lo_seq, hi_ms, hi_seq]
 STATE_FIELDS = (
     "name", "topic", "offset", "created_at", "last_claimed_at", "last_acked_at",
     "last_claimed_range", "last_acked_range", "previous_claimed_range", "status",
-    "reclaims", "max_reclaims", "reclaim_timeout", "on_max_reclaims_reached",
+    "reclaims", "max_reclaims", "reclaim_timeout", "on_max_reclaims_reached", "last_error",
 )
 
 
@@ -53,7 +56,7 @@ def state(name: str, rec: dict) -> list:
         name, rec["topic"], rec["offset"], rec["created_at"], rec["last_claimed_at"],
         rec["last_acked_at"], range_str(rec["claimed"]), range_str(rec["acked"]),
         range_str(rec["prev"]), rec["status"], rec["reclaims"], rec["max_reclaims"],
-        rec["reclaim_timeout"], rec["on_max"],
+        rec["reclaim_timeout"], rec["on_max"], rec.get("last_error"),
     ]
 
 
@@ -119,15 +122,53 @@ def _get(tx: Any, name: str) -> dict:
     return rec
 
 
-def _reclaimed(rec: dict) -> dict:
-    """The record after one reclaim (manual or by timeout): counts, maybe disables."""
+def _reclaimed(rec: dict, error: Optional[dict] = None, count: bool = True) -> dict:
+    """The record after one reclaim (manual or by timeout): counts, maybe disables.
+
+    ``error`` (see :func:`error_info`) becomes the proc's ``last_error``; ``count=False``
+    drops the claim without counting it (a failure that is not the consumer's)."""
     new = dict(rec)
     new["claimed"] = rec["acked"]
+    if error is not None:
+        new["last_error"] = error
+    if not count:
+        return new
     new["reclaims"] = rec["reclaims"] + 1
     if (rec["max_reclaims"] != -1 and new["reclaims"] >= rec["max_reclaims"]
             and rec["on_max"] == "disable"):
         new["status"] = "disabled"
+        new["disabled_by"] = "max_reclaims"
     return new
+
+
+def error_info(kind: str, message: str, at: int, rng: Range,
+               traceback: Optional[str] = None) -> dict:
+    """A ``last_error``: what failed (``type``, ``message``, ``traceback`` when there is
+    one), when (``at``, ms) and on which logs (``range``, ``"a..b"``)."""
+    out: dict = {"type": kind, "message": message}
+    if traceback:
+        out["traceback"] = traceback
+    out["at"] = at
+    out["range"] = range_str(rng)
+    return out
+
+
+def dead(view: Any, rec: Optional[dict]) -> bool:
+    """A proc disabled by ``max_reclaims`` while it still has work: a dead stage."""
+    if rec is None or rec["status"] != "disabled" or rec.get("disabled_by") != "max_reclaims":
+        return False
+    meta = view.topic(rec["topic"])
+    if meta is None:
+        return False
+    return pending(rec) or position(view, rec) < meta.next
+
+
+def first_dead(view: Any, names: Optional[Sequence[str]], procs: dict) -> Optional[str]:
+    """The first named (default: any) proc that is :func:`dead`, or ``None``."""
+    for name in (procs.keys() if names is None else names):
+        if dead(view, procs.get(name)):
+            return name
+    return None
 
 
 def _check_claimed(rec: dict, claimed: Optional[Sequence[int]]) -> None:
@@ -157,10 +198,18 @@ def ensure(tx: Any, name: str, topic: str, offset: str, max_reclaims: int,
     return rec
 
 
-def expire(tx: Any, name: str, rec: dict) -> dict:
-    """Reclaim the pending claim if its timeout has passed (one write)."""
-    due = deadline(rec)
-    if due is not None and tx.now >= due:
+def expire(tx: Any, name: str, rec: dict, due: Optional[Any] = None) -> dict:
+    """Reclaim the pending claim if its timeout has passed (one write).
+
+    ``due(name, rec) -> bool`` decides instead of the store clock when given (the node keeps
+    monotonic deadlines: a step back of the wall clock must not freeze timeouts)."""
+    if due is not None:
+        if deadline(rec) is not None and due(name, rec):
+            rec = _reclaimed(rec)
+            tx.put_proc(name, rec)
+        return rec
+    due_ms = deadline(rec)
+    if due_ms is not None and tx.now >= due_ms:
         rec = _reclaimed(rec)
         tx.put_proc(name, rec)
     return rec
@@ -194,12 +243,12 @@ def claim(tx: Any, name: str, rec: dict, count: int) -> Optional[List[Any]]:
 
 
 def proc(tx: Any, name: str, topic: str, offset: str, count: int, max_reclaims: int,
-         reclaim_timeout: float, on_max: str) -> Optional[List[Any]]:
+         reclaim_timeout: float, on_max: str, due: Optional[Any] = None) -> Optional[List[Any]]:
     """``pp.proc``: create if needed, expire a timed-out claim, claim."""
     rec = ensure(tx, name, topic, offset, max_reclaims, reclaim_timeout, on_max)
     if rec["status"] != "active":
         raise ProcIsDisabled(f"proc {name!r} is disabled")
-    rec = expire(tx, name, rec)
+    rec = expire(tx, name, rec, due)
     return claim(tx, name, rec, count)
 
 
@@ -229,15 +278,20 @@ def check_ack_commit(tx: Any, name: str, claimed: Optional[Sequence[int]]) -> di
     return rec
 
 
-def reclaim(tx: Any, name: str, claimed: Optional[Sequence[int]]) -> str:
-    """``pp.reclaim``: drop the pending claim, count it, maybe disable."""
+def reclaim(tx: Any, name: str, claimed: Optional[Sequence[int]],
+            error: Optional[dict] = None) -> str:
+    """``pp.reclaim``: drop the pending claim, count it, maybe disable (``error``: the
+    consumer's failure, kept as ``last_error``; its ``at`` and ``range`` are filled here)."""
     rec = _get(tx, name)
     if rec["status"] != "active":
         raise ProcIsDisabled(f"proc {name!r} is disabled")
     if not pending(rec):
         raise NothingToReclaim(f"proc {name!r} has no pending claim")
     _check_claimed(rec, claimed)
-    new = _reclaimed(rec)
+    if error is not None:
+        error = error_info(error["type"], error["message"], tx.now, rec["claimed"],
+                           error.get("traceback"))
+    new = _reclaimed(rec, error)
     tx.put_proc(name, new)
     return range_str(new["acked"])
 
@@ -246,7 +300,7 @@ def disable(tx: Any, name: str) -> list:
     rec = _get(tx, name)
     if rec["status"] == "disabled":
         raise ProcAlreadyDisabled(f"proc {name!r} is already disabled")
-    new = dict(rec, status="disabled")
+    new = dict(rec, status="disabled", disabled_by="user")
     tx.put_proc(name, new)
     return state(name, new)
 
@@ -256,6 +310,7 @@ def resume(tx: Any, name: str) -> list:
     if rec["status"] == "active":
         raise ProcAlreadyActive(f"proc {name!r} is already active")
     new = dict(rec, status="active", reclaims=0, tbase=tx.now)
+    new.pop("disabled_by", None)
     tx.put_proc(name, new)
     return state(name, new)
 

@@ -105,10 +105,20 @@ def array_header(n: int) -> bytes:
 
 
 def _reject(obj: object) -> Any:
+    if isinstance(obj, int):  # msgpack's packer hands an int it cannot carry to ``default``
+        raise InvalidLogFormat(
+            f"log body holds the int {_short_int(obj)}, out of msgpack's range "
+            "[-2**63, 2**64): store it as a str (or bytes) instead"
+        )
     raise InvalidLogFormat(
         f"log body holds a value of unsupported type {type(obj).__name__!r}; bodies carry "
         "dict, list, tuple, str, bytes, int, float, bool and None"
     )
+
+
+def _short_int(n: int) -> str:
+    text = str(n) if n.bit_length() < 4000 else f"{'-' if n < 0 else ''}2**{n.bit_length() - 1}+…"
+    return text if len(text) <= 40 else f"{text[:20]}…{text[-8:]} ({len(text)} digits)"
 
 
 _local = threading.local()

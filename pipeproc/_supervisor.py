@@ -38,6 +38,7 @@ class Slot:
         self.restarts = 0
         self.connected = 0  # connections said hello for the current process
         self.started_at = 0.0
+        self.recycling = False  # killed by the node (a processor past its time limit)
 
 
 class Supervisor:
@@ -100,7 +101,10 @@ class Supervisor:
                 return
             slot.restarts += 1
             lived = time.monotonic() - slot.started_at
-        if code != 0:
+            recycled, slot.recycling = slot.recycling, False
+        if recycled:
+            code, lived = 0, 0.0  # planned: restart at once
+        elif code != 0:
             log.warning("worker %d (pid %d) died with code %s; restarting", slot.index,
                         proc.pid, code)
         delay = 0.0 if (code == 0 or lived > 5) else min(5.0, 0.1 * (2 ** min(slot.restarts, 6)))
@@ -113,6 +117,24 @@ class Supervisor:
             self._launch(slot)
         except OSError:  # pragma: no cover
             log.exception("cannot restart worker %d", slot.index)
+
+    def recycle(self, index: int, pid: int) -> None:
+        """Kill worker ``index`` if it is still process ``pid`` (its processor ran past its
+        time limit and must not finish later); it is restarted at once."""
+        with self.lock:
+            if not 0 <= index < len(self.slots) or self.stopping:
+                return
+            slot = self.slots[index]
+            if slot.pid != pid or slot.proc is None or slot.proc.poll() is not None:
+                return
+            slot.recycling = True
+            proc = slot.proc
+        log.warning("worker %d (pid %d) is recycled: a processor ran past its time limit "
+                    "(reclaim_timeout)", index, pid)
+        try:
+            proc.kill()
+        except OSError:  # pragma: no cover - already gone
+            pass
 
     def hello(self, index: int, pid: int) -> None:
         with self.lock:

@@ -67,17 +67,17 @@ def processor_ref(processor: Any) -> str:
                 f"processor {processor!r} is not a module-level function (lambdas, closures "
                 "and methods cannot be imported by workers)"
             )
-        if module == "__main__":
-            main = sys.modules.get("__main__")
-            if getattr(main, "__file__", None):
-                # the application's own script: workers must not run it again (it may call
-                # spawn() at top level), so they load only its definitions (see _load_script)
-                ref = f"{SCRIPT}{os.path.abspath(main.__file__)}:{qual}"  # type: ignore[union-attr]
-            else:
+        if module in ("__main__", MAIN_MODULE):
+            main = sys.modules.get(module)
+            file = getattr(main, "__file__", None)
+            if not file or not os.path.isfile(file):  # python -c, python - <<EOF, a REPL
                 raise InvalidProcessor(
-                    "a function defined in an interactive session cannot be imported by "
-                    "workers; put it in a module"
+                    f"processor {qual!r} is defined in an interactive session (or a script read "
+                    "from stdin or -c), which workers cannot import: define it in a module "
+                    "(a .py file) and pass it from there, or as 'module:function'"
                 )
+            # the application's own script: loaded by workers as __mp_main__ (see _load_script)
+            ref = f"{SCRIPT}{os.path.abspath(file)}:{qual}"
         else:
             ref = f"{module}:{qual}"
     elif isinstance(processor, str):
@@ -92,14 +92,25 @@ def processor_ref(processor: Any) -> str:
         load(ref)  # what workers could not import is refused now, not at the first log
     elif kind == "script":
         _check_file(path, func)
+        problem = script_problem(path)
+        if problem is not None:
+            raise InvalidProcessor(f"processor {func!r} of {path}: {problem}")
     else:
         load(ref)
     return ref
 
 
+MAIN_MODULE = "__mp_main__"
+
+_IMPORT_SAFE = (
+    "move the processor into a module of its own (pass it from there, or as "
+    "'module:function'), or put the script's work under `if __name__ == \"__main__\":`"
+)
+
+
 def _safe_statement(node: ast.stmt) -> bool:
-    """Top-level statements of an application script that workers execute: imports,
-    function and class definitions, and assignments that call nothing."""
+    """Top-level statements of an unguarded application script that workers execute:
+    imports, function and class definitions, and assignments that call nothing."""
     if isinstance(node, (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef,
                          ast.ClassDef)):
         return True
@@ -109,16 +120,155 @@ def _safe_statement(node: ast.stmt) -> bool:
     return False
 
 
+def _is_main_guard(node: ast.stmt) -> bool:
+    """``if __name__ == "__main__":`` (either operand order)."""
+    if not isinstance(node, ast.If) or not isinstance(node.test, ast.Compare):
+        return False
+    t = node.test
+    if len(t.ops) != 1 or not isinstance(t.ops[0], ast.Eq):
+        return False
+    sides = [t.left, t.comparators[0]]
+    return (any(isinstance(x, ast.Name) and x.id == "__name__" for x in sides)
+            and any(isinstance(x, ast.Constant) and x.value == "__main__" for x in sides))
+
+
+def _bound_names(node: ast.AST) -> set:
+    """Module-level names a top-level statement binds (not looking into function bodies)."""
+    out: set = set()
+    todo = [node]
+    while todo:
+        n = todo.pop()
+        if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            out.add(n.name)
+            todo.extend(n.decorator_list)
+            continue
+        if isinstance(n, ast.Lambda):
+            continue
+        if isinstance(n, ast.Name) and isinstance(n.ctx, (ast.Store, ast.Del)):
+            out.add(n.id)
+        elif isinstance(n, (ast.Import, ast.ImportFrom)):
+            out.update((a.asname or a.name).split(".")[0] for a in n.names)
+        elif isinstance(n, ast.ExceptHandler) and n.name:
+            out.add(n.name)
+        todo.extend(ast.iter_child_nodes(n))
+    return out
+
+
+def _used_globals(tree: ast.Module, path: str) -> set:
+    """Global names the statements of ``tree`` read (at module level or in its functions)."""
+    import symtable
+    out: set = set()
+    top = symtable.symtable(ast.unparse(tree), path, "exec")
+    todo = [top]
+    while todo:
+        table = todo.pop()
+        for sym in table.get_symbols():
+            if table is top:
+                if sym.is_referenced():
+                    out.add(sym.get_name())
+            elif sym.is_global() and (sym.is_referenced() or sym.is_declared_global()):
+                out.add(sym.get_name())
+        todo.extend(table.get_children())
+    return out
+
+
+def _pipeproc_starts(stmts: list) -> list:
+    """Lines of calls to pipeproc's ``spawn``/``connect`` in ``stmts`` (outside functions)."""
+    mods, funcs = set(), set()
+    for n in stmts:
+        if isinstance(n, ast.Import):
+            for a in n.names:
+                if a.name == "pipeproc" or a.name.startswith("pipeproc."):
+                    mods.add(a.asname or "pipeproc")
+        elif isinstance(n, ast.ImportFrom) and (n.module or "").split(".")[0] == "pipeproc":
+            for a in n.names:
+                (funcs if a.name in ("spawn", "connect") else mods).add(a.asname or a.name)
+    lines = []
+    todo: list = list(stmts)
+    while todo:
+        n = todo.pop()
+        if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            continue
+        if isinstance(n, ast.Call):
+            f = n.func
+            if isinstance(f, ast.Name) and f.id in funcs:
+                lines.append(n.lineno)
+            elif isinstance(f, ast.Attribute) and f.attr in ("spawn", "connect"):
+                root = f.value
+                while isinstance(root, ast.Attribute):
+                    root = root.value
+                if isinstance(root, ast.Name) and root.id in mods:
+                    lines.append(n.lineno)
+        todo.extend(ast.iter_child_nodes(n))
+    return sorted(lines)
+
+
+def script_problem(path: str) -> Optional[str]:
+    """Why workers cannot load the application script ``path``, or ``None``.
+
+    The rule (README "System procs and workers"): workers load the script as the module
+    ``__mp_main__``, as ``multiprocessing``'s spawn does, so its
+    ``if __name__ == "__main__":`` block does not run.
+
+    * A script with that guard is run whole; it is refused when a statement outside the
+      guard calls pipeproc's ``spawn()`` or ``connect()`` (every worker would run it).
+    * A script without the guard is not run whole: workers run only its imports, ``def``,
+      ``class`` and assignments that call nothing, and the script is refused when those use
+      a name that another top-level statement sets (such as ``CFG = load()``), which workers
+      would not have or would see with another value.
+    """
+    try:
+        with open(path, "rb") as f:
+            tree = ast.parse(f.read(), filename=path)
+    except (OSError, SyntaxError, ValueError) as exc:
+        return f"cannot read the script: {exc}"
+    if any(_is_main_guard(n) for n in tree.body):
+        lines = _pipeproc_starts([n for n in tree.body if not _is_main_guard(n)])
+        if lines:
+            return (f"the script calls pipeproc's spawn()/connect() outside its "
+                    f"`if __name__ == \"__main__\":` block (line {lines[0]}), and workers load "
+                    f"the whole script except that block: {_IMPORT_SAFE}")
+        return None
+    kept = [n for n in tree.body if _safe_statement(n)]
+    skipped = [n for n in tree.body if not _safe_statement(n)]
+    set_by_skipped: Dict[str, int] = {}
+    for n in skipped:
+        for name in _bound_names(n):
+            set_by_skipped.setdefault(name, n.lineno)
+    if not set_by_skipped:
+        return None
+    used = _used_globals(ast.Module(body=kept, type_ignores=[]), path)
+    missing = sorted((set_by_skipped[x], x) for x in used if x in set_by_skipped)
+    if not missing:
+        return None
+    names = ", ".join(f"{x!r} (line {ln})" for ln, x in missing)
+    return (f"the script has no `if __name__ == \"__main__\":` block, so workers run only its "
+            f"imports, definitions and assignments that call nothing; its functions use {names}, "
+            f"set by other top-level statements, which workers would not run: {_IMPORT_SAFE}")
+
+
 def _load_script(path: str) -> Any:
-    """Load the definitions of the application's main script without running it."""
+    """Load the application's main script in a worker as ``__mp_main__`` (the rule is in
+    :func:`script_problem`, checked again here in case the script changed)."""
     import types
+    problem = script_problem(path)
+    if problem is not None:
+        raise InvalidProcessor(f"cannot load {path}: {problem}")
+    mod = sys.modules.get(MAIN_MODULE)
+    if mod is not None and getattr(mod, "__file__", None) == path:
+        return mod  # another processor of the same script
     with open(path, "rb") as f:
         tree = ast.parse(f.read(), filename=path)
-    tree.body = [n for n in tree.body if _safe_statement(n)]
-    mod = types.ModuleType("__pipeproc_script__")
+    if not any(_is_main_guard(n) for n in tree.body):
+        tree.body = [n for n in tree.body if _safe_statement(n)]
+    mod = types.ModuleType(MAIN_MODULE)
     mod.__file__ = path
-    sys.modules[mod.__name__] = mod
-    exec(compile(tree, path, "exec"), mod.__dict__)
+    sys.modules[MAIN_MODULE] = mod
+    try:
+        exec(compile(tree, path, "exec"), mod.__dict__)
+    except BaseException:
+        del sys.modules[MAIN_MODULE]
+        raise
     return mod
 
 
@@ -252,11 +402,15 @@ class _Loop:
             items = [[t, encode_body(b)] for t in tos for b in bodies]
             return [name, key, "commit", items]
         except Exception as exc:
+            import traceback
             with _stats_lock:
                 self.stats["failures"] += 1
-            log.warning("processor %s failed on %s: %s: %s", ref,
-                        logs[0].id if logs else "?", type(exc).__name__, exc)
-            return [name, key, "reclaim", None]
+            # the node logs it (WARNING, ERROR when it disables the proc), naming the proc
+            # and the logs, and keeps it as the proc's last_error
+            log.debug("processor %s failed on %s: %s: %s", ref,
+                      logs[0].id if logs else "?", type(exc).__name__, exc)
+            return [name, key, "reclaim", {"type": type(exc).__name__, "message": str(exc),
+                                           "traceback": traceback.format_exc()}]
 
 
 _stats_lock = threading.Lock()

@@ -67,6 +67,7 @@ import msgpack
 
 from . import _client, _ids
 from ._client import (
+    DEFAULT_BACKOFF,
     DEFAULT_PAGE,
     HANDSHAKE_TIMEOUT,
     MIN_FRAME,
@@ -79,6 +80,7 @@ from ._client import (
     _check_count,
     _check_limit,
     _check_offset,
+    _check_backoff,
     _check_opts,
     _claim_key,
     _claim_result,
@@ -674,6 +676,9 @@ class AsyncPipeProc(_NodeRef):
 
         Raises:
             Timeout: ``timeout`` seconds passed first.
+            ProcIsDisabled: a proc it waits for is (or becomes) disabled by
+                ``max_reclaims`` with work left (a dead stage); the message names it and its
+                last error. A proc disabled by ``disable_proc`` is not waited for.
         """
         if names is not None:
             if isinstance(names, str):
@@ -723,8 +728,18 @@ class AsyncPipeProc(_NodeRef):
                           count: int = 1, max_reclaims: int = 10,
                           reclaim_timeout: Optional[float] = 10.0,
                           on_max_reclaims_reached: str = "disable",
+                          backoff: Tuple[float, float] = DEFAULT_BACKOFF,
                           ) -> Union[ProcState, List[ProcState]]:
         """Register a processor run by the node's workers on ``from_``'s logs (SPEC §6).
+
+        Called again with the same ``name`` and ``from_``, it updates the definition
+        (``processor``, ``to``, ``count``, ``backoff``) from the next claim on; the proc keeps
+        its position, its options and its status (a disabled proc stays disabled until
+        ``resume_proc``).
+        The same ``name`` with another ``from_`` raises ``proc_name_not_unique``.
+
+        ``backoff=(first, cap)``: seconds between deliveries of a claim after a failure,
+        doubling with each failure in a row (see :meth:`PipeProc.system_proc`).
 
         Returns:
             The proc's state, or a list of states (one per topic) when ``from_`` is a list.
@@ -746,8 +761,10 @@ class AsyncPipeProc(_NodeRef):
         _check_offset(offset)
         _check_count(count)
         opts = _check_opts(max_reclaims, reclaim_timeout, on_max_reclaims_reached)
+        wire_backoff = _check_backoff(backoff)
         ref = processor_ref(processor)
-        states = await self._call("sysproc", name, topics, multi, ref, tos, offset, count, *opts)
+        states = await self._call("sysproc", name, topics, multi, ref, tos, offset, count, *opts,
+                                  wire_backoff)
         out = [ProcState(*s) for s in states]
         return out if multi else out[0]
 
@@ -1002,7 +1019,9 @@ async def connect(location: Any = None, *, address: Any = None, authkey: Optiona
                   timeout: float = 5.0) -> AsyncPipeProc:
     """Connect to a running node, by its location or by ``address`` and ``authkey``.
 
-    Retries until ``timeout`` seconds have passed; never hangs.
+    Retries until ``timeout`` seconds have passed while a node may be starting; never hangs.
+    A location that exists but where no node runs or starts (nothing holds its lock) fails
+    at once.
 
     Args:
         location: the node's directory (``None``: ``./pipeproc_data``), where its address
@@ -1015,7 +1034,7 @@ async def connect(location: Any = None, *, address: Any = None, authkey: Optiona
         A connected :class:`AsyncPipeProc`.
 
     Raises:
-        NoActiveNode: no node answered within ``timeout``.
+        NoActiveNode: no node answered within ``timeout``, or none runs at ``location``.
         AuthFailed: the node refused the key.
     """
     if (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
@@ -1026,6 +1045,7 @@ async def connect(location: Any = None, *, address: Any = None, authkey: Optiona
     deadline = time.monotonic() + timeout
     delay = 0.01
     last: PipeProcError = NoActiveNode("no node")
+    idle_since: Optional[float] = None
     while True:
         try:
             addr, key = _client.resolve_node(loc, address, authkey)
@@ -1039,6 +1059,12 @@ async def connect(location: Any = None, *, address: Any = None, authkey: Optiona
             raise
         except NoActiveNode as exc:
             last = exc
+            if _client.node_starting(loc):
+                idle_since = None
+            elif idle_since is None:
+                idle_since = time.monotonic()
+            elif time.monotonic() - idle_since >= _client.IDLE_CHECK:
+                raise _client.no_node_error(loc, exc)  # type: ignore[arg-type]
         if time.monotonic() + delay > deadline:
             raise NoActiveNode(f"{last.message} (gave up after {timeout} s)")
         await asyncio.sleep(delay)

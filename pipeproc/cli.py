@@ -133,12 +133,23 @@ def log_obj(lg: Any) -> dict:
     return out
 
 
+BODY_WIDTH = 200  # characters of a body shown by range/tail without --json
+
+
+def shorten(text: str, width: int = BODY_WIDTH) -> str:
+    """``text`` cut to ``width`` characters with an ellipsis and the full size."""
+    if len(text) <= width:
+        return text
+    return f"{text[:width]}… ({len(text)} chars; --json for all)"
+
+
 def log_line(lg: Any, as_json: bool) -> str:
+    """One log per line: JSON (complete), or ``ID<TAB>body`` with a long body shortened."""
     if as_json:
         return dumps(log_obj(lg))
     if isinstance(lg.body, (bytes, bytearray)):
-        return f"{lg.id}\tbase64:{base64.b64encode(bytes(lg.body)).decode('ascii')}"
-    return f"{lg.id}\t{dumps(lg.body)}"
+        return f"{lg.id}\t{shorten('base64:' + base64.b64encode(bytes(lg.body)).decode('ascii'))}"
+    return f"{lg.id}\t{shorten(dumps(lg.body))}"
 
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], right: Sequence[int] = ()) -> str:
@@ -177,6 +188,13 @@ def out(text: str = "") -> None:
 def connect(args: argparse.Namespace) -> Any:
     """Connect to the node named by --location / --address (key read from the location)."""
     import pipeproc
+    if args.address:
+        key = os.path.join(os.path.abspath(args.location), "node.key")
+        if not os.path.exists(key):
+            raise UsageError(
+                f"--address {args.address} needs the node's key, which is read from the node's "
+                f"directory: {key} does not exist; pass --location DIR (or set "
+                f"{ENV_LOCATION}) with the directory the node runs on (it holds node.key)")
     return pipeproc.connect(args.location, address=parse_address(args.address),
                             timeout=args.timeout)
 
@@ -334,17 +352,28 @@ def cmd_topics(args: argparse.Namespace) -> int:
              "stored": info.get(t, {}).get("stored")} for t in names]
     if args.json:
         out(dumps(rows))
-    elif rows:
+    else:
         out(table(["TOPIC", "LENGTH", "STORED"],
                   [[r["name"], r["length"], r["stored"]] for r in rows], right=(1, 2)))
+        if not rows:
+            out("(no topics)")
     return RET_OK
+
+
+def short_error(err: Any, width: int = 48) -> str:
+    """A proc's ``last_error`` in one short cell: ``Type: message`` truncated, or ``-``."""
+    if not isinstance(err, dict):
+        return "-"
+    text = f"{err.get('type')}: {err.get('message')}".replace("\n", " ")
+    return text if len(text) <= width else text[:width - 1] + "…"
 
 
 def procs_table(procs: Dict[str, dict]) -> str:
     rows = [[name, p.get("topic"), p.get("status"), p.get("pending") or "-",
-             p.get("reclaims"), p.get("lag")] for name, p in sorted(procs.items())]
-    return table(["NAME", "TOPIC", "STATUS", "PENDING CLAIM", "RECLAIMS", "LAG"], rows,
-                 right=(4, 5))
+             p.get("reclaims"), p.get("lag"), short_error(p.get("last_error"))]
+            for name, p in sorted(procs.items())]
+    return table(["NAME", "TOPIC", "STATUS", "PENDING CLAIM", "RECLAIMS", "LAG", "LAST ERROR"],
+                 rows, right=(4, 5))
 
 
 def cmd_procs(args: argparse.Namespace) -> int:
@@ -352,8 +381,10 @@ def cmd_procs(args: argparse.Namespace) -> int:
         procs = pp.stats().get("procs", {})
     if args.json:
         out(dumps(procs))
-    elif procs:
+    else:
         out(procs_table(procs))
+        if not procs:
+            out("(no procs)")
     return RET_OK
 
 
@@ -363,11 +394,25 @@ def _print_state(state: Any, as_json: bool) -> None:
         out(dumps(d))
         return
     for k, v in d.items():
+        if k == "last_error":
+            continue
         if k.endswith("_at"):
             v = f"{v} ({human_ms(v)})" if v else "0 (never)"
         elif v == "":
             v = "-"
         out(f"{k + ':':<25} {v}")
+    err = d.get("last_error")
+    if not isinstance(err, dict):
+        out(f"{'last_error:':<25} -")
+        return
+    at = err.get("at") or 0
+    out(f"{'last_error:':<25} {err.get('type')}: {err.get('message')}")
+    out(f"{'  on logs:':<25} {err.get('range') or '-'}")
+    out(f"{'  at:':<25} {at} ({human_ms(at)})" if at else f"{'  at:':<25} -")
+    if err.get("traceback"):
+        out("  traceback:")
+        for line in str(err["traceback"]).rstrip().splitlines():
+            out(f"    {line}")
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -385,7 +430,12 @@ def cmd_proc_action(args: argparse.Namespace) -> int:
             return RET_OK
         fn: Callable[[str], Any] = {"disable": pp.disable_proc, "resume": pp.resume_proc,
                                     "destroy": pp.destroy_proc}[args.command]
-        _print_state(fn(args.proc), args.json)
+        state = fn(args.proc)
+        if not args.json:
+            done = {"disable": "disabled", "resume": "resumed",
+                    "destroy": "destroyed (with its system proc, if any); its last state:"}
+            out(f"proc {args.proc} {done[args.command]}")
+        _print_state(state, args.json)
     return RET_OK
 
 
@@ -542,7 +592,7 @@ def make_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help, parents=parent,
                            epilog=("examples:\n" + examples) if examples else None,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        p.set_defaults(fn=fn)
+        p.set_defaults(fn=fn, parser=p)
         return p
 
     p = add("node", "run a node in the foreground until Ctrl-C / SIGTERM", cmd_node,
@@ -572,7 +622,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("topic")
     p.add_argument("--start", help="lower bound (upper with --rev): ID, MS or :SEQ")
     p.add_argument("--end", help="upper bound (lower with --rev): ID, MS or :SEQ")
-    p.add_argument("--limit", type=int, default=None, help="at most this many logs")
+    p.add_argument("--limit", type=_positive_int, default=None,
+                   help="at most this many logs (>= 1; default all)")
     p.add_argument("--rev", action="store_true", help="newest first (revrange)")
     p.add_argument("--exclusive", action="store_true", help="exclude the bound logs themselves")
 
@@ -590,7 +641,7 @@ def make_parser() -> argparse.ArgumentParser:
 
     add("topics", "list topics with their length and stored logs", cmd_topics,
         "  pipeproc topics --json\n")
-    add("procs", "list procs: topic, status, pending claim, reclaims, lag", cmd_procs,
+    add("procs", "list procs: topic, status, pending claim, reclaims, lag, last error", cmd_procs,
         "  pipeproc procs\n")
 
     p = add("inspect", "print the full state of a proc", cmd_inspect,
@@ -638,7 +689,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return args.fn(args)
     except UsageError as exc:
-        parser.print_usage(sys.stderr)
+        getattr(args, "parser", parser).print_usage(sys.stderr)
         print(f"pipeproc {args.command}: error: {exc}", file=sys.stderr)
         return RET_USAGE
     except (NoActiveNode, AuthFailed, ConnectionLost) as exc:

@@ -610,10 +610,14 @@ def test_cancelled_calls_leave_the_connection_in_step(node):
         assert len(by_id) == n
         assert all(by_id[x] == i for i, x in done.items())
 
-        # a call timed out by wait_for, then more calls on the same connection
+        # calls timed out by wait_for (a fast machine may still answer one in time: either
+        # outcome is fine), then more calls on the same connection
         for _ in range(5):
-            with pytest.raises(asyncio.TimeoutError):
-                await asyncio.wait_for(pp.range("t"), 0.0001)
+            try:
+                got = await asyncio.wait_for(pp.range("t"), 0.0001)
+            except asyncio.TimeoutError:
+                continue
+            assert len(got) == n
         ids = await asyncio.gather(*(pp.commit({"topic": "u", "body": {"i": i}})
                                      for i in range(100)))
         assert sorted(seq(i) for i in ids) == list(range(100))

@@ -253,11 +253,12 @@ def test_procs_inspect_and_actions(loc):
     r = run("--location", location, "procs")
     assert r.returncode == 0
     header, row = r.stdout.splitlines()
-    assert header.split() == ["NAME", "TOPIC", "STATUS", "PENDING", "CLAIM", "RECLAIMS", "LAG"]
+    assert header.split() == ["NAME", "TOPIC", "STATUS", "PENDING", "CLAIM", "RECLAIMS", "LAG",
+                              "LAST", "ERROR"]
     cells = row.split()
     assert cells[:3] == ["worker-1", "p", "active"]
     assert cells[3] == f"{claimed[0].id}..{claimed[1].id}"
-    assert cells[4:] == ["0", "5"]
+    assert cells[4:] == ["0", "5", "-"]
     data = json.loads(run("--location", location, "--json", "procs").stdout)
     assert data["worker-1"]["lag"] == 5 and data["worker-1"]["status"] == "active"
 

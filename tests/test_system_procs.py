@@ -302,7 +302,9 @@ def test_from_list_creates_one_proc_per_topic(spawner):
     assert sorted(lg.body["n"] for lg in logs) == [2, 4]
 
 
-def test_creating_again_returns_it_unchanged(spawner):
+def test_creating_again_keeps_the_proc_and_updates_the_definition(spawner):
+    """SPEC §6 (issue 13 item 2): the proc (position, options) is unchanged, the definition
+    (processor, to, count) is the new one; see tests/test_sysproc_update.py."""
     pp = spawner(workers=0)
     first = pp.system_proc(name="once", from_="in", processor=f"{M}:double", to="out",
                            max_reclaims=4)
@@ -312,7 +314,10 @@ def test_creating_again_returns_it_unchanged(spawner):
                            max_reclaims=7, offset="$>")
     assert again == first
     assert again.created_at == first.created_at and again.max_reclaims == 4
-    assert pp.stats()["system_procs"]["once"] == definition
+    updated = pp.stats()["system_procs"]["once"]
+    assert updated["processor"] == f"{M}:inc" and updated["to"] == ["x", "y"]
+    assert {k: v for k, v in updated.items() if k not in ("processor", "to", "updated_at")} \
+        == {k: v for k, v in definition.items() if k not in ("processor", "to")}
     firsts = pp.system_proc(name="twice", from_=["a", "b"], processor=f"{M}:double")
     assert pp.system_proc(name="twice", from_=["a", "b"], processor=f"{M}:double") == firsts
 
@@ -393,7 +398,10 @@ def test_log_that_kills_its_worker_every_time_disables_the_proc(spawner):
     assert [lg.body for lg in wait_len(pp, "ok_out", 1, timeout=10)] == [{"n": 10}]
     restarts = pp.stats()["workers"][0]["restarts"]
     assert restarts == 2
-    pp.wait_for_procs(timeout=10)
+    pp.wait_for_procs(["fine"], timeout=10)
+    with pytest.raises(pipeproc.PipeProcError) as e:  # a dead stage is not a finished one
+        pp.wait_for_procs(timeout=10)
+    assert e.value.code == "proc_is_disabled" and "killer" in e.value.message
     assert pp.stats()["workers"][0]["restarts"] == restarts
     assert "out" not in pp.topics()
 
@@ -411,20 +419,21 @@ def test_worker_killed_while_idle_is_restarted(spawner):
 
 
 def test_timed_out_worker_claim_is_redone_once(spawner, tmp_path):
-    """A processor slower than reclaim_timeout: the claim times out and another loop redoes
-    it; the late outcome of the slow execution is refused (claim identity), not committed."""
+    """A processor slower than reclaim_timeout (its time limit): the claim times out, the
+    slow worker is recycled (so its late outcome can never be written) and the log redone."""
     pp = spawner(workers=1, worker_concurrency=2)
     pp.system_proc(name="slow", from_="in", processor=f"{M}:slow_once", to="out",
                    reclaim_timeout=0.5)
     ids = pp.commit([{"topic": "in", "body": {"n": 1, "flag": str(tmp_path / "f"), "sleep": 2.0}}])
     logs = wait_len(pp, "out", 1, timeout=10)
     assert logs[0].body == {"n": 1, "slow": False}
-    wait_until(lambda: sum(w["executions"] for w in pp.stats()["workers"]) >= 2, timeout=10,
-               what="the slow execution reported")
+    wait_until(lambda: pp.stats()["workers"][0]["restarts"] >= 1, timeout=10,
+               what="the slow worker recycled")
     pp.wait_for_procs(["slow"], timeout=10)
     assert [lg.body for lg in pp.range("out")] == [{"n": 1, "slow": False}]
     st = pp.inspect_proc("slow")
     assert st.last_acked_range == f"{ids[0]}..{ids[0]}" and st.status == "active"
+    assert st.last_error["type"] == "TimeLimitExceeded"
 
 
 def test_system_proc_options(spawner):
