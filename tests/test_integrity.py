@@ -500,3 +500,25 @@ def test_a_store_whose_creation_fails_on_a_full_disk_leaves_no_half_store(tmp_pa
     assert not os.path.exists(os.path.join(path, "data.mdb"))
     assert not os.path.exists(os.path.join(path, "lock.mdb"))
     Store(path).close()  # a later open creates it as new
+
+
+def test_the_asyncio_client_gets_store_corrupted_too(spawner, tmp_path):
+    import asyncio
+
+    import pipeproc.aio as aio
+    loc = _location(tmp_path)
+    pp = spawner(loc)
+    _fill(pp, 5)
+    pp.shutdown()
+    _flip(_data(loc), MARK + b"0003", len(MARK) + 3)
+    pp = spawner(loc)
+
+    async def main():
+        client = await aio.connect(loc)
+        try:
+            with pytest.raises(pipeproc.StoreCorrupted):
+                await client.range("t")
+            assert len(await client.range("t", ":0", ":2")) == 3  # same connection
+        finally:
+            await client.close()
+    asyncio.run(main())
