@@ -38,6 +38,7 @@ from .errors import (
     InvalidProcessor,
     NoActiveNode,
     PipeProcError,
+    Timeout,
     from_code,
 )
 
@@ -56,6 +57,31 @@ class Log(NamedTuple):
 
     id: str
     body: Any
+
+
+class _ClaimedLog(Log):
+    """A :class:`Log` returned by ``proc`` (count 1): it also carries the identity of its
+    claim, ``_claim = (proc name, claim counter)``, which ``claimed=`` sends along, so that
+    the same logs claimed again later are another claim (SPEC §5). It compares, hashes,
+    prints and pickles as the Log it is."""
+
+    def __repr__(self) -> str:
+        return f"Log(id={self.id!r}, body={self.body!r})"
+
+
+class _ClaimedList(list):
+    """The ``list[Log]`` returned by ``proc`` (count > 1), carrying its claim's identity
+    (``_claim``) as :class:`_ClaimedLog` does."""
+
+
+def _with_claim(logs: Any, claim: tuple) -> Any:
+    """``logs`` (a list of Logs, or one Log) as the objects ``proc`` returns."""
+    if isinstance(logs, list):
+        out: Any = _ClaimedList(logs)
+    else:
+        out = _ClaimedLog(logs[0], logs[1])
+    out._claim = claim
+    return out
 
 
 class ProcState(NamedTuple):
@@ -96,9 +122,18 @@ def _logs(rows: list) -> List[Log]:
     return [Log(f"{ms}-{seq}", body) for ms, seq, body in rows]
 
 
-def _claim_key(logs: Any) -> Optional[list]:
+def _claim_key(logs: Any, name: Optional[str] = None) -> Optional[list]:
+    """The wire form of ``claimed=``: the ids' range, count and digest, plus the claim
+    counter when ``logs`` are what ``proc`` returned (Logs built by hand carry no
+    identity: they match the pending claim by their ids alone). Logs another proc than
+    ``name`` claimed get a counter that matches no claim (the node answers ``stale_claim``
+    after its other checks, in the SPEC's order).
+    """
     if logs is None:
         return None
+    claim = getattr(logs, "_claim", None)
+    if claim is None and isinstance(logs, list) and logs:
+        claim = getattr(logs[0], "_claim", None)
     if isinstance(logs, Log) or (isinstance(logs, tuple) and not isinstance(logs, list)
                                  and len(logs) == 2 and isinstance(logs[0], str)):
         items = [logs]
@@ -112,7 +147,10 @@ def _claim_key(logs: Any) -> Optional[list]:
             ids.append(_ids.parse_id(item[0]))
         except (PipeProcError, TypeError, IndexError, KeyError):
             raise InvalidArgument("claimed= takes the Log or list of Logs that proc() returned") from None
-    return _procs.claimed_key(ids)
+    key = _procs.claimed_key(ids)
+    if claim is not None and isinstance(claim[1], int):
+        key.append(claim[1] if name is None or claim[0] == name else -1)
+    return key
 
 
 def _encode_logs(logs: Sequence[Any]) -> list:
@@ -514,12 +552,12 @@ class PipeProc(_NodeRef):
         _check_count(count)
         opts = _check_opts(max_reclaims, reclaim_timeout, on_max_reclaims_reached)
         res = self._call("proc", topic, name, offset, count, *opts)
-        return _claim_result(res, count)
+        return _claim_result(res, count, name)
 
     def ack(self, name: str, *, claimed: Any = None) -> str:
         """Ack the pending claim; returns the acked range ``"first..last"``."""
         _ids.check_proc_name(name)
-        return self._call("ack", name, _claim_key(claimed))
+        return self._call("ack", name, _claim_key(claimed, name))
 
     def ack_commit(self, name: str, log_or_logs: Union[dict, Sequence[dict]], *,
                    claimed: Any = None) -> AckCommit:
@@ -529,7 +567,7 @@ class PipeProc(_NodeRef):
         if not single and not isinstance(log_or_logs, (list, tuple)):
             raise InvalidLogFormat("ack_commit takes a log dict or a list of them")
         items = _encode_logs([log_or_logs] if single else log_or_logs)
-        acked, ms, seqs = self._call("ackc", name, items, _claim_key(claimed))
+        acked, ms, seqs = self._call("ackc", name, items, _claim_key(claimed, name))
         ids = [f"{ms}-{s}" for s in seqs]
         return AckCommit(acked, ids[0] if single else ids)
 
@@ -537,7 +575,7 @@ class PipeProc(_NodeRef):
         """Drop the pending claim (its logs will be delivered again); returns the last
         acked range (``""`` if the proc never acked)."""
         _ids.check_proc_name(name)
-        return self._call("reclaim", name, _claim_key(claimed))
+        return self._call("reclaim", name, _claim_key(claimed, name))
 
     def inspect_proc(self, name: str) -> ProcState:
         """The proc's current state."""
@@ -601,8 +639,7 @@ class PipeProc(_NodeRef):
         if res is None:
             return None
         name, many, rows = res
-        logs = _logs(rows[0])
-        return name, (logs if many else logs[0])
+        return name, _claim_result(rows, 2 if many else 1, name)
 
     # ------------------------------------------------------------------ system and live procs
 
@@ -656,11 +693,13 @@ class PipeProc(_NodeRef):
         return LiveProc(self, topic, mode=mode, count=count)
 
 
-def _claim_result(res: Any, count: int) -> Union[Log, List[Log], None]:
+def _claim_result(res: Any, count: int, name: str) -> Union[Log, List[Log], None]:
+    """A claim's reply ``[rows, claim counter]`` as what ``proc`` returns."""
     if res is None:
         return None
     logs = _logs(res[0])
-    return logs if count > 1 else logs[0]
+    claim = (name, res[1] if len(res) > 1 else None)
+    return _with_claim(logs if count > 1 else logs[0], claim)
 
 
 # ------------------------------------------------------------------ spawn and connect

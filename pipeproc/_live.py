@@ -89,7 +89,7 @@ class LiveProc:
         if res is None:
             raise StopIteration
         from ._client import _claim_result
-        logs = _claim_result(res, self.count)
+        logs = _claim_result(res, self.count, self.name)
         self._last = logs
         return logs
 

@@ -34,6 +34,7 @@ import math
 import itertools
 import logging
 import os
+import re
 import selectors
 import signal
 import socket
@@ -68,6 +69,7 @@ from ._protocol import (
 from ._store import DAMAGE_ERRORS, PAGE_MAX_LOGS, Store, damaged
 from .errors import (
     InternalError,
+    InvalidAck,
     InvalidArgument,
     InvalidLogFormat,
     InvalidTopic,
@@ -234,7 +236,7 @@ def _wait_timeout(v: Any) -> Optional[float]:
 def _claimed(v: Any) -> Optional[list]:
     if v is None:
         return None
-    if type(v) is not list or len(v) != 6 or any(type(x) is not int for x in v):
+    if type(v) is not list or len(v) not in (6, 7) or any(type(x) is not int for x in v):
         raise InvalidArgument("claimed must identify a claim")
     return v
 
@@ -1013,7 +1015,7 @@ class Node:
         for name in list(self.store.procs):
             self.arm_timeout(name)
         # hidden live procs belong to connections of an earlier life of the node: gone
-        stale = {n for n in self.store.procs if n.startswith(LIVE_PREFIX)}
+        stale = {n for n, rec in self.store.procs.items() if _is_live(n, rec)}
         if stale:
             self.writer.submit(lambda tx: self._drop_live(tx, stale), lambda ok, v: None)
         # system proc claims were held by the workers of an earlier life: they are dead
@@ -1113,7 +1115,8 @@ class Node:
         """Reclaim (counted) the claims of a dead worker (``None``: of a node's earlier life)."""
         for name, key in claims.items():
             rec = tx.proc(name)
-            if rec is not None and _procs.pending(rec) and rec["claimed"] == key[:4]:
+            if (rec is not None and _procs.pending(rec) and rec["claimed"] == key[:4]
+                    and (len(key) < 7 or key[6] == rec.get("cnum"))):
                 if worker is None:
                     msg = "the node stopped while a worker processed these logs"
                 else:
@@ -1128,7 +1131,8 @@ class Node:
         """Drop claims without counting them: their holder was stopped for another reason."""
         for name, key in claims.items():
             rec = tx.proc(name)
-            if rec is not None and _procs.pending(rec) and rec["claimed"] == key[:4]:
+            if (rec is not None and _procs.pending(rec) and rec["claimed"] == key[:4]
+                    and (len(key) < 7 or key[6] == rec.get("cnum"))):
                 tx.put_proc(name, _procs._reclaimed(rec, count=False))
                 log.info("proc %r: claim %s of a recycled worker delivered again (not counted)",
                          name, _procs.range_str(rec["claimed"]))
@@ -1228,8 +1232,10 @@ class Node:
             self.supervisor.recycle(holder["slot"], holder["pid"])
 
     def _drop_live(self, tx: Any, names: set) -> None:
+        """Destroy live procs' hidden procs; a proc without the live flag is never touched."""
         for name in names:
-            if tx.proc(name) is not None:
+            rec = tx.proc(name)
+            if rec is not None and _is_live(name, rec):
                 tx.put_proc(name, None)
 
     def sys_names(self) -> Dict[str, dict]:
@@ -1680,7 +1686,7 @@ class Node:
 
         def fn(tx: Any) -> Any:
             recs = _procs.proc(tx, name, topic, offset, count, *opts, due=self._due)
-            return None if recs is None else page(recs, None)
+            return None if recs is None else page(recs, tx.proc(name)["cnum"])
         self._write_claim(conn, rid, fn, name)
 
     def _write_claim(self, conn: Conn, rid: int, fn: Callable, name: Optional[str]) -> None:
@@ -1781,7 +1787,7 @@ class Node:
                 recs = _procs.claim(tx, name, rec, count)
                 if recs is not None:
                     self.rr = (parsed.index((topic, name, offset, count, opts)) + 1)
-                    return [name, count > 1, page(recs, None)]
+                    return [name, count > 1, page(recs, tx.proc(name)["cnum"])]
             return None
 
         def done(ok: bool, value: Any) -> None:
@@ -1832,13 +1838,20 @@ class Node:
         timeout = _wait_timeout(timeout)
 
         def attempt(tx: Any) -> Any:
+            if self.stopping.is_set():  # not the end of the stream: the node goes away
+                return err_reply(rid, "connection_lost", "the node is shutting down")
             rec = tx.proc(name)
-            if rec is None or rec["topic"] != topic or self.stopping.is_set():
-                return ok_reply(rid, None)  # cancelled (destroyed) or shutting down: the end
+            if rec is None or rec["topic"] != topic:
+                return ok_reply(rid, None)  # cancelled (destroyed): the end
             if rec["status"] != "active":
                 return None
+            if _procs.pending(rec):  # live procs never time out: waiting would be forever
+                raise InvalidAck(
+                    f"live proc {name!r} still holds its last delivery "
+                    f"({_procs.range_str(rec['claimed'])}): call ack() (or reclaim() to "
+                    "have it delivered again) before asking for more")
             recs = _procs.claim(tx, name, rec, count)
-            return None if recs is None else ok_reply_raw(rid, page(recs, None))
+            return None if recs is None else ok_reply_raw(rid, page(recs, tx.proc(name)["cnum"]))
         self._queue_attempt(conn, rid, {name}, attempt)
         if timeout is not None:
             def expire() -> None:
@@ -1855,7 +1868,14 @@ class Node:
         _ids.parse_offset(offset)
 
         def fn(tx: Any) -> list:
+            rec = tx.proc(name)
+            if rec is not None and not rec.get("live"):
+                from .errors import ProcNameNotUnique
+                raise ProcNameNotUnique(f"proc {name!r} exists and is not a live proc")
             rec = _procs.ensure(tx, name, topic, offset, -1, -1.0, "continue")
+            if not rec.get("live"):  # the flag, not the name, tells a hidden proc
+                rec = dict(rec, live=True)
+                tx.put_proc(name, rec)
             return _procs.state(name, rec)
 
         def done(ok: bool, value: Any) -> None:
@@ -2106,7 +2126,7 @@ class Node:
             self.rr = idx + 1
             new = tx.proc(name)
             c = new["claimed"]
-            key = c + [c[3] - c[1] + 1, new["cdig"]]
+            key = c + [c[3] - c[1] + 1, new["cdig"], new["cnum"]]
             data = (b"\x93" + msgpack.packb(rid) + b"\x00\x96" + msgpack.packb(name)
                     + msgpack.packb(d["processor"]) + msgpack.packb(d["to"])
                     + (b"\xc3" if d["count"] > 1 else b"\xc2") + array_header(len(recs))
@@ -2132,6 +2152,21 @@ def _failure(v: Any) -> Optional[dict]:
         return None
     out.setdefault("message", "")
     return out
+
+
+_LEGACY_LIVE = re.compile(r"liveproc-[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
+
+
+def _is_live(name: str, rec: dict) -> bool:
+    """A live proc's hidden proc: its record says so (``live``, set by ``create_live``).
+
+    Records of stores written before the flag have no ``live`` key at all: there a hidden
+    proc is told by what ``live_proc()`` always made — a ``liveproc-<uuid4>`` name and the
+    hidden proc's options — so a user's own ``liveproc-…`` proc is never dropped."""
+    if "live" in rec:
+        return bool(rec["live"])
+    return (_LEGACY_LIVE.fullmatch(name) is not None and rec.get("max_reclaims") == -1
+            and rec.get("reclaim_timeout") == -1 and rec.get("on_max") == "continue")
 
 
 def _count(count: Any) -> int:

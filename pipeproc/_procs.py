@@ -11,6 +11,11 @@ timeout counts: its claim, or the resume that re-armed it). Optional keys: ``las
 (the last failure of the proc's consumer, see :func:`error_info`) and ``disabled_by``
 (``"max_reclaims"`` or ``"user"``, while disabled: a stage that died is not a stage that
 was stopped on purpose).
+``cdig`` (digest of the pending claim's ids), ``cnum`` (the claim counter: +1 on every claim, so
+the same logs claimed again are another claim; it starts at ``created_at << 20`` so a proc
+destroyed and created again does not reuse a counter value) and ``live`` (``True`` only for a
+live proc's hidden proc, set by the node's ``create_live``; records of older stores have no
+``live``/``cnum``).
 
 A claim is *pending* while ``claimed != acked``. Every function here checks all its error
 conditions before it changes anything, and returns the new record through
@@ -72,7 +77,7 @@ def new_record(topic: str, offset: str, now: int, start: int, max_reclaims: int,
         "claimed": None, "acked": None, "prev": None,
         "last_claimed_at": 0, "last_acked_at": 0, "status": "active", "reclaims": 0,
         "max_reclaims": max_reclaims, "reclaim_timeout": reclaim_timeout, "on_max": on_max,
-        "tbase": 0,
+        "tbase": 0, "cnum": int(now) << 20, "live": False,
     }
 
 
@@ -172,12 +177,15 @@ def first_dead(view: Any, names: Optional[Sequence[str]], procs: dict) -> Option
 
 
 def _check_claimed(rec: dict, claimed: Optional[Sequence[int]]) -> None:
-    """``claimed`` is ``[lo_ms, lo_seq, hi_ms, hi_seq, n]`` as sent by a client."""
+    """``claimed`` is ``[lo_ms, lo_seq, hi_ms, hi_seq, n, digest]`` as sent by a client,
+    plus the claim counter ``cnum`` when the client knows it (logs returned by ``proc``):
+    then only that very claim matches, not the same logs claimed again."""
     if claimed is None:
         return
     c = rec["claimed"]
     if (not pending(rec) or list(claimed[:4]) != c or claimed[4] != c[3] - c[1] + 1
-            or claimed[5] != rec.get("cdig")):
+            or claimed[5] != rec.get("cdig")
+            or (len(claimed) > 6 and claimed[6] != rec.get("cnum", 0))):
         raise StaleClaim(
             "the given logs are not the proc's pending claim "
             f"({range_str(c) if pending(rec) else 'nothing pending'})"
@@ -236,6 +244,7 @@ def claim(tx: Any, name: str, rec: dict, count: int) -> Optional[List[Any]]:
     new["prev"] = rec["claimed"]
     new["claimed"] = [record_ms(records[0]), lo, record_ms(records[-1]), hi]
     new["cdig"] = ids_digest(r[2:10] + r[11:19] for r in records)
+    new["cnum"] = rec.get("cnum", 0) + 1
     new["last_claimed_at"] = tx.now
     new["tbase"] = tx.now
     tx.put_proc(name, new)

@@ -583,7 +583,7 @@ class AsyncPipeProc(_NodeRef):
         _check_count(count)
         opts = _check_opts(max_reclaims, reclaim_timeout, on_max_reclaims_reached)
         res = await self._call("proc", topic, name, offset, count, *opts)
-        return _claim_result(res, count)
+        return _claim_result(res, count, name)
 
     async def ack(self, name: str, *, claimed: Any = None) -> str:
         """Ack the pending claim; returns the acked range ``"first..last"``.
@@ -596,7 +596,7 @@ class AsyncPipeProc(_NodeRef):
             InvalidProc, InvalidAck, StaleClaim.
         """
         _ids.check_proc_name(name)
-        return await self._call("ack", name, _claim_key(claimed))
+        return await self._call("ack", name, _claim_key(claimed, name))
 
     async def ack_commit(self, name: str, log_or_logs: Union[dict, Sequence[dict]], *,
                          claimed: Any = None) -> AckCommit:
@@ -613,7 +613,7 @@ class AsyncPipeProc(_NodeRef):
         if not single and not isinstance(log_or_logs, (list, tuple)):
             raise InvalidLogFormat("ack_commit takes a log dict or a list of them")
         items = _encode_logs([log_or_logs] if single else log_or_logs)
-        acked, ms, seqs = await self._call("ackc", name, items, _claim_key(claimed))
+        acked, ms, seqs = await self._call("ackc", name, items, _claim_key(claimed, name))
         ids = [f"{ms}-{s}" for s in seqs]
         return AckCommit(acked, ids[0] if single else ids)
 
@@ -627,7 +627,7 @@ class AsyncPipeProc(_NodeRef):
             InvalidProc, ProcIsDisabled, NothingToReclaim, StaleClaim.
         """
         _ids.check_proc_name(name)
-        return await self._call("reclaim", name, _claim_key(claimed))
+        return await self._call("reclaim", name, _claim_key(claimed, name))
 
     async def inspect_proc(self, name: str) -> ProcState:
         """The proc's current state.
@@ -718,8 +718,7 @@ class AsyncPipeProc(_NodeRef):
         if res is None:
             return None
         name, many, rows = res
-        logs = _logs(rows[0])
-        return name, (logs if many else logs[0])
+        return name, _claim_result(rows, 2 if many else 1, name)
 
     # ------------------------------------------------------------------ system and live procs
 
@@ -832,7 +831,7 @@ class AsyncLiveProc:
         if reply[1] == ERR or reply[2] is None:
             return
         try:
-            key = _claim_key(_logs(reply[2][0]))
+            key = _claim_key(_claim_result(reply[2], self.count, self.name), self.name)
         except PipeProcError:  # pragma: no cover - an empty claim
             return
         self._pp._send_quietly("reclaim", self.name, key)
@@ -860,7 +859,7 @@ class AsyncLiveProc:
             raise
         if res is None:
             raise StopAsyncIteration
-        logs = _claim_result(res, self.count)
+        logs = _claim_result(res, self.count, self.name)
         self._last = logs
         return logs
 

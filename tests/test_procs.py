@@ -671,8 +671,11 @@ def test_claim_times_out_without_anyone_calling(any_node):
     assert again == log
     assert pp.inspect_proc("p").reclaims == 1
     wait_until(lambda: pp.inspect_proc("p").reclaims == 2, what="second automatic reclaim")
-    assert pp.proc("t", name="p") == log
-    assert pp.ack("p", claimed=log) == rng(ids[0])
+    third = pp.proc("t", name="p")
+    assert third == log
+    with pytest.raises(pipeproc.StaleClaim):  # the same logs, another claim (SPEC §5)
+        pp.ack("p", claimed=log)
+    assert pp.ack("p", claimed=third) == rng(ids[0])
     assert pp.inspect_proc("p").reclaims == 0
 
 
@@ -1178,8 +1181,9 @@ def test_claim_timeout_survives_restart(spawner, tmp_path):
     pp = spawner(loc)
     st = wait_until(lambda: (s := pp.inspect_proc("p")).reclaims == 1 and s, what="timed out")
     assert st.last_claimed_range == "" and st.status == "active"
-    assert pp.proc("t", name="p") == log
-    assert pp.ack("p", claimed=log) == rng(ids[0])
+    again = pp.proc("t", name="p")
+    assert again == log
+    assert pp.ack("p", claimed=again) == rng(ids[0])
 
 
 # ---------------------------------------------------------------- concurrency

@@ -7,7 +7,8 @@ uses its own topic and proc names. The disk run also restarts the node.
 Readings where the SPEC is silent (see tests/test_procs.py): after a reclaim
 ``last_claimed_range`` is the last acked range; a pending claim survives a restart;
 ``ack(claimed=...)`` with nothing pending fails with ``invalid_ack`` when nothing was ever
-acked and ``stale_claim`` otherwise. Two points the model accepts either way: ``ack`` /
+acked and ``stale_claim`` otherwise; ``claimed=`` matches only the very claim ``proc`` returned
+(the same logs claimed again are another claim). Two points the model accepts either way: ``ack`` /
 ``ack_commit`` on a *disabled* proc may fail with ``proc_is_disabled`` (changing nothing) or
 act normally; and after a reclaim the next claim may be either ``count`` logs from the acked
 position or exactly the reclaimed logs (both are "the same logs again" when ``count`` is
@@ -201,7 +202,7 @@ class ProcMachine(RuleBasedStateMachine):
             else:
                 assert code is None and got == m.last_acked_range
             return
-        if claimed is not None and ids_of(claimed) != ids_of(m.last_result):
+        if claimed is not None and claimed is not m.last_result:  # that very claim (SPEC §5)
             assert code == "stale_claim"
             return
         assert code is None, code
@@ -231,7 +232,7 @@ class ProcMachine(RuleBasedStateMachine):
         if m.pending is None:
             assert code == "invalid_ack"
             return
-        if claimed is not None and ids_of(claimed) != ids_of(m.last_result):
+        if claimed is not None and claimed is not m.last_result:  # that very claim (SPEC §5)
             assert code == "stale_claim"
             return
         assert code is None, code
@@ -257,7 +258,7 @@ class ProcMachine(RuleBasedStateMachine):
         if m.pending is None:
             assert code == "nothing_to_reclaim"
             return
-        if claimed is not None and ids_of(claimed) != ids_of(m.last_result):
+        if claimed is not None and claimed is not m.last_result:  # that very claim (SPEC §5)
             assert code == "stale_claim"
             return
         assert code is None, code
