@@ -18,6 +18,7 @@ import threading
 import time
 import socket
 import struct
+import weakref
 from multiprocessing.connection import (
     AuthenticationError,
     Connection,
@@ -270,6 +271,26 @@ def open_connection(address: Any, authkey: bytes, timeout: float = HANDSHAKE_TIM
     return Channel(s)
 
 
+#: How long past a wait's own timeout the client waits for the node's answer before it
+#: gives up by itself (a node that is stopped or hung never answers).
+WAIT_SLACK = 1.0
+
+#: Every client of this process, reset in a child after ``os.fork()`` (see ``_forked``).
+_CLIENTS: "weakref.WeakSet[Any]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for client in list(_CLIENTS):
+        try:
+            client._forked()
+        except Exception:  # pragma: no cover - never fail a fork
+            pass
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class _NodeRef:
     """What both clients know of their node: its address, key and location."""
 
@@ -327,22 +348,37 @@ class PipeProc(_NodeRef):
         self._closed = False
         self._conns: set = set()
         self._max_frame: Optional[int] = None
+        _CLIENTS.add(self)
 
     # ------------------------------------------------------------------ connection
 
-    def _connect(self) -> Any:
-        c = open_connection(self._address, self._authkey)
+    def _connect(self, timeout: float = HANDSHAKE_TIMEOUT) -> Any:
+        c = open_connection(self._address, self._authkey, timeout)
         with self._lock:
             self._conns.add(c)
         return c
 
-    def _acquire(self) -> Any:
+    def _acquire(self, timeout: float = HANDSHAKE_TIMEOUT) -> Any:
         if self._closed:
             raise NoActiveNode("this client is closed")
         try:
             return self._idle.pop()
         except IndexError:
-            return self._connect()
+            return self._connect(timeout)
+
+    def _forked(self) -> None:
+        """In a child after ``os.fork()``: the inherited connections are the parent's. Close
+        our copies of their descriptors (never shut them down: that would cut the parent
+        off) and open connections of our own on the next call. The child is not the
+        spawner: leaving a ``with`` block there disconnects and leaves the node running."""
+        conns, self._conns, self._idle = self._conns, set(), []
+        self._lock = threading.Lock()
+        self._process = None
+        for c in conns:
+            try:
+                c.sock.close()
+            except OSError:
+                pass
 
     def _release(self, c: Any) -> None:
         if self._closed or len(self._idle) >= 8:
@@ -380,10 +416,55 @@ class PipeProc(_NodeRef):
         except BaseException:
             self._drop(c)  # interrupted mid-call: the connection is out of step
             raise
-        if reply[0] != rid:  # the node refused the frame itself and closes the connection
+        if reply[0] != rid:
+            self._mismatch(c, rid, reply)
+        self._release(c)
+        if reply[1] == ERR:
+            code, message = reply[2]
+            raise from_code(code, message)
+        return reply[2]
+
+    def _mismatch(self, c: Any, rid: int, reply: Any) -> None:
+        """A reply that is not to our request is never returned: the connection is out of
+        step (or shared with another process), so it is dropped."""
+        self._drop(c)
+        if reply[0] is None and reply[1] == ERR:  # the node refused the request itself
+            code, message = reply[2]
+            raise from_code(code, message)
+        raise ConnectionLost(
+            f"a reply to another request (id {reply[0]!r}, not {rid}) came on this client's "
+            "connection; it was closed (is a connection shared across a fork?)")
+
+    def _call_within(self, timeout: float, op: str, *args: Any) -> Any:
+        """:meth:`_call` bounded by ``timeout`` seconds, for a node that may not answer
+        (stopped, overloaded): connect, send and reply all count.
+
+        Raises:
+            Timeout: no reply in time (the connection is dropped: it is out of step).
+        """
+        rid = next(self._rids)
+        data = pack([rid, op, *args])
+        deadline = time.monotonic() + timeout
+        c = self._acquire(max(0.001, min(timeout, HANDSHAKE_TIMEOUT)))
+        try:
+            c.sock.settimeout(max(0.001, deadline - time.monotonic()))
+            c.send_bytes(data)
+            reply = decode(c.recv_bytes(REPLY_LIMIT))
+            c.sock.settimeout(None)
+        except socket.timeout:
             self._drop(c)
-        else:
-            self._release(c)
+            raise Timeout(f"the node did not answer {op} within {timeout} s") from None
+        except (OSError, EOFError) as exc:
+            self._drop(c)
+            if self._closed:
+                raise NoActiveNode("this client is closed") from None
+            raise ConnectionLost(f"the node went away during {op}: {exc}") from None
+        except BaseException:
+            self._drop(c)
+            raise
+        if reply[0] != rid:
+            self._mismatch(c, rid, reply)
+        self._release(c)
         if reply[1] == ERR:
             code, message = reply[2]
             raise from_code(code, message)
@@ -406,18 +487,20 @@ class PipeProc(_NodeRef):
         """Stop the node (its workers too) and close the store, then disconnect.
 
         Args:
-            timeout: seconds to wait for the node process to exit before killing it.
+            timeout: seconds for the whole shutdown: the request and the node process's
+                exit. A node that has not exited by then (stopped, hung) is killed.
         """
+        deadline = time.monotonic() + timeout
         if not self._closed:
             try:
-                self._call("shutdown")
+                self._call_within(timeout, "shutdown")
             except PipeProcError:
                 pass
         self.close()
         proc = self._process
         if proc is not None:
             try:
-                proc.wait(timeout)
+                proc.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
@@ -603,7 +686,8 @@ class PipeProc(_NodeRef):
         pending claim and nothing left to claim.
 
         Raises:
-            Timeout: ``timeout`` seconds passed first.
+            Timeout: ``timeout`` seconds passed first (also when the node does not answer
+                at all: the client gives up at ``timeout`` + 1 s).
             ProcIsDisabled: a proc it waits for is (or becomes) disabled by
                 ``max_reclaims`` with work left (a dead stage); the message names it and its
                 last error. A proc disabled by ``disable_proc`` is not waited for.
@@ -617,7 +701,10 @@ class PipeProc(_NodeRef):
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
                                     or not math.isfinite(timeout) or timeout < 0):
             raise InvalidArgument("timeout must be a finite number >= 0 or None")
-        self._call("wait_idle", names, timeout)
+        if timeout is None:
+            self._call("wait_idle", names, timeout)
+        else:
+            self._call_within(timeout + WAIT_SLACK, "wait_idle", names, timeout)
 
     def available_proc(self, specs: Sequence[dict]) -> Optional[Tuple[str, Any]]:
         """Claim work from the first listed proc that does not exist yet, otherwise round

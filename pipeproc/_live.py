@@ -9,6 +9,7 @@ so hidden procs never pile up on disk or hold back the GC.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import uuid
 from typing import Any, Callable, Iterator, List, Optional, Union
@@ -57,6 +58,7 @@ class LiveProc:
         self._thread: Optional[threading.Thread] = None
         self._rid = 0
         self._lock = threading.Lock()
+        self._pid = os.getpid()
         self._conn = pp._connect()
         self._request("create_live", topic, self.name, self.offset)
 
@@ -64,6 +66,9 @@ class LiveProc:
         with self._lock:
             if self._conn is None:
                 raise NoActiveNode("this live proc is cancelled")
+            if os.getpid() != self._pid:  # its connection is the parent's (os.fork)
+                raise NoActiveNode("a live proc belongs to the process that created it; "
+                                   "create another one in this process")
             self._rid += 1
             try:
                 self._conn.send_bytes(pack([self._rid, op, *args]))
@@ -82,10 +87,21 @@ class LiveProc:
         return self
 
     def __next__(self) -> Any:
-        """Block until logs are claimed for this live proc (a Log, or a list when count > 1)."""
+        """Block until logs are claimed for this live proc (a Log, or a list when count > 1).
+
+        Raises:
+            InvalidAck: the last delivery is neither acked nor reclaimed (call ``ack()``
+                or ``reclaim()`` first: waiting would be forever).
+            ConnectionLost: the node went away (also a clean shutdown): never a normal end.
+        """
         if self._cancelled:
             raise StopIteration
-        res = self._request("live", self.topic, self.name, self.offset, self.count, None)
+        try:
+            res = self._request("live", self.topic, self.name, self.offset, self.count, None)
+        except ConnectionLost:
+            if self._cancelled:
+                raise StopIteration from None
+            raise
         if res is None:
             raise StopIteration
         from ._client import _claim_result

@@ -96,6 +96,7 @@ from .errors import (
     InvalidProc,
     NoActiveNode,
     PipeProcError,
+    Timeout,
     from_code,
 )
 
@@ -282,6 +283,11 @@ class _Conn:
 
 # ------------------------------------------------------------------ the client
 
+#: Connections a forked child inherited from its parent: referenced for good, so that
+#: collecting them never closes (or warns about) what belongs to the parent.
+_FORKED_LEFTOVERS: List[Any] = []
+
+
 class AsyncPipeProc(_NodeRef):
     """An asyncio client of a pipeproc node (returned by :func:`spawn` and :func:`connect`).
 
@@ -313,8 +319,20 @@ class AsyncPipeProc(_NodeRef):
         self._conn_lock: Optional[asyncio.Lock] = None
         self._closed = False
         self._max_frame: Optional[int] = None
+        _client._CLIENTS.add(self)
 
     # ------------------------------------------------------------------ connection
+
+    def _forked(self) -> None:
+        """In a child after ``os.fork()``: the connection (and its event loop) are the
+        parent's. Forget them — kept referenced, never closed or shut down, so nothing of
+        the parent's is touched — and connect anew on the next call, from the loop the child
+        runs (an event loop itself must not cross a fork). The child is not the spawner."""
+        if self._conn is not None:
+            _FORKED_LEFTOVERS.append(self._conn)
+        self._conn = None
+        self._conn_lock = None
+        self._process = None
 
     async def _connection(self) -> _Conn:
         if self._closed:
@@ -393,19 +411,21 @@ class AsyncPipeProc(_NodeRef):
         """Stop the node (its workers too) and close the store, then disconnect.
 
         Args:
-            timeout: seconds to wait for the node process to exit before killing it.
+            timeout: seconds for the whole shutdown: the request and the node process's
+                exit. A node that has not exited by then (stopped, hung) is killed.
         """
+        deadline = time.monotonic() + timeout
         if not self._closed:
             try:
-                await self._call("shutdown")
-            except PipeProcError:
+                await asyncio.wait_for(self._call("shutdown"), timeout)
+            except (PipeProcError, asyncio.TimeoutError):
                 pass
         await self.close()
         proc, self._process = self._process, None
         if proc is not None:
             def wait() -> None:
                 try:
-                    proc.wait(timeout)
+                    proc.wait(max(0.0, deadline - time.monotonic()))
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
@@ -675,7 +695,8 @@ class AsyncPipeProc(_NodeRef):
             timeout: seconds, or None to wait as long as it takes.
 
         Raises:
-            Timeout: ``timeout`` seconds passed first.
+            Timeout: ``timeout`` seconds passed first (also when the node does not answer
+                at all: the client gives up at ``timeout`` + 1 s).
             ProcIsDisabled: a proc it waits for is (or becomes) disabled by
                 ``max_reclaims`` with work left (a dead stage); the message names it and its
                 last error. A proc disabled by ``disable_proc`` is not waited for.
@@ -689,7 +710,16 @@ class AsyncPipeProc(_NodeRef):
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
                                     or not math.isfinite(timeout) or timeout < 0):
             raise InvalidArgument("timeout must be a finite number >= 0 or None")
-        await self._call("wait_idle", names, timeout)
+        if timeout is None:
+            await self._call("wait_idle", names, timeout)
+            return
+        try:
+            await asyncio.wait_for(self._call("wait_idle", names, timeout),
+                                   timeout + _client.WAIT_SLACK)
+        except asyncio.TimeoutError as exc:
+            if isinstance(exc, PipeProcError):  # the node's own answer
+                raise
+            raise Timeout(f"the node did not answer wait_for_procs within {timeout} s") from None
 
     async def available_proc(self, specs: Sequence[dict]) -> Optional[Tuple[str, Any]]:
         """Claim work from the first listed proc that does not exist yet, otherwise round
@@ -845,15 +875,17 @@ class AsyncLiveProc:
         """Wait until logs are claimed for this live proc (a Log, or a list when count > 1).
 
         Raises:
-            StopAsyncIteration: the live proc was cancelled or destroyed, or the node is
-                shutting down.
+            StopAsyncIteration: the live proc was cancelled or destroyed.
+            InvalidAck: the last delivery is neither acked nor reclaimed (call ``ack()``
+                or ``reclaim()`` first: waiting would be forever).
+            ConnectionLost: the node went away (also a clean shutdown): never a normal end.
         """
         if self._cancelled:
             raise StopAsyncIteration
         try:
             res = await self._pp._call("live", self.topic, self.name, self.offset, self.count,
                                        None, orphan=self._hand_back)
-        except NoActiveNode:
+        except (NoActiveNode, ConnectionLost):
             if self._cancelled:
                 raise StopAsyncIteration from None
             raise
