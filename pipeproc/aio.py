@@ -24,6 +24,11 @@ afterwards (it is reclaimed and delivered again), so no log is lost.
 If the connection drops, calls in flight fail with ``connection_lost`` and the next call
 opens a new connection (``no_active_node`` if the node is gone).
 
+**Fork.** An event loop must not cross ``os.fork()``. A client inherited by a forked child
+forgets its parent's connection (without closing it) and connects anew on its first call
+from the loop the child runs (``asyncio.run``); replies are matched to requests by id, and
+one that matches no request is never returned to a caller.
+
 Example:
     >>> import asyncio, tempfile
     >>> import pipeproc.aio
