@@ -154,6 +154,19 @@ def test_hidden_live_proc_of_a_killed_node_is_dropped(tmp_path, spawner):
     assert live.name not in pp.stats()["procs"]
 
 
+def test_hidden_procs_are_told_by_their_flag_and_legacy_records_by_name_and_options():
+    from pipeproc._node import _is_live
+    hidden_opts = {"max_reclaims": -1, "reclaim_timeout": -1.0, "on_max": "continue"}
+    user_opts = {"max_reclaims": 10, "reclaim_timeout": 10.0, "on_max": "disable"}
+    name = "liveproc-0b9e1b7e-4a44-4c6f-9d0e-8a3f6b2c1d55"
+    assert _is_live("anything", {"live": True, **user_opts})
+    assert not _is_live(name, {"live": False, **hidden_opts})  # a user's record: never
+    # stores from before the flag: only what live_proc() made counts as hidden
+    assert _is_live(name, dict(hidden_opts))
+    assert not _is_live(name, dict(user_opts))
+    assert not _is_live("liveproc-mine", dict(hidden_opts))
+
+
 # --------------------------------------------------------------------------- fork
 
 def _fork_worker(pp, topic, expect_len, n):
@@ -242,6 +255,10 @@ def test_shutdown_of_a_stopped_node_honours_its_timeout(tmp_path):
     try:
         os.kill(pid, signal.SIGSTOP)
         t0 = time.monotonic()
+        with pytest.raises(pipeproc.NoActiveNode):
+            pipeproc.connect(tmp_path / "s", timeout=1)
+        assert time.monotonic() - t0 < 5
+        t0 = time.monotonic()
         pp.shutdown(timeout=2)
         took = time.monotonic() - t0
         assert took < 8, took
@@ -279,6 +296,10 @@ def test_aio_timeouts_against_a_stopped_node(tmp_path):
             await pp.commit({"topic": "t", "body": {}})
             await pp.proc("t", name="busy", reclaim_timeout=None)
             os.kill(pid, signal.SIGSTOP)
+            t0 = time.monotonic()
+            with pytest.raises(pipeproc.NoActiveNode):
+                await pipeproc.aio.connect(tmp_path / "s", timeout=1)
+            assert time.monotonic() - t0 < 5
             t0 = time.monotonic()
             with pytest.raises(Timeout):
                 await pp.wait_for_procs(["busy"], timeout=1)
