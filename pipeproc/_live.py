@@ -21,6 +21,13 @@ from .errors import ConnectionLost, InvalidArgument, InvalidProc, NoActiveNode, 
 log = logging.getLogger("pipeproc.live")
 
 
+def _held(last: Any) -> Optional[int]:
+    """The claim counter of a live proc's last delivery (``None`` before the first): the
+    node answers ``invalid_ack`` when that very claim is still pending."""
+    claim = getattr(last, "_claim", None)
+    return claim[1] if claim is not None and isinstance(claim[1], int) else None
+
+
 def live_spec(topic: str, mode: str, count: int) -> tuple:
     """Check a live proc's arguments; its hidden proc's name and offset (both clients)."""
     from ._client import _check_count
@@ -97,7 +104,8 @@ class LiveProc:
         if self._cancelled:
             raise StopIteration
         try:
-            res = self._request("live", self.topic, self.name, self.offset, self.count, None)
+            res = self._request("live", self.topic, self.name, self.offset, self.count, None,
+                                _held(self._last))
         except ConnectionLost:
             if self._cancelled:
                 raise StopIteration from None

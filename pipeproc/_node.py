@@ -1829,13 +1829,20 @@ class Node:
             self.timers.after(float(timeout), expire)
 
     def op_live(self, conn: Conn, rid: int, topic: Any, name: Any, offset: Any,
-                count: Any, timeout: Any) -> None:
-        """A live proc's blocking claim: claims at once, or parks until there is work."""
+                count: Any, timeout: Any, held: Any = None) -> None:
+        """A live proc's blocking claim: claims at once, or parks until there is work.
+
+        ``held`` is the claim counter of the last delivery the client received (``None``:
+        none yet): while that very claim is pending, asking for more is ``invalid_ack``. A
+        pending claim the client never received (answered to a wait it cancelled, on its
+        way back as a reclaim) parks the request as any other busy state does."""
         _ids.check_topic(topic)
         _ids.check_proc_name(name)
         _ids.parse_offset(offset)
         count = _count(count)
         timeout = _wait_timeout(timeout)
+        if held is not None and type(held) is not int:
+            raise InvalidArgument("held is the claim counter of the last delivery, or None")
 
         def attempt(tx: Any) -> Any:
             if self.stopping.is_set():  # not the end of the stream: the node goes away
@@ -1845,7 +1852,8 @@ class Node:
                 return ok_reply(rid, None)  # cancelled (destroyed): the end
             if rec["status"] != "active":
                 return None
-            if _procs.pending(rec):  # live procs never time out: waiting would be forever
+            if held is not None and _procs.pending(rec) and rec.get("cnum") == held:
+                # the client holds it and live procs never time out: waiting is forever
                 raise InvalidAck(
                     f"live proc {name!r} still holds its last delivery "
                     f"({_procs.range_str(rec['claimed'])}): call ack() (or reclaim() to "

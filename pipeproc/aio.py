@@ -93,6 +93,7 @@ from ._client import (
     _logs,
 )
 from ._protocol import ERR, REPLY_LIMIT, decode, pack
+from ._live import _held
 from .errors import (
     AuthFailed,
     ConnectionLost,
@@ -889,7 +890,7 @@ class AsyncLiveProc:
             raise StopAsyncIteration
         try:
             res = await self._pp._call("live", self.topic, self.name, self.offset, self.count,
-                                       None, orphan=self._hand_back)
+                                       None, _held(self._last), orphan=self._hand_back)
         except (NoActiveNode, ConnectionLost):
             if self._cancelled:
                 raise StopAsyncIteration from None

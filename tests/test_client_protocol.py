@@ -355,6 +355,30 @@ def test_aio_live_next_without_ack_raises_invalid_ack(tmp_path):
     asyncio.run(main())
 
 
+def test_aio_a_cancelled_wait_is_not_a_forgotten_ack(tmp_path):
+    """A wait cancelled before its claim arrives hands the claim back; the next wait, parked
+    beside it, must get the logs, not invalid_ack (the client never held that claim)."""
+    async def main():
+        pp = await pipeproc.aio.spawn(tmp_path / "s", workers=0)
+        try:
+            live = await pp.live_proc("t", mode="all")
+            first = asyncio.ensure_future(live.__anext__())
+            await pp.topics()  # one connection, served in order: the wait is parked
+            first.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await first
+            second = asyncio.ensure_future(live.__anext__())
+            await pp.topics()
+            await pp.commit({"topic": "t", "body": {"i": 0}})  # claimed for the first wait
+            got = await asyncio.wait_for(second, 20)
+            assert got.body == {"i": 0}
+            await live.ack()
+            await live.cancel()
+        finally:
+            await pp.shutdown()
+    asyncio.run(main())
+
+
 # --------------------------------------------------------------------------- node goes away
 
 def test_node_sigterm_is_connection_lost_for_everyone_attached(tmp_path, spawner):
