@@ -266,7 +266,7 @@ def check_location(location: str) -> Dict[str, Any]:
     """
     import fcntl
 
-    from ._node import STORE_MARKER
+    from ._platform import STORE_MARKER
     from ._store import check_files
     from .errors import InvalidArgument, NodeAlreadyActive, StoreCorrupted
 

@@ -24,10 +24,10 @@ conditions before it changes anything, and returns the new record through
 
 from __future__ import annotations
 
-import hashlib
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence
 
 from . import _ids
+from ._records import claimed_key, ids_digest, record_ms  # noqa: F401 (claimed_key: re-export)
 from .errors import (
     InvalidAck,
     InvalidProc,
@@ -238,7 +238,6 @@ def claim(tx: Any, name: str, rec: dict, count: int) -> Optional[List[Any]]:
         return None
     hi = min(lo + count - 1, meta.next - 1)
     records = tx.records(meta, lo, hi, count, False, max_bytes=1 << 62)
-    from ._protocol import record_ms
 
     new = dict(rec)
     new["prev"] = rec["claimed"]
@@ -371,20 +370,3 @@ def gc_upto(view: Any, topic: str, meta: Any, procs_on_topic: List[dict], cutoff
     if keep <= meta.first:
         return meta.first
     return _ids.bisect(meta.first, keep, lambda q: view.ms_at(meta.tid, q) >= cutoff_ms)
-
-
-def ids_digest(packed: Any) -> int:
-    """A 64-bit digest of a claim's ids, each given as ``ms (u64 BE) + seq (u64 BE)``."""
-    return int.from_bytes(hashlib.blake2b(b"".join(packed), digest_size=8).digest(), "big")
-
-
-def claimed_key(ids: Sequence[Tuple[int, int]]) -> List[int]:
-    """The ``claimed=`` identity of a list of ``(ms, seq)``:
-    ``[lo_ms, lo_seq, hi_ms, hi_seq, n, digest of every id]`` — it matches a pending claim
-    only when every log is exactly the claim's."""
-    lo, hi = ids[0], ids[-1]
-    try:
-        digest = ids_digest(ms.to_bytes(8, "big") + seq.to_bytes(8, "big") for ms, seq in ids)
-    except OverflowError:
-        digest = 0
-    return [lo[0], lo[1], hi[0], hi[1], len(ids), digest]

@@ -26,11 +26,24 @@ import socket
 import struct
 import threading
 import time
-import zlib
 from typing import Any, List, Optional
 
 import msgpack
 
+# The stored record and its checksum live in _records (shared by both sides); these names
+# stay importable from here
+from ._records import (  # noqa: F401
+    _CRC,
+    _RECORD_HEAD,
+    CRC_RESIDUE,
+    CRC_SIZE,
+    RECORD_HEAD_SIZE,
+    crc32,
+    record,
+    record_ms,
+    record_ok,
+    stored_record,
+)
 from .errors import InvalidLogFormat
 
 OK = 0
@@ -60,40 +73,6 @@ def _busy_poll_setting() -> float:
 #: request; a reply expected within this window is polled for instead.
 BUSY_POLL = _busy_poll_setting()
 _LEN = struct.Struct("!i")
-
-_RECORD_HEAD = struct.Struct(">BBQBQ")  # 0x93 0xcf ms 0xcf seq
-RECORD_HEAD_SIZE = _RECORD_HEAD.size  # 19
-
-
-def record(ms: int, seq: int, body: bytes) -> bytes:
-    """The stored form of a log: the msgpack of ``[ms, seq, body]`` with ``body`` pre-encoded."""
-    return _RECORD_HEAD.pack(0x93, 0xCF, ms, 0xCF, seq) + body
-
-
-_CRC = struct.Struct("<I")
-#: Bytes of the checksum that follows a stored record (store format 3).
-CRC_SIZE = _CRC.size
-#: ``zlib.crc32`` of any bytes followed by their own CRC-32 in little-endian order: checking
-#: a stored record is one ``crc32`` call over the whole stored value.
-CRC_RESIDUE = 0x2144DF1C
-crc32 = zlib.crc32
-
-
-def stored_record(ms: int, seq: int, body: bytes) -> bytes:
-    """The stored form of a log (format 3): :func:`record` followed by its CRC-32."""
-    rec = _RECORD_HEAD.pack(0x93, 0xCF, ms, 0xCF, seq) + body
-    return rec + _CRC.pack(crc32(rec))
-
-
-def record_ok(value: Any) -> bool:
-    """Whether a stored record (format 3) is intact: its CRC-32 holds."""
-    return crc32(value) == CRC_RESIDUE
-
-
-def record_ms(value: Any) -> int:
-    """The ms stamp of a stored log record (bytes or memoryview)."""
-    return int.from_bytes(value[2:10], "big")
-
 
 def array_header(n: int) -> bytes:
     """The msgpack header of an array of ``n`` elements."""

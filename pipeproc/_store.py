@@ -17,7 +17,7 @@ meta      key                            format version, clock, next topic id, `
    CJK or emoji) is keyed ``0xff`` + its SHA-256 and its record carries the full name under
    ``"_name"`` (``0xff`` never starts UTF-8, so the two kinds of keys never collide).
 
-Format 3 stores every log record followed by its CRC-32 (``_protocol.stored_record``) and
+Format 3 stores every log record followed by its CRC-32 (``_records.stored_record``) and
 every read checks it (:class:`~pipeproc.StoreCorrupted` naming topic and seq on a mismatch,
 never the damaged bytes). A format-2 store is upgraded in place at opening without
 rewriting a log: the meta key ``unchecked`` keeps, per topic id, the first sequence written
@@ -61,8 +61,7 @@ import lmdb
 import msgpack
 
 from . import _ids
-from ._protocol import CRC_RESIDUE, CRC_SIZE, crc32, record_ms, stored_record
-from ._protocol import _CRC
+from ._records import _CRC, CRC_RESIDUE, CRC_SIZE, crc32, record_ms, stored_record
 from .errors import StoreCorrupted
 
 log = logging.getLogger("pipeproc.store")

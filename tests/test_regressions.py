@@ -79,7 +79,7 @@ def test_node_refuses_bodies_readers_could_not_take_back(node, body):
 
 @pytest.mark.timeout(60)
 def test_silent_peer_is_dropped_after_the_handshake_timeout(node):
-    from pipeproc._node import HANDSHAKE_TIMEOUT
+    from pipeproc._conn import HANDSHAKE_TIMEOUT
     s = socket.socket(socket.AF_UNIX)
     s.settimeout(HANDSHAKE_TIMEOUT + 20)
     try:
