@@ -4,6 +4,9 @@ A log id is ``"<ms>-<seq>"``. Within one topic both ``ms`` and ``seq`` never dec
 the log, so ``(ms, seq)`` is strictly increasing with ``seq``: every bound form resolves to a
 sequence number by a binary search over the stored sequences ``[first, nxt)`` — O(log n)
 lookups of a log's ``ms``, never a scan.
+
+Part of the pure core, shared by both sides. May import: ``errors`` and the standard
+library's ``re``.
 """
 
 from __future__ import annotations

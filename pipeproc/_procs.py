@@ -20,6 +20,10 @@ live proc's hidden proc, set by the node's ``create_live``; records of older sto
 A claim is *pending* while ``claimed != acked``. Every function here checks all its error
 conditions before it changes anything, and returns the new record through
 ``tx.put_proc`` so a whole state change is one write of the group commit.
+
+Part of the pure core (node side): no socket, thread, subprocess or lmdb, no clock (time
+comes as ``tx.now``; deadlines are the caller's). May import: ``_ids``, ``_records``,
+``errors``.
 """
 
 from __future__ import annotations

@@ -40,6 +40,9 @@ committed by whichever thread holds the node's writer role. Topic and proc recor
 in memory (:attr:`Store.topics`, :attr:`Store.procs`), authoritative for the writer: a
 transaction reads them through an overlay and the overlay is merged only after the commit
 succeeded, so an aborted transaction leaves no trace in memory either.
+
+Node side. May import: ``_ids``, ``_records``, ``_damage``, ``errors``, lmdb, msgpack and
+the standard library.
 """
 
 from __future__ import annotations
@@ -61,8 +64,9 @@ import lmdb
 import msgpack
 
 from . import _ids
+from ._damage import proc_problem, walk_pages
 from ._records import _CRC, CRC_RESIDUE, CRC_SIZE, crc32, record_ms, stored_record
-from .errors import StoreCorrupted
+from .errors import StorageFull, StoreCorrupted
 
 log = logging.getLogger("pipeproc.store")
 
@@ -233,7 +237,6 @@ def _open_error(exc: BaseException, path: str) -> Exception:
     text = str(exc)
     if "No space" in text or "Disk quota" in text or (
             "Input/output" in text and _disk_full(path)):
-        from .errors import StorageFull
         return StorageFull(f"cannot open the store at {path}: the disk is full ({exc})")
     return exc if isinstance(exc, Exception) else RuntimeError(str(exc))
 
@@ -356,7 +359,6 @@ class Store:
                 marker is not None and os.path.exists(marker))
             check_files(path, existed)
             if os.path.exists(os.path.join(path, "data.mdb")):
-                from ._check import walk_pages
                 problems = walk_pages(path, limit=3)
                 if problems:  # LMDB would stop the node with an assertion on such a page
                     raise StoreCorrupted(
@@ -487,7 +489,6 @@ class Store:
             sealed = version is None or version >= 3
             for key, value in txn.cursor(db=self.db_procs):
                 name, rec = _unpack_named("proc", key, value, sealed)
-                from ._check import proc_problem
                 bad = proc_problem(rec)
                 if bad:
                     raise StoreCorrupted(f"the record of proc {name!r} is damaged ({bad}): "
