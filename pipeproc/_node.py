@@ -388,7 +388,7 @@ def _test_wall_clock(path: str) -> None:
     one plus the offset in ms written in ``file`` (read at most every 20 ms), so a test can
     step the wall clock back without root. Never set in production."""
     real_ns = time.time_ns
-    state = [0.0, 0]
+    state: List[float] = [0.0, 0]
 
     def offset_ms() -> int:
         now = time.monotonic()
@@ -399,7 +399,7 @@ def _test_wall_clock(path: str) -> None:
                     state[1] = int(f.read().strip() or 0)
             except (OSError, ValueError):
                 pass
-        return state[1]
+        return int(state[1])
 
     def fake_ns() -> int:
         return real_ns() + offset_ms() * 1_000_000

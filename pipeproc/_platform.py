@@ -53,7 +53,7 @@ import tempfile
 import termios
 import threading
 from multiprocessing.connection import Listener
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 from .errors import InvalidArgument
 
@@ -236,7 +236,7 @@ def read_private(path: str) -> bytes:
     """The content of a private file of the location (see :func:`open_private`)."""
     fd = open_private(path, os.O_RDONLY)
     try:
-        chunks = []
+        chunks: List[bytes] = []
         while True:
             chunk = os.read(fd, 65536)
             if not chunk:

@@ -214,7 +214,7 @@ class Waits:
 
     def wake_sys(self, n: int) -> None:
         """Wake up to ``n`` idle workers (they look for a system proc claim again)."""
-        woken = []
+        woken: List[Parked] = []
         with self.lock:
             for key, w in list(self.claims.items()):
                 if len(woken) >= n:
@@ -291,7 +291,7 @@ class Waits:
                         return True
                 return False
 
-            woken = []
+            woken: List[Parked] = []
             sys_budget = -1
             with self.lock:
                 for key, w in list(self.claims.items()):
