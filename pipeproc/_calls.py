@@ -28,7 +28,19 @@ import math
 import os
 import uuid
 import weakref
-from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple, TypeVar, Union
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Generic,
+    List,
+    NamedTuple,
+    Optional,
+    Sequence,
+    Tuple,
+    TypeVar,
+    Union,
+)
 
 from . import _docs, _ids, _procs
 from ._processors import processor_ref
@@ -275,38 +287,65 @@ def live_spec(topic: str, mode: str, count: int) -> Tuple[str, str]:
 
 # ------------------------------------------------------------------ requests
 
+T = TypeVar("T")
+
+
 def _same(result: Any) -> Any:
     return result
 
 
-class Call(NamedTuple):
+class Call(Generic[T]):
     """One request to send and how to shape its reply.
 
     ``op`` is ``None`` for a call answered without the node (``shape(None)`` is the
-    result); ``within`` bounds the wait for the reply (seconds past which the node's own
-    timeout answer is overdue, ``wait_for_procs``)."""
+    result); ``within`` bounds the wait for the reply (``wait_for_procs``: its timeout, past
+    which, plus :data:`WAIT_SLACK`, the node's own timeout answer is overdue)."""
 
-    op: Optional[str]
-    args: tuple
-    shape: Callable[[Any], Any] = _same
-    within: Optional[float] = None
+    __slots__ = ("op", "args", "shape", "within")
+
+    def __init__(self, op: Optional[str], args: tuple, shape: Callable[[Any], T] = _same,
+                 within: Optional[float] = None) -> None:
+        self.op = op
+        self.args = args
+        self.shape = shape
+        self.within = within
+
+    def __repr__(self) -> str:
+        return f"Call({self.op!r}, {self.args!r})"
 
 
-def commit(logs: Any) -> Call:
+#: A page of a range: its logs and the call for the next page (``None``: the last).
+Page = Tuple[List[Log], Optional["Call[Any]"]]
+
+
+def _nothing(result: Any) -> None:
+    return None
+
+
+def _one_id(r: Any) -> str:
+    return f"{r[0]}-{r[1]}"
+
+
+def _many_ids(r: Any) -> List[str]:
+    ms = r[0]
+    return [f"{ms}-{s}" for s in r[1]]
+
+
+def commit(logs: Any) -> Call[Union[str, List[str]]]:
     if isinstance(logs, dict):
         item = _encode_logs([logs])[0]
-        return Call("c1", (item[0], item[1]), lambda r: f"{r[0]}-{r[1]}")
+        return Call("c1", (item[0], item[1]), _one_id)
     if isinstance(logs, (list, tuple)):
         items = _encode_logs(logs)
         if not items:
             return Call(None, (), lambda _: [])
-        return Call("c", (items,), lambda r: [f"{r[0]}-{s}" for s in r[1]])
+        return Call("c", (items,), _many_ids)
     raise InvalidLogFormat(f"commit takes a log dict or a list of them, got {type(logs).__name__!r}")
 
 
-def _page_reply(topic: str, reverse: bool, page_size: int) -> Callable[[Any], Any]:
+def _page_reply(topic: str, reverse: bool, page_size: int) -> Callable[[Any], Page]:
     """A page's reply ``[rows, tail]`` as ``(logs, the call for the next page or None)``."""
-    def shape(reply: Any) -> Tuple[List[Log], Optional[Call]]:
+    def shape(reply: Any) -> Page:
         rows, tail = reply
         if tail is None:
             return _logs(rows), None
@@ -316,7 +355,7 @@ def _page_reply(topic: str, reverse: bool, page_size: int) -> Callable[[Any], An
 
 
 def range_pages(topic: str, start: Any, end: Any, limit: Any, exclusive: bool, reverse: bool,
-                page_size: int) -> Call:
+                page_size: int) -> Call[Page]:
     """The first page of a range; its result is ``(logs, next page's Call or None)``."""
     _ids.check_topic(topic)
     _check_bound(start)
@@ -326,21 +365,21 @@ def range_pages(topic: str, start: Any, end: Any, limit: Any, exclusive: bool, r
                 _page_reply(topic, reverse, page_size))
 
 
-def length(topic: str) -> Call:
+def length(topic: str) -> Call[int]:
     _ids.check_topic(topic)
     return Call("length", (topic,))
 
 
-def topics() -> Call:
+def topics() -> Call[List[str]]:
     return Call("topics", ())
 
 
-def stats() -> Call:
+def stats() -> Call[Dict[str, Any]]:
     return Call("stats", ())
 
 
 def proc(topic: str, name: str, offset: Any, count: Any, max_reclaims: Any,
-         reclaim_timeout: Any, on_max_reclaims_reached: Any) -> Call:
+         reclaim_timeout: Any, on_max_reclaims_reached: Any) -> Call[Claimed]:
     _ids.check_topic(topic)
     _ids.check_proc_name(name)
     _check_offset(offset)
@@ -350,12 +389,12 @@ def proc(topic: str, name: str, offset: Any, count: Any, max_reclaims: Any,
                 lambda r: _claim_result(r, count, name))
 
 
-def ack(name: str, claimed: Any) -> Call:
+def ack(name: str, claimed: Any) -> Call[str]:
     _ids.check_proc_name(name)
     return Call("ack", (name, _claim_key(claimed, name)))
 
 
-def ack_commit(name: str, log_or_logs: Any, claimed: Any) -> Call:
+def ack_commit(name: str, log_or_logs: Any, claimed: Any) -> Call[AckCommit]:
     _ids.check_proc_name(name)
     single = isinstance(log_or_logs, dict)
     if not single and not isinstance(log_or_logs, (list, tuple)):
@@ -369,7 +408,7 @@ def ack_commit(name: str, log_or_logs: Any, claimed: Any) -> Call:
     return Call("ackc", (name, items, _claim_key(claimed, name)), shape)
 
 
-def reclaim(name: str, claimed: Any) -> Call:
+def reclaim(name: str, claimed: Any) -> Call[str]:
     _ids.check_proc_name(name)
     return Call("reclaim", (name, _claim_key(claimed, name)))
 
@@ -378,13 +417,13 @@ def _state(r: Any) -> ProcState:
     return ProcState(*r)
 
 
-def proc_state(op: str, name: str) -> Call:
+def proc_state(op: str, name: str) -> Call[ProcState]:
     """``inspect`` / ``disable`` / ``resume`` / ``destroy``: a proc's state back."""
     _ids.check_proc_name(name)
     return Call(op, (name,), _state)
 
 
-def wait_for_procs(names: Any, timeout: Any) -> Call:
+def wait_for_procs(names: Any, timeout: Any) -> Call[None]:
     if names is not None:
         if isinstance(names, str):
             names = [names]
@@ -394,10 +433,10 @@ def wait_for_procs(names: Any, timeout: Any) -> Call:
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
                                 or not math.isfinite(timeout) or timeout < 0):
         raise InvalidArgument("timeout must be a finite number >= 0 or None")
-    return Call("wait_idle", (names, timeout), within=timeout)
+    return Call("wait_idle", (names, timeout), _nothing, timeout)
 
 
-def available_proc(specs: Any) -> Call:
+def available_proc(specs: Any) -> Call[Optional[Tuple[str, Any]]]:
     if not isinstance(specs, (list, tuple)):
         raise InvalidArgument("available_proc takes a list of proc specs")
     wire = []
@@ -422,7 +461,7 @@ def available_proc(specs: Any) -> Call:
 
 def system_proc(name: str, from_: Any, processor: Any, to: Any, offset: Any, count: Any,
                 max_reclaims: Any, reclaim_timeout: Any, on_max_reclaims_reached: Any,
-                backoff: Any) -> Call:
+                backoff: Any) -> Call[Union[ProcState, List[ProcState]]]:
     _ids.check_proc_name(name)
     multi = not isinstance(from_, str)
     topics = [from_] if not multi else list(from_)
@@ -446,12 +485,12 @@ def system_proc(name: str, from_: Any, processor: Any, to: Any, offset: Any, cou
                 shape)
 
 
-def create_live(topic: str, name: str, offset: str) -> Call:
+def create_live(topic: str, name: str, offset: str) -> Call[Any]:
     """The hidden proc of a live proc (already checked by :func:`live_spec`)."""
     return Call("create_live", (topic, name, offset))
 
 
-def live_next(topic: str, name: str, offset: str, count: int, last: Any) -> Call:
+def live_next(topic: str, name: str, offset: str, count: int, last: Any) -> Call[Claimed]:
     """A live proc's wait for its next delivery; the shaped result is ``None`` at the end."""
     return Call("live", (topic, name, offset, count, None, _held(last)),
                 lambda r: _claim_result(r, count, name))

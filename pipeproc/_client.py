@@ -30,6 +30,7 @@ from ._calls import (
     AckCommit,
     Call,
     Claimed,
+    T,
     Log,
     ProcState,
     _CLIENTS,
@@ -123,7 +124,7 @@ class PipeProc(_NodeRef):
             self._max_frame = int(self._call("limits")["max_frame_size"])
         return self._max_frame
 
-    def _call(self, op: str, *args: Any) -> Any:
+    def _call(self, op: Optional[str], *args: Any) -> Any:
         rid = next(self._rids)
         data = pack([rid, op, *args])
         if len(data) > MIN_FRAME:
@@ -159,7 +160,7 @@ class PipeProc(_NodeRef):
             f"a reply to another request (id {reply[0]!r}, not {rid}) came on this client's "
             "connection; it was closed (is a connection shared across a fork?)")
 
-    def _call_within(self, timeout: float, op: str, *args: Any) -> Any:
+    def _call_within(self, timeout: float, op: Optional[str], *args: Any) -> Any:
         """:meth:`_call` bounded by ``timeout`` seconds, for a node that may not answer
         (stopped, overloaded): connect, send and reply all count.
 
@@ -194,7 +195,7 @@ class PipeProc(_NodeRef):
             raise from_code(code, message)
         return reply[2]
 
-    def _run(self, call: Call) -> Any:
+    def _run(self, call: Call[T]) -> T:
         """Send a built request (:mod:`pipeproc._calls`) and shape its reply."""
         if call.op is None:
             return call.shape(None)
@@ -255,9 +256,9 @@ class PipeProc(_NodeRef):
 
     @documented
     def commit(self, logs: Union[dict, Sequence[dict]]) -> Union[str, List[str]]:
-        return self._run(_calls.commit(logs))  # type: ignore[no-any-return]
+        return self._run(_calls.commit(logs))
 
-    def _pages(self, call: Optional[Call]) -> Iterator[List[Log]]:
+    def _pages(self, call: Optional[Call[Any]]) -> Iterator[List[Log]]:
         while call is not None:
             logs, call = self._run(call)
             yield logs
@@ -285,15 +286,15 @@ class PipeProc(_NodeRef):
 
     @documented
     def length(self, topic: str) -> int:
-        return self._run(_calls.length(topic))  # type: ignore[no-any-return]
+        return self._run(_calls.length(topic))
 
     @documented
     def topics(self) -> List[str]:
-        return self._run(_calls.topics())  # type: ignore[no-any-return]
+        return self._run(_calls.topics())
 
     @documented
     def stats(self) -> Dict[str, Any]:
-        return self._run(_calls.stats())  # type: ignore[no-any-return]
+        return self._run(_calls.stats())
 
     # ------------------------------------------------------------------ procs
 
@@ -301,37 +302,37 @@ class PipeProc(_NodeRef):
     def proc(self, topic: str, *, name: str, offset: str = ">", count: int = 1,
              max_reclaims: int = 10, reclaim_timeout: Optional[float] = 10.0,
              on_max_reclaims_reached: str = "disable") -> Claimed:
-        return self._run(_calls.proc(topic, name, offset, count, max_reclaims,  # type: ignore[no-any-return]
+        return self._run(_calls.proc(topic, name, offset, count, max_reclaims,
                                      reclaim_timeout, on_max_reclaims_reached))
 
     @documented
     def ack(self, name: str, *, claimed: Any = None) -> str:
-        return self._run(_calls.ack(name, claimed))  # type: ignore[no-any-return]
+        return self._run(_calls.ack(name, claimed))
 
     @documented
     def ack_commit(self, name: str, log_or_logs: Union[dict, Sequence[dict]], *,
                    claimed: Any = None) -> AckCommit:
-        return self._run(_calls.ack_commit(name, log_or_logs, claimed))  # type: ignore[no-any-return]
+        return self._run(_calls.ack_commit(name, log_or_logs, claimed))
 
     @documented
     def reclaim(self, name: str, *, claimed: Any = None) -> str:
-        return self._run(_calls.reclaim(name, claimed))  # type: ignore[no-any-return]
+        return self._run(_calls.reclaim(name, claimed))
 
     @documented
     def inspect_proc(self, name: str) -> ProcState:
-        return self._run(_calls.proc_state("inspect", name))  # type: ignore[no-any-return]
+        return self._run(_calls.proc_state("inspect", name))
 
     @documented
     def disable_proc(self, name: str) -> ProcState:
-        return self._run(_calls.proc_state("disable", name))  # type: ignore[no-any-return]
+        return self._run(_calls.proc_state("disable", name))
 
     @documented
     def resume_proc(self, name: str) -> ProcState:
-        return self._run(_calls.proc_state("resume", name))  # type: ignore[no-any-return]
+        return self._run(_calls.proc_state("resume", name))
 
     @documented
     def destroy_proc(self, name: str) -> ProcState:
-        return self._run(_calls.proc_state("destroy", name))  # type: ignore[no-any-return]
+        return self._run(_calls.proc_state("destroy", name))
 
     @documented
     def wait_for_procs(self, names: Optional[Sequence[str]] = None,
@@ -340,7 +341,7 @@ class PipeProc(_NodeRef):
 
     @documented
     def available_proc(self, specs: Sequence[dict]) -> Optional[Tuple[str, Any]]:
-        return self._run(_calls.available_proc(specs))  # type: ignore[no-any-return]
+        return self._run(_calls.available_proc(specs))
 
     # ------------------------------------------------------------------ system and live procs
 
@@ -351,7 +352,7 @@ class PipeProc(_NodeRef):
                     on_max_reclaims_reached: str = "disable",
                     backoff: Tuple[float, float] = DEFAULT_BACKOFF,
                     ) -> Union[ProcState, List[ProcState]]:
-        return self._run(_calls.system_proc(  # type: ignore[no-any-return]
+        return self._run(_calls.system_proc(
             name, from_, processor, to, offset, count, max_reclaims, reclaim_timeout,
             on_max_reclaims_reached, backoff))
 

@@ -25,7 +25,7 @@ import symtable
 import sys
 import threading
 import types
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional
 
 from .errors import InvalidProcessor
 
@@ -169,7 +169,8 @@ def _used_globals(tree: ast.Module, path: str) -> set:
 
 def _pipeproc_starts(stmts: list) -> list:
     """Lines of calls to pipeproc's ``spawn``/``connect`` in ``stmts`` (outside functions)."""
-    mods, funcs = set(), set()
+    mods: set[str] = set()
+    funcs: set[str] = set()
     for n in stmts:
         if isinstance(n, ast.Import):
             for a in n.names:

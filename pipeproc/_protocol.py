@@ -27,8 +27,8 @@ import struct
 import threading
 import time
 import zlib
+from multiprocessing import AuthenticationError
 from multiprocessing.connection import (
-    AuthenticationError,
     Connection,
     answer_challenge,
     deliver_challenge,

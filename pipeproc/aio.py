@@ -57,6 +57,7 @@ import subprocess
 import time
 from typing import (
     Any,
+    AsyncGenerator,
     AsyncIterator,
     Callable,
     Dict,
@@ -76,6 +77,8 @@ from ._calls import (
     AckCommit,
     Call,
     Claimed,
+    Page,
+    T,
     Log,
     ProcState,
     _CLIENTS,
@@ -221,6 +224,7 @@ class _Conn:
             if writer is not None:
                 writer.close()
             raise
+        assert writer is not None
         return cls(reader, writer)
 
     def send(self, obj: Any) -> None:
@@ -354,7 +358,7 @@ class AsyncPipeProc(_NodeRef):
                 c = self._conn = await _Conn.open(self._address, self._authkey)
             return c
 
-    async def _call(self, op: str, *args: Any,
+    async def _call(self, op: Optional[str], *args: Any,
                     orphan: Optional[Callable[[list], None]] = None) -> Any:
         """Send one request and await its reply.
 
@@ -401,7 +405,7 @@ class AsyncPipeProc(_NodeRef):
             except (OSError, RuntimeError):  # pragma: no cover - transport closing
                 pass
 
-    async def _run(self, call: Call) -> Any:
+    async def _run(self, call: Call[T]) -> T:
         """Send a built request (:mod:`pipeproc._calls`) and shape its reply."""
         if call.op is None:
             return call.shape(None)
@@ -464,14 +468,14 @@ class AsyncPipeProc(_NodeRef):
 
     @documented
     async def commit(self, logs: Union[dict, Sequence[dict]]) -> Union[str, List[str]]:
-        return await self._run(_calls.commit(logs))  # type: ignore[no-any-return]
+        return await self._run(_calls.commit(logs))
 
-    async def _pages(self, call: Optional[Call]) -> AsyncIterator[List[Log]]:
+    async def _pages(self, call: Optional[Call[Any]]) -> AsyncGenerator[List[Log], None]:
         while call is not None:
             logs, call = await self._run(call)
             yield logs
 
-    async def _collect(self, call: Call) -> List[Log]:
+    async def _collect(self, call: Call[Page]) -> List[Log]:
         out: List[Log] = []
         pages = self._pages(call)
         try:
@@ -510,15 +514,15 @@ class AsyncPipeProc(_NodeRef):
 
     @documented
     async def length(self, topic: str) -> int:
-        return await self._run(_calls.length(topic))  # type: ignore[no-any-return]
+        return await self._run(_calls.length(topic))
 
     @documented
     async def topics(self) -> List[str]:
-        return await self._run(_calls.topics())  # type: ignore[no-any-return]
+        return await self._run(_calls.topics())
 
     @documented
     async def stats(self) -> Dict[str, Any]:
-        return await self._run(_calls.stats())  # type: ignore[no-any-return]
+        return await self._run(_calls.stats())
 
     # ------------------------------------------------------------------ procs
 
@@ -526,37 +530,37 @@ class AsyncPipeProc(_NodeRef):
     async def proc(self, topic: str, *, name: str, offset: str = ">", count: int = 1,
                    max_reclaims: int = 10, reclaim_timeout: Optional[float] = 10.0,
                    on_max_reclaims_reached: str = "disable") -> Claimed:
-        return await self._run(_calls.proc(  # type: ignore[no-any-return]
+        return await self._run(_calls.proc(
             topic, name, offset, count, max_reclaims, reclaim_timeout, on_max_reclaims_reached))
 
     @documented
     async def ack(self, name: str, *, claimed: Any = None) -> str:
-        return await self._run(_calls.ack(name, claimed))  # type: ignore[no-any-return]
+        return await self._run(_calls.ack(name, claimed))
 
     @documented
     async def ack_commit(self, name: str, log_or_logs: Union[dict, Sequence[dict]], *,
                          claimed: Any = None) -> AckCommit:
-        return await self._run(_calls.ack_commit(name, log_or_logs, claimed))  # type: ignore[no-any-return]
+        return await self._run(_calls.ack_commit(name, log_or_logs, claimed))
 
     @documented
     async def reclaim(self, name: str, *, claimed: Any = None) -> str:
-        return await self._run(_calls.reclaim(name, claimed))  # type: ignore[no-any-return]
+        return await self._run(_calls.reclaim(name, claimed))
 
     @documented
     async def inspect_proc(self, name: str) -> ProcState:
-        return await self._run(_calls.proc_state("inspect", name))  # type: ignore[no-any-return]
+        return await self._run(_calls.proc_state("inspect", name))
 
     @documented
     async def disable_proc(self, name: str) -> ProcState:
-        return await self._run(_calls.proc_state("disable", name))  # type: ignore[no-any-return]
+        return await self._run(_calls.proc_state("disable", name))
 
     @documented
     async def resume_proc(self, name: str) -> ProcState:
-        return await self._run(_calls.proc_state("resume", name))  # type: ignore[no-any-return]
+        return await self._run(_calls.proc_state("resume", name))
 
     @documented
     async def destroy_proc(self, name: str) -> ProcState:
-        return await self._run(_calls.proc_state("destroy", name))  # type: ignore[no-any-return]
+        return await self._run(_calls.proc_state("destroy", name))
 
     @documented
     async def wait_for_procs(self, names: Optional[Sequence[str]] = None,
@@ -565,7 +569,7 @@ class AsyncPipeProc(_NodeRef):
 
     @documented
     async def available_proc(self, specs: Sequence[dict]) -> Optional[Tuple[str, Any]]:
-        return await self._run(_calls.available_proc(specs))  # type: ignore[no-any-return]
+        return await self._run(_calls.available_proc(specs))
 
     # ------------------------------------------------------------------ system and live procs
 
@@ -577,7 +581,7 @@ class AsyncPipeProc(_NodeRef):
                           on_max_reclaims_reached: str = "disable",
                           backoff: Tuple[float, float] = DEFAULT_BACKOFF,
                           ) -> Union[ProcState, List[ProcState]]:
-        return await self._run(_calls.system_proc(  # type: ignore[no-any-return]
+        return await self._run(_calls.system_proc(
             name, from_, processor, to, offset, count, max_reclaims, reclaim_timeout,
             on_max_reclaims_reached, backoff))
 
