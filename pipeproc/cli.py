@@ -33,7 +33,14 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 from . import __version__
 from ._text import human_bytes, table
-from .errors import AuthFailed, ConnectionLost, NoActiveNode, PipeProcError
+from .errors import (
+    AuthFailed,
+    ConnectionLost,
+    InvalidArgument,
+    NoActiveNode,
+    NodeAlreadyActive,
+    PipeProcError,
+)
 
 RET_OK = 0
 RET_ERROR = 1
@@ -491,8 +498,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Verify the store at --location (no node running): exit 0 "ok", 1 on damage."""
-    from ._check import check_location
-    from .errors import InvalidArgument, NodeAlreadyActive
+    from ._check import check_location  # node-side: only for this command, lazily
     try:
         report = check_location(args.location)
     except (NodeAlreadyActive, InvalidArgument) as exc:
