@@ -15,7 +15,7 @@ import pipeproc.aio as aio
 from pipeproc.errors import InvalidArgument
 
 PKG = os.path.dirname(pipeproc.__file__)
-CLIENT_SIDE = ["_client", "aio", "_live", "_calls", "_docs", "_spawn", "_processors",
+CLIENT_SIDE = ["_client", "aio", "_aio_conn", "_live", "_calls", "_docs", "_spawn", "_processors",
                "_workers", "cli", "_demo", "_text"]
 NODE_SIDE = {"_node", "_store", "_supervisor", "_check", "_conn", "_handlers", "_writer",
              "_waits", "_gc"}
