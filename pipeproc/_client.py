@@ -38,6 +38,7 @@ from ._calls import (
     _check_request_size,
     documented,
 )
+from ._calls import _ClaimedList, _ClaimedLog  # noqa: F401 - their pickles name this module
 from ._live import LiveProc
 from ._protocol import BUSY_POLL, ERR, REPLY_LIMIT, Channel, decode, open_connection, pack
 from ._spawn import HANDSHAKE_TIMEOUT
