@@ -19,6 +19,7 @@ What it does, in order:
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import threading
 import time
@@ -26,6 +27,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import pipeproc
 
+from ._protocol import BUSY_POLL
+from ._text import human_bytes, table
 from .demo_processors import make_line
 
 STAGES = (  # (system proc name, from topic, processor, to topic, count)
@@ -73,18 +76,20 @@ def _percentile(sorted_values: List[int], p: float) -> int:
 
 
 def run(*, logs: int = 20_000, location: Optional[str] = None, workers: int = 2,
-        batch: int = 500, durability: str = "full") -> int:
+        batch: int = 500, durability: str = "full",
+        busy_poll: float = BUSY_POLL) -> int:
     """Run the demo; returns a CLI exit code (0 ok, 1 the pipeline failed, 3 no node)."""
     location = location or "./pipeproc_data"
     say = print
     say(f"pipeproc demo: {logs:,} logs through raw -> parse -> enrich -> aggregate "
         f"({workers} workers, store {os.path.abspath(location)})")
     try:
-        pp = pipeproc.spawn(location, workers=workers, durability=durability)
+        pp = pipeproc.spawn(location, workers=workers, durability=durability,
+                            busy_poll=busy_poll)
         spawned = True
     except pipeproc.NodeAlreadyActive:
         say("a node is already running there: using it (its workers run the pipeline)")
-        pp = pipeproc.connect(location)
+        pp = pipeproc.connect(location, busy_poll=busy_poll)
         spawned = False
     try:
         return _run(pp, logs, batch)
@@ -232,7 +237,6 @@ def _summary(pp: Any, base: Dict[str, int], n_logs: int, elapsed: float) -> None
     latencies.sort()
     if first_raw_ms is not None and last_total_ms is not None and last_total_ms > first_raw_ms:
         elapsed = (last_total_ms - first_raw_ms) / 1000  # the node's clock: first commit to last total
-    from .cli import human_bytes, table
     rows = [
         ["commit", "raw", _fmt(ln["raw"] - base["raw"]), _fmt(ln["raw"]), "-"],
         ["parse", "parsed", _fmt(ln["parsed"] - base["parsed"]), _fmt(ln["parsed"]), str(STAGES[0][4])],
@@ -278,7 +282,6 @@ def cli_command() -> str:
     (``.venv/bin/pipeproc`` after ``make demo``, relative when under the working directory),
     else ``<python> -m pipeproc``.
     """
-    import shutil
     script = os.path.join(os.path.dirname(sys.executable), "pipeproc")
     if not os.path.exists(script):
         return f"{sys.executable} -m pipeproc"

@@ -4,6 +4,9 @@ A live proc runs on a hidden proc ``liveproc-<uuid>`` created by ``live_proc()``
 It holds a connection of its own for its blocking waits, and the node ties the hidden proc
 to that connection: ``cancel()`` destroys it, and so does the node if the application dies,
 so hidden procs never pile up on disk or hold back the GC.
+
+Client side: imports ``_calls``, ``_protocol`` and ``errors`` (the client hands itself in:
+this module never imports ``_client``).
 """
 
 from __future__ import annotations
@@ -11,31 +14,14 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import uuid
 from typing import Any, Callable, Iterator, List, Optional, Union
 
-from . import _ids
-from ._protocol import ERR, REPLY_LIMIT, decode, pack
-from .errors import ConnectionLost, InvalidArgument, InvalidProc, NoActiveNode, PipeProcError, from_code
+from . import _calls
+from ._calls import AckCommit, ProcState, documented, live_spec
+from ._protocol import ERR, REPLY_LIMIT, Channel, decode, pack
+from .errors import ConnectionLost, InvalidProc, NoActiveNode, PipeProcError, from_code
 
 log = logging.getLogger("pipeproc.live")
-
-
-def _held(last: Any) -> Optional[int]:
-    """The claim counter of a live proc's last delivery (``None`` before the first): the
-    node answers ``invalid_ack`` when that very claim is still pending."""
-    claim = getattr(last, "_claim", None)
-    return claim[1] if claim is not None and isinstance(claim[1], int) else None
-
-
-def live_spec(topic: str, mode: str, count: int) -> tuple:
-    """Check a live proc's arguments; its hidden proc's name and offset (both clients)."""
-    from ._client import _check_count
-    _ids.check_topic(topic)
-    if mode not in ("live", "all"):
-        raise InvalidArgument("mode is 'live' or 'all'")
-    _check_count(count)
-    return f"liveproc-{uuid.uuid4()}", (">" if mode == "all" else "$>")
 
 
 class LiveProc:
@@ -66,10 +52,11 @@ class LiveProc:
         self._rid = 0
         self._lock = threading.Lock()
         self._pid = os.getpid()
-        self._conn = pp._connect()
-        self._request("create_live", topic, self.name, self.offset)
+        self._conn: Optional[Channel] = pp._connect()
+        call = _calls.create_live(topic, self.name, self.offset)
+        self._request(call.op, *call.args)
 
-    def _request(self, op: str, *args: Any) -> Any:
+    def _request(self, op: Optional[str], *args: Any) -> Any:
         with self._lock:
             if self._conn is None:
                 raise NoActiveNode("this live proc is cancelled")
@@ -103,17 +90,16 @@ class LiveProc:
         """
         if self._cancelled:
             raise StopIteration
+        call = _calls.live_next(self.topic, self.name, self.offset, self.count, self._last)
         try:
-            res = self._request("live", self.topic, self.name, self.offset, self.count, None,
-                                _held(self._last))
+            res = self._request(call.op, *call.args)
         except ConnectionLost:
             if self._cancelled:
                 raise StopIteration from None
             raise
-        if res is None:
+        logs = call.shape(res)
+        if logs is None:
             raise StopIteration
-        from ._client import _claim_result
-        logs = _claim_result(res, self.count, self.name)
         self._last = logs
         return logs
 
@@ -142,30 +128,32 @@ class LiveProc:
 
     # -- proc operations on the hidden proc
 
+    @documented
     def ack(self) -> str:
-        """Ack the last delivery."""
         return self._pp.ack(self.name, claimed=self._last)
 
-    def ack_commit(self, log_or_logs: Union[dict, List[dict]]) -> Any:
-        """Ack the last delivery and commit log(s), atomically."""
+    @documented
+    def ack_commit(self, log_or_logs: Union[dict, List[dict]]) -> AckCommit:
         return self._pp.ack_commit(self.name, log_or_logs, claimed=self._last)
 
+    @documented
     def reclaim(self) -> str:
-        """Hand the last delivery back; it is delivered again."""
         return self._pp.reclaim(self.name, claimed=self._last)
 
-    def inspect(self) -> Any:
-        """The hidden proc's state."""
+    @documented
+    def inspect(self) -> ProcState:
         return self._pp.inspect_proc(self.name)
 
-    def disable(self) -> Any:
+    @documented
+    def disable(self) -> ProcState:
         return self._pp.disable_proc(self.name)
 
-    def resume(self) -> Any:
+    @documented
+    def resume(self) -> ProcState:
         return self._pp.resume_proc(self.name)
 
-    def destroy(self) -> Any:
-        """Destroy the hidden proc (delivery ends)."""
+    @documented
+    def destroy(self) -> ProcState:
         return self._pp.destroy_proc(self.name)
 
     def cancel(self) -> None:

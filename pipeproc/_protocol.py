@@ -26,6 +26,12 @@ import socket
 import struct
 import threading
 import time
+from multiprocessing import AuthenticationError
+from multiprocessing.connection import (
+    Connection,
+    answer_challenge,
+    deliver_challenge,
+)
 from typing import Any, List, Optional
 
 import msgpack
@@ -44,7 +50,7 @@ from ._records import (  # noqa: F401
     record_ok,
     stored_record,
 )
-from .errors import InvalidLogFormat
+from .errors import AuthFailed, InvalidLogFormat, NoActiveNode
 
 OK = 0
 ERR = 1
@@ -57,21 +63,15 @@ REPLY_LIMIT = 0x7FFFFFFF
 RECV_BUFFER = 256 * 1024
 
 
-def _busy_poll_setting() -> float:
-    """Seconds a waiting end busy-polls before it sleeps (``PIPEPROC_BUSY_POLL_US``, µs;
-    default 50; 0 turns it off)."""
-    raw = os.environ.get("PIPEPROC_BUSY_POLL_US", "50")
-    try:
-        us = float(raw)
-    except ValueError:
-        us = 50.0
-    return max(0.0, min(us, 10_000.0)) / 1e6 if us == us else 0.0
-
-
-#: Busy-poll window (seconds). Waking a thread that sleeps in ``recv`` costs tens of µs on
+#: Busy-poll window (seconds), the default of ``spawn(busy_poll=...)`` and
+#: ``connect(busy_poll=...)``. Waking a thread that sleeps in ``recv`` costs tens of µs on
 #: a virtual machine (the idle vCPU must be woken), often more than the node's work for a
-#: request; a reply expected within this window is polled for instead.
-BUSY_POLL = _busy_poll_setting()
+#: request; a reply expected within this window is polled for instead. 50 µs measured best
+#: (benchmarks/RESULTS.md). The library reads no environment variable for it: the CLI reads
+#: ``PIPEPROC_BUSY_POLL_US`` and passes the keyword.
+BUSY_POLL = 50e-6
+#: The largest busy-poll window accepted (seconds).
+MAX_BUSY_POLL = 0.01
 _LEN = struct.Struct("!i")
 
 def array_header(n: int) -> bytes:
@@ -278,3 +278,60 @@ class Channel:
 
     def close(self) -> None:
         self.sock.close()
+
+
+# ------------------------------------------------------------------ the client's connect
+
+#: A client's bound on connect + authkey handshake (seconds), unless told otherwise.
+CONNECT_TIMEOUT = 5.0
+_NO_TIMEOUT = struct.pack("ll", 0, 0)
+
+
+def open_connection(address: Any, authkey: bytes, timeout: float = CONNECT_TIMEOUT,
+                    busy_poll: Optional[float] = None) -> Channel:
+    """Connect to a node and authenticate (``multiprocessing.connection`` handshake), never
+    hanging: connect and handshake are bounded by ``timeout`` seconds.
+
+    Args:
+        address: a Unix socket path or ``(host, port)``.
+        authkey: the node's key.
+        timeout: seconds for connect and handshake together.
+        busy_poll: the channel's busy-poll window in seconds (``None``: :data:`BUSY_POLL`).
+
+    Returns:
+        The framed channel.
+
+    Raises:
+        NoActiveNode: nothing answered in time.
+        AuthFailed: the key was refused.
+    """
+    family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(address)
+        sock.settimeout(None)
+        if family == socket.AF_INET:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        secs = max(timeout, 0.001)
+        tv = struct.pack("ll", int(secs), int((secs % 1) * 1_000_000))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+    except OSError as exc:
+        sock.close()
+        raise NoActiveNode(f"no node at {address!r}: {exc}") from None
+    c = Connection(sock.detach())
+    try:
+        answer_challenge(c, authkey)
+        deliver_challenge(c, authkey)
+    except AuthenticationError:
+        c.close()
+        raise AuthFailed("the node refused the authkey") from None
+    except (OSError, EOFError) as exc:
+        c.close()
+        raise NoActiveNode(f"no node answered at {address!r}: {exc}") from None
+    s = socket.socket(fileno=os.dup(c.fileno()))
+    c.close()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _NO_TIMEOUT)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _NO_TIMEOUT)
+    return Channel(s, spin=busy_poll)

@@ -1,8 +1,13 @@
 """The asyncio client: :class:`AsyncPipeProc`, :func:`spawn`, :func:`connect`, :class:`AsyncLiveProc`.
 
 The async twin of :class:`pipeproc.PipeProc`: the same method names, arguments, return
-values and errors, as coroutines. Arguments are validated and bodies encoded by the same
-helpers as the sync client, so both clients accept and refuse exactly the same things.
+values and errors, as coroutines. Each method is a thin call into :mod:`pipeproc._calls`,
+the core both clients share (argument checks, request builders, reply shaping, docstrings),
+so both clients accept and refuse exactly the same things. The stream itself (framing,
+authkey handshake, the reader task) is :mod:`pipeproc._aio_conn`.
+
+Client side: imports ``_aio_conn``, ``_calls``, ``_docs``, ``_spawn``, ``_protocol`` and
+``errors``; never a node-side module.
 
 One client holds **one connection** and pipelines on it: every call sends
 ``[rid, op, *args]`` and awaits a future; a reader task matches each reply to its future by
@@ -47,17 +52,14 @@ Example:
 from __future__ import annotations
 
 import asyncio
-import hmac
 import inspect
 import itertools
-import math
 import logging
-import os
-import struct
 import subprocess
 import time
 from typing import (
     Any,
+    AsyncGenerator,
     AsyncIterator,
     Callable,
     Dict,
@@ -68,37 +70,32 @@ from typing import (
     Union,
 )
 
-import msgpack
-
-from . import _client, _ids
-from ._client import (
+from . import _calls, _docs, _spawn
+from ._calls import (
     DEFAULT_BACKOFF,
     DEFAULT_PAGE,
-    HANDSHAKE_TIMEOUT,
     MIN_FRAME,
+    RANGE_PAGE,
+    WAIT_SLACK,
+    AckCommit,
+    Call,
+    Claimed,
+    Log,
+    Page,
+    ProcState,
+    T,
+    _CLIENTS,
     _NodeRef,
     _check_request_size,
-    AckCommit,
-    Log,
-    ProcState,
-    _check_bound,
-    _check_count,
-    _check_limit,
-    _check_offset,
-    _check_backoff,
-    _check_opts,
     _claim_key,
-    _claim_result,
-    _encode_logs,
-    _logs,
+    documented,
+    live_spec,
 )
-from ._protocol import ERR, REPLY_LIMIT, decode, pack
-from ._live import _held
+from ._aio_conn import _Conn, _response  # noqa: F401 - _response: tests import it from here
+from ._protocol import BUSY_POLL, ERR, pack
 from .errors import (
-    AuthFailed,
     ConnectionLost,
     InvalidArgument,
-    InvalidLogFormat,
     InvalidProc,
     NoActiveNode,
     PipeProcError,
@@ -109,183 +106,6 @@ from .errors import (
 __all__ = ["AsyncPipeProc", "AsyncLiveProc", "spawn", "connect"]
 
 log = logging.getLogger("pipeproc.aio")
-
-# multiprocessing.connection framing and handshake (Lib/multiprocessing/connection.py):
-# a frame is a 4-byte big-endian signed length then the payload (-1 announces an 8-byte
-# length for payloads of 2 GiB or more); the handshake messages are such frames.
-_HEADER = struct.Struct("!i")
-_BIG_HEADER = struct.Struct("!Q")
-_CHALLENGE = b"#CHALLENGE#"
-_WELCOME = b"#WELCOME#"
-_FAILURE = b"#FAILURE#"
-_MESSAGE_LENGTH = 20
-_HANDSHAKE_MAX = 256
-
-
-# ------------------------------------------------------------------ framing and handshake
-
-def _frame(data: bytes) -> bytes:
-    n = len(data)
-    if n > 0x7FFFFFFF:
-        return _HEADER.pack(-1) + _BIG_HEADER.pack(n) + data
-    return _HEADER.pack(n) + data
-
-
-async def _recv_frame(reader: asyncio.StreamReader, maxsize: int) -> bytes:
-    (n,) = _HEADER.unpack(await reader.readexactly(4))
-    if n == -1:
-        (n,) = _BIG_HEADER.unpack(await reader.readexactly(8))
-    if n < 0 or n > maxsize:
-        raise OSError(f"bad message length {n}")
-    return await reader.readexactly(n)
-
-
-def _response(authkey: bytes, message: bytes) -> bytes:
-    """The HMAC answer to a challenge: legacy MD5 (Python <= 3.11 nodes), or the
-    ``{digest}``-prefixed form of newer multiprocessing versions.
-
-    As in ``multiprocessing.connection``, a message of exactly 20 random bytes is legacy
-    whatever its first byte: 1 in 256 of them starts with ``{`` and must not be parsed."""
-    if len(message) != _MESSAGE_LENGTH and message.startswith(b"{"):
-        end = message.find(b"}", 1, 21)
-        if end > 1:
-            try:
-                name = message[1:end].decode("ascii")
-                return (b"{" + name.encode("ascii") + b"}"
-                        + hmac.new(authkey, message, name).digest())
-            except (UnicodeDecodeError, ValueError):
-                pass  # not a digest we know: the node refuses whatever we answer
-    return hmac.new(authkey, message, "md5").digest()
-
-
-async def _handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                     authkey: bytes) -> None:
-    """The client side of ``Client()``: ``answer_challenge`` then ``deliver_challenge``."""
-    # answer_challenge: the node challenges us
-    message = await _recv_frame(reader, _HANDSHAKE_MAX)
-    if not message.startswith(_CHALLENGE):
-        raise OSError("the peer did not start the authkey handshake")
-    writer.write(_frame(_response(authkey, message[len(_CHALLENGE):])))
-    if await _recv_frame(reader, _HANDSHAKE_MAX) != _WELCOME:
-        raise AuthFailed("the node refused the authkey")
-    # deliver_challenge: we challenge the node
-    message = os.urandom(_MESSAGE_LENGTH)
-    writer.write(_frame(_CHALLENGE + message))
-    answer = await _recv_frame(reader, _HANDSHAKE_MAX)
-    if hmac.compare_digest(answer, _response(authkey, message)):
-        writer.write(_frame(_WELCOME))
-    else:
-        writer.write(_frame(_FAILURE))
-        raise AuthFailed("the node does not hold this authkey")
-    await writer.drain()
-
-
-# ------------------------------------------------------------------ the connection
-
-class _Conn:
-    """One authenticated stream to the node and the reader task that dispatches replies."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-        self.pending: Dict[int, asyncio.Future] = {}
-        # rids whose caller went away but whose reply still needs handling (live claims)
-        self.orphans: Dict[int, Callable[[list], None]] = {}
-        self.alive = True
-        self.closing = False
-        self.task = asyncio.get_running_loop().create_task(self._read_loop())
-
-    @classmethod
-    async def open(cls, address: Any, authkey: bytes,
-                   timeout: float = HANDSHAKE_TIMEOUT) -> "_Conn":
-        """Connect and authenticate, bounded by ``timeout`` seconds (as the sync client).
-
-        Raises:
-            NoActiveNode: nothing answered in time. AuthFailed: the key was refused.
-        """
-        writer: Optional[asyncio.StreamWriter] = None
-
-        async def establish() -> Tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-            nonlocal writer
-            if isinstance(address, str):
-                reader, writer = await asyncio.open_unix_connection(address)
-            else:
-                reader, writer = await asyncio.open_connection(address[0], address[1])
-            await _handshake(reader, writer, bytes(authkey))
-            return reader, writer
-
-        try:
-            reader, writer = await asyncio.wait_for(establish(), max(timeout, 0.001))
-        except AuthFailed:
-            if writer is not None:
-                writer.close()
-            raise
-        except (OSError, EOFError, asyncio.IncompleteReadError, asyncio.TimeoutError) as exc:
-            if writer is not None:
-                writer.close()
-            raise NoActiveNode(f"no node at {address!r}: {exc!r}") from None
-        except BaseException:
-            if writer is not None:
-                writer.close()
-            raise
-        return cls(reader, writer)
-
-    def send(self, obj: Any) -> None:
-        """Queue one request frame (synchronous: a frame is never split by a cancellation)."""
-        self.writer.write(_frame(pack(obj)))
-
-    def send_data(self, data: bytes) -> None:
-        """Queue one already encoded request frame."""
-        self.writer.write(_frame(data))
-
-    async def _read_loop(self) -> None:
-        reason = "the node closed the connection"
-        try:
-            while True:
-                reply = decode(await _recv_frame(self.reader, REPLY_LIMIT))
-                rid = reply[0]
-                fut = self.pending.pop(rid, None)
-                if fut is not None:
-                    if not fut.done():
-                        fut.set_result(reply)
-                    continue
-                handler = self.orphans.pop(rid, None)
-                if handler is not None:
-                    try:
-                        handler(reply)
-                    except Exception:  # pragma: no cover - a bug in a handler
-                        log.exception("handling a late reply failed")
-        except asyncio.CancelledError:
-            reason = "this client is closed"
-        except (asyncio.IncompleteReadError, EOFError, OSError) as exc:
-            if not isinstance(exc, asyncio.IncompleteReadError):
-                reason = f"the connection failed: {exc}"
-        except Exception as exc:  # an undecodable reply: the stream cannot be trusted
-            reason = f"a malformed reply ({type(exc).__name__}: {exc})"
-        finally:
-            self.alive = False
-            self.orphans.clear()
-            pending, self.pending = self.pending, {}
-            for fut in pending.values():
-                if not fut.done():
-                    if self.closing:
-                        fut.set_exception(NoActiveNode("this client is closed"))
-                    else:
-                        fut.set_exception(ConnectionLost(f"the node went away: {reason}"))
-            self.writer.close()
-
-    async def close(self) -> None:
-        self.closing = True
-        self.alive = False
-        if not self.task.done():
-            self.task.cancel()
-            await asyncio.wait([self.task])  # the reader fails what is still pending
-        self.writer.close()
-        try:
-            await self.writer.wait_closed()
-        except (OSError, ConnectionError):
-            pass
-
 
 # ------------------------------------------------------------------ the client
 
@@ -315,7 +135,7 @@ class AsyncPipeProc(_NodeRef):
 
     def __init__(self, address: Any, authkey: bytes, *,
                  process: Optional[subprocess.Popen] = None,
-                 location: Optional[str] = None) -> None:
+                 location: Optional[str] = None, busy_poll: float = BUSY_POLL) -> None:
         self._address = address
         self._authkey = bytes(authkey)
         self._process = process
@@ -325,7 +145,10 @@ class AsyncPipeProc(_NodeRef):
         self._conn_lock: Optional[asyncio.Lock] = None
         self._closed = False
         self._max_frame: Optional[int] = None
-        _client._CLIENTS.add(self)
+        #: checked and kept for ``connect()``'s symmetry: an asyncio stream waits in the
+        #: event loop, it never busy-polls
+        self._busy_poll = busy_poll
+        _CLIENTS.add(self)
 
     # ------------------------------------------------------------------ connection
 
@@ -358,7 +181,7 @@ class AsyncPipeProc(_NodeRef):
                 c = self._conn = await _Conn.open(self._address, self._authkey)
             return c
 
-    async def _call(self, op: str, *args: Any,
+    async def _call(self, op: Optional[str], *args: Any,
                     orphan: Optional[Callable[[list], None]] = None) -> Any:
         """Send one request and await its reply.
 
@@ -405,21 +228,30 @@ class AsyncPipeProc(_NodeRef):
             except (OSError, RuntimeError):  # pragma: no cover - transport closing
                 pass
 
+    async def _run(self, call: Call[T]) -> T:
+        """Send a built request (:mod:`pipeproc._calls`) and shape its reply."""
+        if call.op is None:
+            return call.shape(None)
+        if call.within is None:
+            return call.shape(await self._call(call.op, *call.args))
+        try:
+            reply = await asyncio.wait_for(self._call(call.op, *call.args),
+                                           call.within + WAIT_SLACK)
+        except asyncio.TimeoutError as exc:
+            if isinstance(exc, PipeProcError):  # the node's own answer
+                raise
+            raise Timeout(f"the node did not answer wait_for_procs within {call.within} s") from None
+        return call.shape(reply)
+
+    @documented
     async def close(self) -> None:
-        """Disconnect this client; the node keeps running. Calls in flight fail with
-        ``no_active_node``."""
         self._closed = True
         c, self._conn = self._conn, None
         if c is not None:
             await c.close()
 
+    @documented
     async def shutdown(self, timeout: float = 30.0) -> None:
-        """Stop the node (its workers too) and close the store, then disconnect.
-
-        Args:
-            timeout: seconds for the whole shutdown: the request and the node process's
-                exit. A node that has not exited by then (stopped, hung) is killed.
-        """
         deadline = time.monotonic() + timeout
         if not self._closed:
             try:
@@ -457,307 +289,114 @@ class AsyncPipeProc(_NodeRef):
 
     # ------------------------------------------------------------------ commit and read
 
+    @documented
     async def commit(self, logs: Union[dict, Sequence[dict]]) -> Union[str, List[str]]:
-        """Commit one log (returns its id) or a list of logs atomically (returns a list of ids).
+        return await self._run(_calls.commit(logs))
 
-        A commit whose await is cancelled may still have been written.
+    async def _pages(self, call: Optional[Call[Any]]) -> AsyncGenerator[List[Log], None]:
+        while call is not None:
+            logs, call = await self._run(call)
+            yield logs
 
-        Args:
-            logs: ``{"topic": str, "body": dict | list | bytes}`` or a list of such dicts,
-                possibly to several topics: all of a list are written or none.
-
-        Returns:
-            The id ``"<ms>-<seq>"``, or the list of ids in the order given.
-
-        Raises:
-            InvalidTopicFormat, InvalidLogFormat: before anything is written.
-        """
-        if isinstance(logs, dict):
-            item = _encode_logs([logs])[0]
-            ms, seq = await self._call("c1", item[0], item[1])
-            return f"{ms}-{seq}"
-        if isinstance(logs, (list, tuple)):
-            items = _encode_logs(logs)
-            if not items:
-                return []
-            ms, seqs = await self._call("c", items)
-            return [f"{ms}-{s}" for s in seqs]
-        raise InvalidLogFormat(f"commit takes a log dict or a list of them, got {type(logs).__name__!r}")
-
-    async def _range(self, topic: str, start: Any, end: Any, limit: Any, exclusive: bool,
-                     reverse: bool, page_size: int) -> AsyncIterator[List[Log]]:
-        _ids.check_topic(topic)
-        _check_bound(start)
-        _check_bound(end)
-        n = _check_limit(limit)
-        rows, tail = await self._call("range", topic, start, end, n, bool(exclusive), reverse,
-                                      page_size)
-        yield _logs(rows)
-        while tail is not None:
-            lo, hi, left = tail
-            rows, tail = await self._call("page", topic, lo, hi, left, reverse, page_size)
-            yield _logs(rows)
-
-    async def _collect(self, topic: str, start: Any, end: Any, limit: Any, exclusive: bool,
-                       reverse: bool) -> List[Log]:
+    async def _collect(self, call: Call[Page]) -> List[Log]:
         out: List[Log] = []
-        pages = self._range(topic, start, end, limit, exclusive, reverse, 10_000)
+        pages = self._pages(call)
         try:
-            async for chunk in pages:
-                out.extend(chunk)
+            async for page in pages:
+                out.extend(page)
         finally:
             await pages.aclose()
         return out
 
+    @documented
     async def range(self, topic: str, start: Optional[str] = None, end: Optional[str] = None,
                     limit: Optional[int] = None, exclusive: bool = False) -> List[Log]:
-        """Logs of ``topic`` from ``start`` up to ``end`` (oldest first).
+        return await self._collect(
+            _calls.range_pages(topic, start, end, limit, exclusive, False, RANGE_PAGE))
 
-        Args:
-            topic: the topic name.
-            start: lower bound: ``"<ms>-<seq>"``, ``"<ms>"`` or ``":<seq>"`` (None: the start).
-            end: upper bound, same forms (None: the end).
-            limit: at most this many logs (None, 0 or negative: no limit).
-            exclusive: exclude the bound logs themselves (full-id and ``:seq`` bounds).
-
-        Returns:
-            The logs, oldest first.
-
-        Raises:
-            InvalidTopic: the topic never had a commit.
-            InvalidRangeOffset, InvalidToneIdSearch, InvalidArgument: bad bounds.
-        """
-        return await self._collect(topic, start, end, limit, exclusive, False)
-
+    @documented
     async def revrange(self, topic: str, start: Optional[str] = None, end: Optional[str] = None,
                        limit: Optional[int] = None, exclusive: bool = False) -> List[Log]:
-        """Like :meth:`range`, newest first: ``start`` is the upper bound, ``end`` the lower.
+        return await self._collect(
+            _calls.range_pages(topic, start, end, limit, exclusive, True, RANGE_PAGE))
 
-        ``await revrange(topic, limit=1)`` is the newest log.
-
-        Returns:
-            The logs, newest first.
-        """
-        return await self._collect(topic, start, end, limit, exclusive, True)
-
+    @documented
     async def iter_range(self, topic: str, start: Optional[str] = None,
                          end: Optional[str] = None, limit: Optional[int] = None,
                          exclusive: bool = False, *, page_size: int = DEFAULT_PAGE,
                          reverse: bool = False) -> AsyncIterator[Log]:
-        """Yield the logs of a range lazily (``async for``), fetching ``page_size`` logs per
-        round trip.
-
-        Args:
-            topic, start, end, limit, exclusive: as for :meth:`range`.
-            page_size: logs per round trip (>= 1).
-            reverse: walk newest first, as :meth:`revrange`.
-
-        Yields:
-            Each :class:`~pipeproc.Log` of the range.
-        """
-        if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
-            raise InvalidArgument("page_size must be an int >= 1")
-        pages = self._range(topic, start, end, limit, exclusive, bool(reverse), page_size)
+        page_size = _calls._check_page_size(page_size)
+        pages = self._pages(
+            _calls.range_pages(topic, start, end, limit, exclusive, bool(reverse), page_size))
         try:
-            async for chunk in pages:
-                for item in chunk:
+            async for page in pages:
+                for item in page:
                     yield item
         finally:
             await pages.aclose()
 
+    @documented
     async def length(self, topic: str) -> int:
-        """The number of logs ever committed to ``topic`` (also after the GC removed some).
+        return await self._run(_calls.length(topic))
 
-        Raises:
-            InvalidTopic: the topic never had a commit.
-        """
-        _ids.check_topic(topic)
-        return await self._call("length", topic)
-
+    @documented
     async def topics(self) -> List[str]:
-        """The names of all topics, sorted."""
-        return await self._call("topics")
+        return await self._run(_calls.topics())
 
+    @documented
     async def stats(self) -> Dict[str, Any]:
-        """Node, workers, topics and procs figures (see the SPEC §3)."""
-        return await self._call("stats")
+        return await self._run(_calls.stats())
 
     # ------------------------------------------------------------------ procs
 
+    @documented
     async def proc(self, topic: str, *, name: str, offset: str = ">", count: int = 1,
                    max_reclaims: int = 10, reclaim_timeout: Optional[float] = 10.0,
-                   on_max_reclaims_reached: str = "disable") -> Union[Log, List[Log], None]:
-        """Claim the next logs of ``topic`` for the proc ``name`` (created on first use).
+                   on_max_reclaims_reached: str = "disable") -> Claimed:
+        return await self._run(_calls.proc(
+            topic, name, offset, count, max_reclaims, reclaim_timeout, on_max_reclaims_reached))
 
-        Args:
-            topic: the topic to consume.
-            name: the proc's name (unique across topics).
-            offset: where the first claim starts (frozen at creation; SPEC §5).
-            count: logs per claim (>= 1).
-            max_reclaims, reclaim_timeout, on_max_reclaims_reached: frozen at creation.
-
-        Returns:
-            A ``Log`` (``count == 1``), a list of logs (``count > 1``), or ``None`` when a
-            claim is pending or nothing is left to claim.
-
-        Raises:
-            ProcNameNotUnique, ProcIsDisabled, InvalidRangeOffset, InvalidArgument.
-        """
-        _ids.check_topic(topic)
-        _ids.check_proc_name(name)
-        _check_offset(offset)
-        _check_count(count)
-        opts = _check_opts(max_reclaims, reclaim_timeout, on_max_reclaims_reached)
-        res = await self._call("proc", topic, name, offset, count, *opts)
-        return _claim_result(res, count, name)
-
+    @documented
     async def ack(self, name: str, *, claimed: Any = None) -> str:
-        """Ack the pending claim; returns the acked range ``"first..last"``.
+        return await self._run(_calls.ack(name, claimed))
 
-        Args:
-            name: the proc.
-            claimed: the ``Log`` / list that ``proc`` returned: act only on that claim.
-
-        Raises:
-            InvalidProc, InvalidAck, StaleClaim.
-        """
-        _ids.check_proc_name(name)
-        return await self._call("ack", name, _claim_key(claimed, name))
-
+    @documented
     async def ack_commit(self, name: str, log_or_logs: Union[dict, Sequence[dict]], *,
                          claimed: Any = None) -> AckCommit:
-        """Ack the pending claim and commit log(s) in one atomic write.
+        return await self._run(_calls.ack_commit(name, log_or_logs, claimed))
 
-        Returns:
-            ``AckCommit(acked, id)``; ``id`` is a list when a list was given.
-
-        Raises:
-            InvalidProc, InvalidAck, StaleClaim, InvalidLogFormat, InvalidTopicFormat.
-        """
-        _ids.check_proc_name(name)
-        single = isinstance(log_or_logs, dict)
-        if not single and not isinstance(log_or_logs, (list, tuple)):
-            raise InvalidLogFormat("ack_commit takes a log dict or a list of them")
-        items = _encode_logs([log_or_logs] if single else log_or_logs)
-        acked, ms, seqs = await self._call("ackc", name, items, _claim_key(claimed, name))
-        ids = [f"{ms}-{s}" for s in seqs]
-        return AckCommit(acked, ids[0] if single else ids)
-
+    @documented
     async def reclaim(self, name: str, *, claimed: Any = None) -> str:
-        """Drop the pending claim (its logs will be delivered again).
+        return await self._run(_calls.reclaim(name, claimed))
 
-        Returns:
-            The last acked range (``""`` if the proc never acked).
-
-        Raises:
-            InvalidProc, ProcIsDisabled, NothingToReclaim, StaleClaim.
-        """
-        _ids.check_proc_name(name)
-        return await self._call("reclaim", name, _claim_key(claimed, name))
-
+    @documented
     async def inspect_proc(self, name: str) -> ProcState:
-        """The proc's current state.
+        return await self._run(_calls.proc_state("inspect", name))
 
-        Raises:
-            InvalidProc: no such proc.
-        """
-        _ids.check_proc_name(name)
-        return ProcState(*await self._call("inspect", name))
-
+    @documented
     async def disable_proc(self, name: str) -> ProcState:
-        """Disable the proc (proc / reclaim then fail with ``proc_is_disabled``).
+        return await self._run(_calls.proc_state("disable", name))
 
-        Raises:
-            InvalidProc, ProcAlreadyDisabled.
-        """
-        _ids.check_proc_name(name)
-        return ProcState(*await self._call("disable", name))
-
+    @documented
     async def resume_proc(self, name: str) -> ProcState:
-        """Re-activate a disabled proc; resets reclaims, keeps a pending claim.
+        return await self._run(_calls.proc_state("resume", name))
 
-        Raises:
-            InvalidProc, ProcAlreadyActive.
-        """
-        _ids.check_proc_name(name)
-        return ProcState(*await self._call("resume", name))
-
+    @documented
     async def destroy_proc(self, name: str) -> ProcState:
-        """Delete the proc (and its system proc, if any); returns its last state.
+        return await self._run(_calls.proc_state("destroy", name))
 
-        Raises:
-            InvalidProc: no such proc.
-        """
-        _ids.check_proc_name(name)
-        return ProcState(*await self._call("destroy", name))
-
+    @documented
     async def wait_for_procs(self, names: Optional[Sequence[str]] = None,
                              timeout: Optional[float] = None) -> None:
-        """Wait until every named (default: all) active proc on an existing topic has no
-        pending claim and nothing left to claim. Other calls proceed meanwhile.
+        await self._run(_calls.wait_for_procs(names, timeout))
 
-        Args:
-            names: proc names (unknown ones are ignored), or None for all.
-            timeout: seconds, or None to wait as long as it takes.
-
-        Raises:
-            Timeout: ``timeout`` seconds passed first (also when the node does not answer
-                at all: the client gives up at ``timeout`` + 1 s).
-            ProcIsDisabled: a proc it waits for is (or becomes) disabled by
-                ``max_reclaims`` with work left (a dead stage); the message names it and its
-                last error. A proc disabled by ``disable_proc`` is not waited for.
-        """
-        if names is not None:
-            if isinstance(names, str):
-                names = [names]
-            names = list(names)
-            for n in names:
-                _ids.check_proc_name(n)
-        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
-                                    or not math.isfinite(timeout) or timeout < 0):
-            raise InvalidArgument("timeout must be a finite number >= 0 or None")
-        if timeout is None:
-            await self._call("wait_idle", names, timeout)
-            return
-        try:
-            await asyncio.wait_for(self._call("wait_idle", names, timeout),
-                                   timeout + _client.WAIT_SLACK)
-        except asyncio.TimeoutError as exc:
-            if isinstance(exc, PipeProcError):  # the node's own answer
-                raise
-            raise Timeout(f"the node did not answer wait_for_procs within {timeout} s") from None
-
+    @documented
     async def available_proc(self, specs: Sequence[dict]) -> Optional[Tuple[str, Any]]:
-        """Claim work from the first listed proc that does not exist yet, otherwise round
-        robin over the listed procs that have work.
-
-        Args:
-            specs: ``[{"topic": …, "name": …, "offset": …, "count": …, …}, …]``.
-
-        Returns:
-            ``(name, Log | list[Log])``, or None when no listed proc has work.
-        """
-        if not isinstance(specs, (list, tuple)):
-            raise InvalidArgument("available_proc takes a list of proc specs")
-        wire = []
-        for s in specs:
-            if not isinstance(s, dict):
-                raise InvalidArgument("a proc spec is a dict")
-            _ids.check_topic(s.get("topic"))
-            _ids.check_proc_name(s.get("name"))
-            offset = _check_offset(s.get("offset", ">"))
-            count = _check_count(s.get("count", 1))
-            opts = _check_opts(s.get("max_reclaims", 10), s.get("reclaim_timeout", 10.0),
-                               s.get("on_max_reclaims_reached", "disable"))
-            wire.append([s["topic"], s["name"], offset, count, *opts])
-        res = await self._call("avail", wire)
-        if res is None:
-            return None
-        name, many, rows = res
-        return name, _claim_result(rows, 2 if many else 1, name)
+        return await self._run(_calls.available_proc(specs))
 
     # ------------------------------------------------------------------ system and live procs
 
+    @documented
     async def system_proc(self, *, name: str, from_: Union[str, Sequence[str]], processor: Any,
                           to: Union[str, Sequence[str], None] = None, offset: str = ">",
                           count: int = 1, max_reclaims: int = 10,
@@ -765,55 +404,12 @@ class AsyncPipeProc(_NodeRef):
                           on_max_reclaims_reached: str = "disable",
                           backoff: Tuple[float, float] = DEFAULT_BACKOFF,
                           ) -> Union[ProcState, List[ProcState]]:
-        """Register a processor run by the node's workers on ``from_``'s logs (SPEC §6).
+        return await self._run(_calls.system_proc(
+            name, from_, processor, to, offset, count, max_reclaims, reclaim_timeout,
+            on_max_reclaims_reached, backoff))
 
-        Called again with the same ``name`` and ``from_``, it updates the definition
-        (``processor``, ``to``, ``count``, ``backoff``) from the next claim on; the proc keeps
-        its position, its options and its status (a disabled proc stays disabled until
-        ``resume_proc``).
-        The same ``name`` with another ``from_`` raises ``proc_name_not_unique``.
-
-        ``backoff=(first, cap)``: seconds between deliveries of a claim after a failure,
-        doubling with each failure in a row (see :meth:`PipeProc.system_proc`).
-
-        Returns:
-            The proc's state, or a list of states (one per topic) when ``from_`` is a list.
-
-        Raises:
-            InvalidProcessor: ``processor`` cannot be imported by workers.
-        """
-        from ._workers import processor_ref
-        _ids.check_proc_name(name)
-        multi = not isinstance(from_, str)
-        topics = [from_] if not multi else list(from_)
-        if not topics:
-            raise InvalidArgument("from_ needs at least one topic")
-        for t in topics:
-            _ids.check_topic(t)
-        tos = [] if to is None else ([to] if isinstance(to, str) else list(to))
-        for t in tos:
-            _ids.check_topic(t)
-        _check_offset(offset)
-        _check_count(count)
-        opts = _check_opts(max_reclaims, reclaim_timeout, on_max_reclaims_reached)
-        wire_backoff = _check_backoff(backoff)
-        ref = processor_ref(processor)
-        states = await self._call("sysproc", name, topics, multi, ref, tos, offset, count, *opts,
-                                  wire_backoff)
-        out = [ProcState(*s) for s in states]
-        return out if multi else out[0]
-
+    @documented
     async def live_proc(self, topic: str, *, mode: str = "live", count: int = 1) -> "AsyncLiveProc":
-        """Follow ``topic`` from this process (SPEC §7); see :class:`AsyncLiveProc`.
-
-        Args:
-            topic: the topic to follow.
-            mode: ``"live"`` (logs committed after this call) or ``"all"`` (from the start).
-            count: logs per delivery (a list when > 1).
-
-        Returns:
-            The live proc, its hidden proc created on the node.
-        """
         live = AsyncLiveProc(self, topic, mode=mode, count=count)
         await live._create()
         return live
@@ -849,7 +445,6 @@ class AsyncLiveProc:
 
     def __init__(self, pp: AsyncPipeProc, topic: str, *, mode: str = "live",
                  count: int = 1) -> None:
-        from ._live import live_spec
         self.name, self.offset = live_spec(topic, mode, count)
         self._pp = pp
         self.topic = topic
@@ -860,14 +455,14 @@ class AsyncLiveProc:
         self._task: Optional[asyncio.Task] = None
 
     async def _create(self) -> None:
-        await self._pp._call("create_live", self.topic, self.name, self.offset)
+        await self._pp._run(_calls.create_live(self.topic, self.name, self.offset))
 
     def _hand_back(self, reply: list) -> None:
         """A claim answered to a wait whose caller was cancelled: reclaim it."""
         if reply[1] == ERR or reply[2] is None:
             return
         try:
-            key = _claim_key(_claim_result(reply[2], self.count, self.name), self.name)
+            key = _claim_key(_calls._claim_result(reply[2], self.count, self.name), self.name)
         except PipeProcError:  # pragma: no cover - an empty claim
             return
         self._pp._send_quietly("reclaim", self.name, key)
@@ -888,16 +483,16 @@ class AsyncLiveProc:
         """
         if self._cancelled:
             raise StopAsyncIteration
+        call = _calls.live_next(self.topic, self.name, self.offset, self.count, self._last)
         try:
-            res = await self._pp._call("live", self.topic, self.name, self.offset, self.count,
-                                       None, _held(self._last), orphan=self._hand_back)
+            res = await self._pp._call(call.op, *call.args, orphan=self._hand_back)
         except (NoActiveNode, ConnectionLost):
             if self._cancelled:
                 raise StopAsyncIteration from None
             raise
-        if res is None:
+        logs = call.shape(res)
+        if logs is None:
             raise StopAsyncIteration
-        logs = _claim_result(res, self.count, self.name)
         self._last = logs
         return logs
 
@@ -931,44 +526,32 @@ class AsyncLiveProc:
 
     # -- proc operations on the hidden proc
 
+    @documented
     async def ack(self) -> str:
-        """Ack the last delivery.
-
-        Returns:
-            The acked range ``"first..last"``.
-        """
         return await self._pp.ack(self.name, claimed=self._last)
 
+    @documented
     async def ack_commit(self, log_or_logs: Union[dict, List[dict]]) -> AckCommit:
-        """Ack the last delivery and commit log(s), atomically.
-
-        Returns:
-            ``AckCommit(acked, id)``.
-        """
         return await self._pp.ack_commit(self.name, log_or_logs, claimed=self._last)
 
+    @documented
     async def reclaim(self) -> str:
-        """Hand the last delivery back; it is delivered again.
-
-        Returns:
-            The last acked range.
-        """
         return await self._pp.reclaim(self.name, claimed=self._last)
 
+    @documented
     async def inspect(self) -> ProcState:
-        """The hidden proc's state."""
         return await self._pp.inspect_proc(self.name)
 
+    @documented
     async def disable(self) -> ProcState:
-        """Disable the hidden proc (delivery pauses until :meth:`resume`)."""
         return await self._pp.disable_proc(self.name)
 
+    @documented
     async def resume(self) -> ProcState:
-        """Resume the hidden proc."""
         return await self._pp.resume_proc(self.name)
 
+    @documented
     async def destroy(self) -> ProcState:
-        """Destroy the hidden proc (delivery ends)."""
         return await self._pp.destroy_proc(self.name)
 
     async def cancel(self) -> None:
@@ -1003,70 +586,66 @@ async def spawn(location: Any = None, *, memory: bool = False, workers: int = 1,
                 worker_concurrency: int = 1, worker_restart_after: int = 0, gc: Any = False,
                 durability: str = "full", address: Any = None, authkey: Optional[bytes] = None,
                 max_map_size: Optional[int] = None, max_frame_size: Optional[int] = None,
-                log_level: Optional[str] = None, timeout: float = 60.0) -> AsyncPipeProc:
-    """Start a node process and return an async client connected to it.
+                log_level: Optional[str] = None, timeout: float = 60.0,
+                busy_poll: float = BUSY_POLL) -> AsyncPipeProc:
+    cfg = _spawn.node_cfg(
+        location, memory=memory, workers=workers, worker_concurrency=worker_concurrency,
+        worker_restart_after=worker_restart_after, gc=gc, durability=durability,
+        address=address, authkey=authkey, max_map_size=max_map_size,
+        max_frame_size=max_frame_size, log_level=log_level, busy_poll=busy_poll)
+    # the node is started by the same code as the sync client's, in a thread, so the event
+    # loop keeps running meanwhile
+    node = await asyncio.to_thread(_spawn.start_node, cfg, timeout)
+    pp = AsyncPipeProc(node.address, node.authkey, process=node.process,
+                       location=node.location, busy_poll=float(busy_poll))
+    try:
+        await pp._connection()
+    except BaseException:
+        await asyncio.to_thread(_spawn.kill_node, node.process)
+        raise
+    return pp
+
+
+spawn.__doc__ = f"""Start a node process and return an async client connected to it.
 
     The same arguments as :func:`pipeproc.spawn` (the node is started by the same code, in
     a thread, so the event loop keeps running meanwhile).
 
-    Args:
-        location: the node's directory (``None``: ``./pipeproc_data``, or a private
-            temporary directory with ``memory=True``).
-        memory: keep the store in memory; nothing of it persists.
-        workers: worker processes running system procs (0: none).
-        worker_concurrency: processor loops per worker.
-        worker_restart_after: recycle a worker after this many executions (0: never).
-        gc: ``False``, ``True`` or ``{"min_prune_time": s, "interval": s}``.
-        durability: ``"full"`` (fsync per request) or ``"fast"`` (no fsync).
-        address: a Unix socket path, or ``("127.0.0.1", port)`` for TCP (port 0: any).
-        authkey: the key clients must present (default: a random one).
-        max_map_size: cap of the store's size in bytes (``storage_full`` beyond it; its last
-            1/16, 512 KiB to 64 MiB, is kept for the GC).
-        max_frame_size: the largest request the node accepts, in bytes (default 64 MiB).
-        log_level: the node's log level on stderr (default WARNING).
-        timeout: seconds to wait for the node to be ready.
-
+{_docs.SPAWN_ARGS}
     Returns:
         A connected :class:`AsyncPipeProc`; ``await shutdown()`` stops the node.
 
     Raises:
         NodeAlreadyActive: a running node owns the location or address.
+        NoActiveNode: the node did not become ready within ``timeout``.
+        InvalidArgument: a bad argument (before anything is started).
     """
-    sync = await asyncio.to_thread(
-        _client.spawn, location, memory=memory, workers=workers,
-        worker_concurrency=worker_concurrency, worker_restart_after=worker_restart_after,
-        gc=gc, durability=durability, address=address, authkey=authkey,
-        max_map_size=max_map_size, max_frame_size=max_frame_size, log_level=log_level,
-        timeout=timeout)
-    proc = sync._process
-    sync._process = None  # the async client owns the node process from now on
-    sync.close()
-    pp = AsyncPipeProc(sync.address, sync.authkey, process=proc, location=sync.location)
-    try:
-        await pp._connection()
-    except BaseException:
-        if proc is not None:
-            proc.kill()
-            await asyncio.to_thread(proc.wait)
-        raise
-    return pp
 
 
 async def connect(location: Any = None, *, address: Any = None, authkey: Optional[bytes] = None,
-                  timeout: float = 5.0) -> AsyncPipeProc:
-    """Connect to a running node, by its location or by ``address`` and ``authkey``.
+                  timeout: float = 5.0, busy_poll: float = BUSY_POLL) -> AsyncPipeProc:
+    spin = _spawn.check_busy_poll(busy_poll)
+    retry = _spawn.Retry(location, address, timeout)
+    while True:
+        try:
+            addr, key = _spawn.resolve_node(retry.loc, retry.address, authkey)
+            if not isinstance(key, (bytes, bytearray)):
+                raise InvalidArgument("authkey must be bytes")
+            pp = AsyncPipeProc(addr, key, location=retry.loc, busy_poll=spin)
+            pp._conn = await _Conn.open(addr, pp.authkey, retry.attempt_timeout())
+            return pp
+        except NoActiveNode as exc:
+            delay = retry.failed(exc)
+        await asyncio.sleep(delay)
+
+
+connect.__doc__ = f"""Connect to a running node, by its location or by ``address`` and ``authkey``.
 
     Retries until ``timeout`` seconds have passed while a node may be starting; never hangs.
     A location that exists but where no node runs or starts (nothing holds its lock) fails
     at once.
 
-    Args:
-        location: the node's directory (``None``: ``./pipeproc_data``), where its address
-            and key are read from.
-        address: the node's address (``pp.address``), instead of ``location``.
-        authkey: the node's key (``pp.authkey``), with ``address``.
-        timeout: seconds to keep trying.
-
+{_docs.CONNECT_ARGS}
     Returns:
         A connected :class:`AsyncPipeProc`.
 
@@ -1074,35 +653,3 @@ async def connect(location: Any = None, *, address: Any = None, authkey: Optiona
         NoActiveNode: no node answered within ``timeout``, or none runs at ``location``.
         AuthFailed: the node refused the key.
     """
-    if (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
-            or not math.isfinite(timeout) or timeout < 0):
-        raise InvalidArgument("timeout must be a finite number of seconds")
-    address = _client._address(address)
-    loc = None if address is not None and location is None else _client._location(location)
-    deadline = time.monotonic() + timeout
-    delay = 0.01
-    last: PipeProcError = NoActiveNode("no node")
-    idle_since: Optional[float] = None
-    while True:
-        try:
-            addr, key = _client.resolve_node(loc, address, authkey)
-            if not isinstance(key, (bytes, bytearray)):
-                raise InvalidArgument("authkey must be bytes")
-            pp = AsyncPipeProc(addr, key, location=loc)
-            left = deadline - time.monotonic()
-            pp._conn = await _Conn.open(addr, pp.authkey, min(max(left, 0.05), HANDSHAKE_TIMEOUT))
-            return pp
-        except AuthFailed:
-            raise
-        except NoActiveNode as exc:
-            last = exc
-            if _client.node_starting(loc):
-                idle_since = None
-            elif idle_since is None:
-                idle_since = time.monotonic()
-            elif time.monotonic() - idle_since >= _client.IDLE_CHECK:
-                raise _client.no_node_error(loc, exc)  # type: ignore[arg-type]
-        if time.monotonic() + delay > deadline:
-            raise NoActiveNode(f"{last.message} (gave up after {timeout} s)")
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, 0.2)

@@ -32,7 +32,15 @@ import time
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 from . import __version__
-from .errors import AuthFailed, ConnectionLost, NoActiveNode, PipeProcError
+from ._text import human_bytes, table
+from .errors import (
+    AuthFailed,
+    ConnectionLost,
+    InvalidArgument,
+    NoActiveNode,
+    NodeAlreadyActive,
+    PipeProcError,
+)
 
 RET_OK = 0
 RET_ERROR = 1
@@ -41,6 +49,7 @@ RET_CONNECT = 3
 
 ENV_LOCATION = "PIPEPROC_LOCATION"
 ENV_ADDRESS = "PIPEPROC_ADDRESS"
+ENV_BUSY_POLL = "PIPEPROC_BUSY_POLL_US"
 DEFAULT_LOCATION = "./pipeproc_data"
 CONNECT_TIMEOUT = 2.0
 COMMIT_BATCH = 1000
@@ -77,6 +86,7 @@ examples:
 environment:
   PIPEPROC_LOCATION  default for --location (otherwise ./pipeproc_data)
   PIPEPROC_ADDRESS   default for --address (HOST:PORT for TCP, or a Unix socket path)
+  PIPEPROC_BUSY_POLL_US  busy polling in µs for the node and the client (default 50; 0: off)
 
 exit codes:
   0  ok
@@ -152,37 +162,26 @@ def log_line(lg: Any, as_json: bool) -> str:
     return f"{lg.id}\t{shorten(dumps(lg.body))}"
 
 
-def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], right: Sequence[int] = ()) -> str:
-    """A plain aligned text table; columns whose index is in ``right`` are right-aligned."""
-    rows = [[("" if c is None else str(c)) for c in r] for r in rows]
-    widths = [len(h) for h in headers]
-    for r in rows:
-        for i, c in enumerate(r):
-            widths[i] = max(widths[i], len(c))
-
-    def fmt(cells: Sequence[str]) -> str:
-        return "  ".join(c.rjust(widths[i]) if i in right else c.ljust(widths[i])
-                         for i, c in enumerate(cells)).rstrip()
-    lines = [fmt(headers)] + [fmt(r) for r in rows]
-    return "\n".join(lines)
-
-
 def human_ms(ms: int) -> str:
     if not ms:
         return "-"
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000)) + f".{ms % 1000:03d}"
 
 
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
-
-
 def out(text: str = "") -> None:
     sys.stdout.write(text + "\n")
+
+
+def _busy_poll_setting() -> float:
+    """Seconds of busy polling for ``spawn``/``connect`` (``busy_poll=``), from
+    ``PIPEPROC_BUSY_POLL_US`` (µs; default 50; 0 turns it off; bounded to 10,000; a value
+    that is not a number means the default). The library itself reads no environment."""
+    raw = os.environ.get(ENV_BUSY_POLL, "50")
+    try:
+        us = float(raw)
+    except ValueError:
+        us = 50.0
+    return max(0.0, min(us, 10_000.0)) / 1e6 if us == us else 0.0
 
 
 def connect(args: argparse.Namespace) -> Any:
@@ -196,7 +195,7 @@ def connect(args: argparse.Namespace) -> Any:
                 f"directory: {key} does not exist; pass --location DIR (or set "
                 f"{ENV_LOCATION}) with the directory the node runs on (it holds node.key)")
     return pipeproc.connect(args.location, address=parse_address(args.address),
-                            timeout=args.timeout)
+                            timeout=args.timeout, busy_poll=_busy_poll_setting())
 
 
 class _Stop(Exception):
@@ -219,7 +218,8 @@ def cmd_node(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     pp = pipeproc.spawn(args.location, workers=args.workers, gc=bool(args.gc),
                         address=parse_address(args.address), memory=args.memory,
-                        durability=args.durability, log_level=level)
+                        durability=args.durability, log_level=level,
+                        busy_poll=_busy_poll_setting())
     try:
         log.info("node ready: location=%s address=%s workers=%d gc=%s durability=%s%s",
                  os.path.abspath(args.location), format_address(pp.address), args.workers,
@@ -498,8 +498,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Verify the store at --location (no node running): exit 0 "ok", 1 on damage."""
-    from ._check import check_location
-    from .errors import InvalidArgument, NodeAlreadyActive
+    from ._check import check_location  # node-side: only for this command, lazily
     try:
         report = check_location(args.location)
     except (NodeAlreadyActive, InvalidArgument) as exc:
@@ -523,7 +522,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from . import _demo
     return _demo.run(logs=args.logs, location=args.location, workers=args.workers,
-                     batch=args.batch, durability=args.durability)
+                     batch=args.batch, durability=args.durability,
+                     busy_poll=_busy_poll_setting())
 
 
 # --------------------------------------------------------------------------- parser

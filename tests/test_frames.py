@@ -227,7 +227,7 @@ def test_a_half_sent_frame_does_not_hold_up_other_clients(spawner):
 
 
 def test_busy_poll_setting_is_parsed_and_bounded(monkeypatch):
-    from pipeproc import _protocol
+    from pipeproc import cli as _protocol  # _busy_poll_setting moved to the CLI (issue 15)
     for raw, expected in [("50", 50e-6), ("0", 0.0), ("-3", 0.0), ("nan", 0.0),
                           ("junk", 50e-6), ("1e9", 0.01)]:
         monkeypatch.setenv("PIPEPROC_BUSY_POLL_US", raw)
