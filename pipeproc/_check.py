@@ -61,7 +61,8 @@ def scan(path: str) -> Dict[str, Any]:
             try:
                 version = int(bytes(fmt)) if fmt is not None else None
                 raw = txn.get(b"unchecked", db=meta_db)
-                unchecked = dict(msgpack.unpackb(raw, strict_map_key=False)) if raw else {}
+                unchecked: Optional[Dict[Any, Any]] = (
+                    dict(msgpack.unpackb(raw, strict_map_key=False)) if raw else {})
             except Exception as exc:
                 problem(f"meta records cannot be decoded: {exc}")
                 version, unchecked = FORMAT_VERSION, {}
@@ -80,12 +81,12 @@ def scan(path: str) -> Dict[str, Any]:
                 topics[meta.tid] = (name, meta)
             expected: Dict[int, int] = {}  # tid -> next expected seq
             orphans: Dict[int, list] = {}  # tid -> [count, first seq, last seq]
-            for key, value in txn.cursor(db=dbs[b"logs"]):
-                key = bytes(key)
-                if len(key) != _KEY.size:
-                    problem(f"log key {key!r} is malformed")
+            for raw_key, value in txn.cursor(db=dbs[b"logs"]):
+                lkey = bytes(raw_key)
+                if len(lkey) != _KEY.size:
+                    problem(f"log key {lkey!r} is malformed")
                     continue
-                tid, seq = _KEY.unpack(key)
+                tid, seq = _KEY.unpack(lkey)
                 if tid not in topics:
                     o = orphans.setdefault(tid, [0, seq, seq])
                     o[0] += 1
@@ -132,18 +133,18 @@ def scan(path: str) -> Dict[str, Any]:
                     problem(f"logs {end}..{meta.next - 1} of topic {name!r} are missing")
             for db, kind, key_name in ((b"procs", "proc", "procs"),
                                        (b"sysprocs", "system proc", "system_procs")):
-                for key, value in txn.cursor(db=dbs[db]):
+                for pkey, pvalue in txn.cursor(db=dbs[db]):
                     try:
-                        name, rec = _unpack_named(kind, key, value, unchecked is not None)
+                        name, prec = _unpack_named(kind, pkey, pvalue, unchecked is not None)
                     except StoreCorrupted as exc:
                         problem(exc.message.split(": run `pipeproc check`")[0])
                         continue
                     counts[key_name] += 1
                     if db == b"procs":
-                        bad = proc_problem(rec)
+                        bad = proc_problem(prec)
                         if bad:
                             problem(f"proc {name!r}: {bad}")
-                    elif type(rec.get("procs")) is not list:
+                    elif type(prec.get("procs")) is not list:
                         problem(f"system proc {name!r}: no proc list")
     except lmdb.Error as exc:
         problem(f"LMDB cannot read the store: {exc}")

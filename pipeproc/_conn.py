@@ -31,7 +31,8 @@ import struct
 import threading
 import time
 from collections import deque
-from multiprocessing.connection import AuthenticationError, answer_challenge, deliver_challenge
+from multiprocessing import AuthenticationError
+from multiprocessing.connection import answer_challenge, deliver_challenge
 from typing import Any, Callable, Dict, Iterable, List, Optional
 
 from . import _platform

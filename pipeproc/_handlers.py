@@ -25,7 +25,7 @@ import logging
 import math
 import re
 import threading
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import msgpack
 
@@ -158,7 +158,7 @@ def _count(count: Any) -> int:
     return count
 
 
-def _opts(max_reclaims: Any, reclaim_timeout: Any, on_max: Any) -> tuple:
+def _opts(max_reclaims: Any, reclaim_timeout: Any, on_max: Any) -> Tuple[int, float, str]:
     if type(max_reclaims) is not int or not (max_reclaims >= 1 or max_reclaims == -1):
         raise InvalidArgument("max_reclaims must be >= 1 or -1")
     if reclaim_timeout is None:

@@ -149,7 +149,7 @@ def ok_reply_raw(rid: int, raw_result: bytes) -> bytes:
     return b"\x93" + msgpack.packb(rid) + b"\x00" + raw_result
 
 
-def err_reply(rid: int, code: str, message: str) -> bytes:
+def err_reply(rid: Optional[int], code: str, message: str) -> bytes:
     """An error reply."""
     return msgpack.packb([rid, ERR, [code, message]], use_bin_type=True)
 

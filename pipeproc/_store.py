@@ -405,7 +405,7 @@ class Store:
         if memory:
             # The mapping stays valid after the unlink: nothing of a memory store survives
             # the node, not even after kill -9.
-            shutil.rmtree(self._tmpdir, ignore_errors=True)
+            shutil.rmtree(path, ignore_errors=True)
         self.gate = Gate()
         self.db_topics = self.env.open_db(b"topics")
         self.db_logs = self.env.open_db(b"logs")
