@@ -199,8 +199,9 @@ class SysHandlers:
                     if not orphan:
                         conn.claims[name] = key
                 if orphan:  # the worker died while we claimed for it
-                    self.writer.submit(lambda tx: self.reclaim_dead(tx, {name: key}),
-                                       lambda ok, v: None)
+                    self.writer.submit(
+                        lambda tx: self.reclaim_dead(tx, {name: key}, conn.worker),
+                        lambda ok, v: None)
                     return
             conn.send(data)
 
