@@ -293,7 +293,7 @@ def record_crc(n: int, rounds: int) -> Dict[str, float]:
     plus the slice that drops the 4 checksum bytes; median of ``rounds``."""
     import zlib
 
-    from pipeproc._protocol import CRC_RESIDUE, stored_record
+    from pipeproc._records import CRC_RESIDUE, stored_record
     value = memoryview(stored_record(1_700_000_000_000, 12345, b"\xc4\x62" + b"x" * 98))
     crc32 = zlib.crc32
     per: list = []

@@ -18,7 +18,7 @@ client's own business (a pool of blocking channels, or one pipelined asyncio str
 The public docstrings are written once, in :mod:`pipeproc._docs`, and attached to both
 clients' methods by :func:`documented`, so that they cannot drift apart.
 
-Client side: imports ``_ids``, ``_procs`` (pure), ``_protocol``, ``_processors``, ``_docs`` and
+Client side: imports ``_ids``, ``_records``, ``_protocol``, ``_processors``, ``_docs`` and
 ``errors``; never a node-side module.
 """
 
@@ -42,7 +42,7 @@ from typing import (
     Union,
 )
 
-from . import _docs, _ids, _procs
+from . import _docs, _ids, _records
 from ._processors import processor_ref
 from ._protocol import encode_body
 from .errors import InvalidArgument, InvalidLogFormat, PipeProcError
@@ -182,7 +182,7 @@ def _claim_key(logs: Any, name: Optional[str] = None) -> Optional[list]:
             ids.append(_ids.parse_id(item[0]))
         except (PipeProcError, TypeError, IndexError, KeyError):
             raise InvalidArgument("claimed= takes the Log or list of Logs that proc() returned") from None
-    key = _procs.claimed_key(ids)
+    key = _records.claimed_key(ids)
     if claim is not None and isinstance(claim[1], int):
         key.append(claim[1] if name is None or claim[0] == name else -1)
     return key

@@ -31,7 +31,7 @@ from __future__ import annotations
 from typing import Any, List, Optional, Sequence
 
 from . import _ids
-from ._records import claimed_key, ids_digest, record_ms  # noqa: F401 (claimed_key: re-export)
+from ._records import ids_digest, record_ms
 from .errors import (
     InvalidAck,
     InvalidProc,

@@ -13,7 +13,7 @@ Log bodies are msgpack-encoded **once**, by the client, and travel inside reques
     0x93 0xcf <ms: u64 BE> 0xcf <seq: u64 BE> <body msgpack bytes>
 
 which is itself the msgpack encoding of ``[ms, seq, body]``. The store keeps it followed by
-its CRC-32 (``zlib.crc32``, 4 bytes little-endian: see :func:`stored_record`) and serves the
+its CRC-32 (``zlib.crc32``, 4 bytes little-endian: see :func:`pipeproc._records.stored_record`) and serves the
 record without those 4 bytes once the checksum holds (store format 3). A page of logs is therefore
 sent as an array header followed by the stored records concatenated, and the client decodes
 the whole page in one ``unpackb`` call; the node never decodes a body.
@@ -36,20 +36,6 @@ from typing import Any, List, Optional
 
 import msgpack
 
-# The stored record and its checksum live in _records (shared by both sides); these names
-# stay importable from here
-from ._records import (  # noqa: F401
-    _CRC,
-    _RECORD_HEAD,
-    CRC_RESIDUE,
-    CRC_SIZE,
-    RECORD_HEAD_SIZE,
-    crc32,
-    record,
-    record_ms,
-    record_ok,
-    stored_record,
-)
 from .errors import AuthFailed, InvalidLogFormat, NoActiveNode
 
 OK = 0

@@ -7,7 +7,7 @@ node's modules are not the client's) and waits for its ready message. :class:`Re
 ``connect``'s patience: it keeps trying while a node may be starting at the location and
 gives up at once when none runs or starts there.
 
-Client side: imports ``_calls`` (for the busy-poll check), ``_private``, ``_protocol`` and
+Client side: imports ``_calls`` (for the busy-poll check), ``_platform``, ``_protocol`` and
 ``errors``; never a node-side module.
 """
 
@@ -24,7 +24,7 @@ from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import msgpack
 
-from . import _private
+from . import _platform
 from ._calls import MIN_FRAME
 from ._protocol import BUSY_POLL, CONNECT_TIMEOUT, MAX_BUSY_POLL
 from .errors import InvalidArgument, NoActiveNode, PipeProcError, from_code
@@ -227,9 +227,9 @@ def resolve_node(loc: Optional[str], address: Any, authkey: Optional[bytes]) -> 
         raise InvalidArgument("connect(address=...) needs the node's authkey= as well (or "
                               "location=, the node's directory, which holds its key)")
     try:
-        _private.check_location(loc)
-        info = msgpack.unpackb(_private.read_private(os.path.join(loc, "node.address")), raw=False)
-        file_key = _private.read_private(os.path.join(loc, "node.key"))
+        _platform.check_location(loc)
+        info = msgpack.unpackb(_platform.read_private(os.path.join(loc, "node.address")), raw=False)
+        file_key = _platform.read_private(os.path.join(loc, "node.key"))
     except OSError as exc:
         if address is not None and authkey is None and not os.path.exists(
                 os.path.join(loc, "node.key")):

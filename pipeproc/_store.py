@@ -7,7 +7,7 @@ db        key                            value
 ========= ============================== ===============================================
 topics    topic name (utf-8)             msgpack ``[tid, next_seq, first_seq, created_ms]``
                                          (``next_seq`` as of the last write of the record)
-logs      tid (u32 BE) + seq (u64 BE)    log record (see ``_protocol.record``) + its CRC-32
+logs      tid (u32 BE) + seq (u64 BE)    log record (see ``_records.record``) + its CRC-32
 procs     proc name (utf-8) [#]_         msgpack proc record (``_procs``)
 sysprocs  system proc name (utf-8) [#]_  msgpack system proc definition
 meta      key                            format version, clock, next topic id, ``unchecked``

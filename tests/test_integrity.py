@@ -15,7 +15,7 @@ import pytest
 
 import pipeproc
 from pipeproc import _node, _store
-from pipeproc._protocol import record
+from pipeproc._records import record
 from pipeproc._store import FORMAT_VERSION, Store
 
 MARK = b"INTEGRITY-MARK-"

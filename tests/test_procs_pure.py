@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from pipeproc import _procs
-from pipeproc._protocol import record, record_ms
+from pipeproc._records import record, record_ms
 from pipeproc.errors import (
     InvalidAck,
     NothingToReclaim,
