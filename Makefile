@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench bench-peers stress clean
+.PHONY: test lint demo bench bench-peers stress clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -12,8 +12,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
-test: $(STAMP)
+test: lint
 	$(BIN)/python -m pytest -q -m "not slow" -p no:cacheprovider
+
+# type check (configuration in pyproject.toml [tool.mypy]); part of `make test`
+lint: $(STAMP)
+	$(BIN)/python -m mypy
 
 demo: $(STAMP)
 	$(BIN)/python -m pipeproc demo
