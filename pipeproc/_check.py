@@ -11,9 +11,13 @@ B-tree page, a SIGBUS) is reported as damage instead of taking the command down 
 While the check runs it holds the location's ``node.lock``, so no node starts meanwhile; a
 running node is refused (stop it first: the store belongs to one process at a time).
 
-May import: ``_damage`` (the page walk, record checks), ``_store`` (the key layout),
+``pipeproc check`` runs it as a child process too (``python -m pipeproc._check --location
+DIR``, see :func:`main`) and renders the JSON report: the CLI is client side and imports no
+node-side module.
+
+May import: ``_damage`` (the page walk, record checks), ``_layout`` (the key layout),
 ``_records``, ``_platform``, ``errors``, lmdb, msgpack and the standard library. Node side:
-the CLI runs it, no client module imports it.
+the CLI runs it as a child process, no client module imports it.
 """
 
 from __future__ import annotations
@@ -32,8 +36,8 @@ import msgpack
 from ._damage import proc_problem, walk_pages
 from ._platform import STORE_MARKER
 from ._records import CRC_RESIDUE, crc32
-from ._store import _KEY, FORMAT_VERSION, TopicMeta, _unpack_named, check_files
-from .errors import InvalidArgument, NodeAlreadyActive, StoreCorrupted
+from ._layout import FORMAT_VERSION, LOG_KEY, TopicMeta, check_files, unpack_named
+from .errors import InvalidArgument, NodeAlreadyActive, PipeProcError, StoreCorrupted
 
 #: Problems listed in a report (all are counted).
 MAX_LISTED = 1000
@@ -83,10 +87,10 @@ def scan(path: str) -> Dict[str, Any]:
             orphans: Dict[int, list] = {}  # tid -> [count, first seq, last seq]
             for raw_key, value in txn.cursor(db=dbs[b"logs"]):
                 lkey = bytes(raw_key)
-                if len(lkey) != _KEY.size:
+                if len(lkey) != LOG_KEY.size:
                     problem(f"log key {lkey!r} is malformed")
                     continue
-                tid, seq = _KEY.unpack(lkey)
+                tid, seq = LOG_KEY.unpack(lkey)
                 if tid not in topics:
                     o = orphans.setdefault(tid, [0, seq, seq])
                     o[0] += 1
@@ -135,7 +139,7 @@ def scan(path: str) -> Dict[str, Any]:
                                        (b"sysprocs", "system proc", "system_procs")):
                 for pkey, pvalue in txn.cursor(db=dbs[db]):
                     try:
-                        name, prec = _unpack_named(kind, pkey, pvalue, unchecked is not None)
+                        name, prec = unpack_named(kind, pkey, pvalue, unchecked is not None)
                     except StoreCorrupted as exc:
                         problem(exc.message.split(": run `pipeproc check`")[0])
                         continue
@@ -209,5 +213,28 @@ def check_location(location: str) -> Dict[str, Any]:
             os.close(fd)
 
 
+def main(argv: List[str]) -> int:
+    """The command line of the check's child processes.
+
+    ``python -m pipeproc._check --location DIR`` (what ``pipeproc check`` runs): the whole
+    check of :func:`check_location`; prints its report as JSON and exits 0 when the store is
+    sound, 1 on damage; prints ``{"error": code, "message": ...}`` and exits 2 when the check
+    is refused (a node is running, no store there).
+
+    ``python -m pipeproc._check STORE_DIR`` (what :func:`check_location` runs): the
+    :func:`scan` of the store, its report as JSON.
+    """
+    if len(argv) == 2 and argv[0] == "--location":
+        try:
+            report = check_location(argv[1])
+        except PipeProcError as exc:
+            print(json.dumps({"error": exc.code, "message": exc.message}))
+            return 2
+        print(json.dumps(report))
+        return 0 if report["ok"] else 1
+    print(json.dumps(scan(argv[0])))
+    return 0
+
+
 if __name__ == "__main__":
-    print(json.dumps(scan(sys.argv[1])))
+    sys.exit(main(sys.argv[1:]))

@@ -26,7 +26,7 @@ _P_INVALID = (1 << 64) - 1
 
 def walk_pages(path: str, deep: bool = False, limit: int = 20) -> List[str]:
     """Walk the B-trees of the LMDB file ``path/data.mdb`` with plain reads, from its newest
-    meta page (call :func:`~pipeproc._store.check_files` first: the file is long enough).
+    meta page (call :func:`~pipeproc._layout.check_files` first: the file is long enough).
 
     Every page reachable from a branch page must say it is that page (its page number) and
     be a branch or a leaf; LMDB itself trusts them, and stops the process with an assertion

@@ -1,12 +1,16 @@
-"""Plain-text formatting shared by the CLI and the demo (an aligned table, byte sizes).
+"""Plain-text and JSON formatting shared by the CLI and the demo: an aligned table, byte
+sizes and times, log lines, the proc table and the stats text.
 
-Imports nothing of the package: ``cli`` and ``_demo`` both use it, so that neither imports
-the other at module level.
+Imports nothing of the package: ``cli``, ``_cli_commands`` and ``_demo`` use it, so that
+neither the CLI nor the demo imports the other at module level. Client side.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+import base64
+import json
+import time
+from typing import Any, Dict, Iterable, Optional, Sequence
 
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], right: Sequence[int] = ()) -> str:
@@ -30,3 +34,99 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} GiB"
+
+
+def _jsonable(value: Any) -> Any:
+    """Bodies may hold bytes; JSON output carries them as base64 strings."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return base64.b64encode(bytes(value)).decode("ascii")
+    if isinstance(value, dict):
+        return {str(k) if not isinstance(k, str) else k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def dumps(value: Any, *, indent: Optional[int] = None) -> str:
+    return json.dumps(_jsonable(value), ensure_ascii=False, indent=indent,
+                      separators=None if indent else (",", ":"))
+
+
+def log_obj(lg: Any) -> dict:
+    """A Log as a JSON object; a bytes body is base64 and flagged with ``encoding``."""
+    out = {"id": lg.id, "body": _jsonable(lg.body)}
+    if isinstance(lg.body, (bytes, bytearray)):
+        out["encoding"] = "base64"
+    return out
+
+
+BODY_WIDTH = 200  # characters of a body shown by range/tail without --json
+
+
+def shorten(text: str, width: int = BODY_WIDTH) -> str:
+    """``text`` cut to ``width`` characters with an ellipsis and the full size."""
+    if len(text) <= width:
+        return text
+    return f"{text[:width]}… ({len(text)} chars; --json for all)"
+
+
+def log_line(lg: Any, as_json: bool) -> str:
+    """One log per line: JSON (complete), or ``ID<TAB>body`` with a long body shortened."""
+    if as_json:
+        return dumps(log_obj(lg))
+    if isinstance(lg.body, (bytes, bytearray)):
+        return f"{lg.id}\t{shorten('base64:' + base64.b64encode(bytes(lg.body)).decode('ascii'))}"
+    return f"{lg.id}\t{shorten(dumps(lg.body))}"
+
+
+def human_ms(ms: int) -> str:
+    if not ms:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000)) + f".{ms % 1000:03d}"
+
+
+def short_error(err: Any, width: int = 48) -> str:
+    """A proc's ``last_error`` in one short cell: ``Type: message`` truncated, or ``-``."""
+    if not isinstance(err, dict):
+        return "-"
+    text = f"{err.get('type')}: {err.get('message')}".replace("\n", " ")
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def procs_table(procs: Dict[str, dict]) -> str:
+    rows = [[name, p.get("topic"), p.get("status"), p.get("pending") or "-",
+             p.get("reclaims"), p.get("lag"), short_error(p.get("last_error"))]
+            for name, p in sorted(procs.items())]
+    return table(["NAME", "TOPIC", "STATUS", "PENDING CLAIM", "RECLAIMS", "LAG", "LAST ERROR"],
+                 rows, right=(4, 5))
+
+
+def stats_text(st: dict) -> str:
+    node = st.get("node", {})
+    lines = [
+        f"node      pid {node.get('pid')}  up {node.get('uptime', 0):.0f} s  "
+        f"durability {node.get('durability', '?')}  "
+        f"store {human_bytes(node.get('store_bytes', 0))}"
+        + ("  (memory)" if node.get("memory") else "")
+        + f"  connections {node.get('connections', '?')}",
+        f"location  {node.get('location')}",
+    ]
+    workers = st.get("workers", [])
+    lines.append("")
+    if workers:
+        lines.append(table(["WORKER PID", "EXECUTIONS", "FAILURES"],
+                           [[w.get("pid"), w.get("executions"), w.get("failures")] for w in workers],
+                           right=(1, 2)))
+    else:
+        lines.append("(no workers)")
+    topics = st.get("topics", {})
+    if topics:
+        lines.append("")
+        lines.append(table(["TOPIC", "LENGTH", "STORED"],
+                           [[t, v.get("length"), v.get("stored")] for t, v in sorted(topics.items())],
+                           right=(1, 2)))
+    procs = st.get("procs", {})
+    if procs:
+        lines.append("")
+        lines.append(procs_table(procs))
+    return "\n".join(lines)

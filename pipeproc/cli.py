@@ -1,9 +1,13 @@
 """The ``pipeproc`` command line: run a node, commit, read, follow and manage procs.
 
 Every subcommand is a thin shell over the public client (:func:`pipeproc.connect`,
-:func:`pipeproc.spawn`); nothing here touches the store but ``check``, which reads it
-with no node running (:mod:`pipeproc._check`). Logging is configured here and only
-here (the library never configures logging itself).
+:func:`pipeproc.spawn`); nothing here touches the store: ``check`` runs the node-side
+check (:mod:`pipeproc._check`, the store read with no node running) as a child process.
+Logging is configured here and only here (the library never configures logging itself).
+
+This module holds the parser and :func:`main`; the subcommands are
+:mod:`pipeproc._cli_commands`, the text formatting :mod:`pipeproc._text`. Client side: it
+imports the client-side modules lazily (``_demo``), never a node-side one.
 
 Exit codes (named like dramatiq's ``RET_*``):
 
@@ -21,40 +25,45 @@ code    name            meaning
 from __future__ import annotations
 
 import argparse
-import base64
-import json
 import logging
 import os
-import signal
 import sys
-import threading
-import time
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from . import __version__
-from ._text import human_bytes, table
-from .errors import (
-    AuthFailed,
-    ConnectionLost,
-    InvalidArgument,
-    NoActiveNode,
-    NodeAlreadyActive,
-    PipeProcError,
+from ._cli_commands import (  # RET_*, UsageError and the address helpers: also cli's names
+    COMMIT_BATCH,
+    CONNECT_TIMEOUT,
+    DEFAULT_LOCATION,
+    ENV_ADDRESS,
+    ENV_BUSY_POLL,
+    ENV_LOCATION,
+    RET_CONNECT,
+    RET_ERROR,
+    RET_OK,
+    RET_USAGE,
+    UsageError,
+    cmd_check,
+    cmd_commit,
+    cmd_inspect,
+    cmd_length,
+    cmd_node,
+    cmd_proc_action,
+    cmd_procs,
+    cmd_range,
+    cmd_stats,
+    cmd_tail,
+    cmd_topics,
+    format_address,
+    parse_address,
+    report_error,
 )
+from ._cli_commands import busy_poll_setting as _busy_poll_setting
+from .errors import AuthFailed, ConnectionLost, NoActiveNode, PipeProcError
 
-RET_OK = 0
-RET_ERROR = 1
-RET_USAGE = 2
-RET_CONNECT = 3
-
-ENV_LOCATION = "PIPEPROC_LOCATION"
-ENV_ADDRESS = "PIPEPROC_ADDRESS"
-ENV_BUSY_POLL = "PIPEPROC_BUSY_POLL_US"
-DEFAULT_LOCATION = "./pipeproc_data"
-CONNECT_TIMEOUT = 2.0
-COMMIT_BATCH = 1000
-
-log = logging.getLogger("pipeproc.cli")
+__all__ = ["main", "make_parser", "parse_address", "format_address", "UsageError", "RET_OK",
+           "RET_ERROR", "RET_USAGE", "RET_CONNECT", "ENV_LOCATION", "ENV_ADDRESS",
+           "ENV_BUSY_POLL", "DEFAULT_LOCATION", "CONNECT_TIMEOUT", "COMMIT_BATCH"]
 
 EPILOG = """\
 examples:
@@ -94,429 +103,6 @@ exit codes:
   2  usage error (bad arguments, input that is not JSON)
   3  no node at the location / address, wrong key, or the node went away
 """
-
-
-class UsageError(Exception):
-    """Input the command line cannot use (exit code 2)."""
-
-
-# --------------------------------------------------------------------------- helpers
-
-def parse_address(text: Optional[str]) -> Any:
-    """``"HOST:PORT"`` -> ``(host, port)``; anything else is a Unix socket path; None stays."""
-    if not text:
-        return None
-    host, sep, port = text.rpartition(":")
-    if sep and host and port.isdigit() and "/" not in text:
-        return (host, int(port))
-    return text
-
-
-def format_address(address: Any) -> str:
-    """``(host, port)`` -> ``"host:port"``; a Unix socket path as is."""
-    if isinstance(address, (tuple, list)):
-        return f"{address[0]}:{address[1]}"
-    return str(address)
-
-
-def _jsonable(value: Any) -> Any:
-    """Bodies may hold bytes; JSON output carries them as base64 strings."""
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return base64.b64encode(bytes(value)).decode("ascii")
-    if isinstance(value, dict):
-        return {str(k) if not isinstance(k, str) else k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
-
-
-def dumps(value: Any, *, indent: Optional[int] = None) -> str:
-    return json.dumps(_jsonable(value), ensure_ascii=False, indent=indent,
-                      separators=None if indent else (",", ":"))
-
-
-def log_obj(lg: Any) -> dict:
-    """A Log as a JSON object; a bytes body is base64 and flagged with ``encoding``."""
-    out = {"id": lg.id, "body": _jsonable(lg.body)}
-    if isinstance(lg.body, (bytes, bytearray)):
-        out["encoding"] = "base64"
-    return out
-
-
-BODY_WIDTH = 200  # characters of a body shown by range/tail without --json
-
-
-def shorten(text: str, width: int = BODY_WIDTH) -> str:
-    """``text`` cut to ``width`` characters with an ellipsis and the full size."""
-    if len(text) <= width:
-        return text
-    return f"{text[:width]}… ({len(text)} chars; --json for all)"
-
-
-def log_line(lg: Any, as_json: bool) -> str:
-    """One log per line: JSON (complete), or ``ID<TAB>body`` with a long body shortened."""
-    if as_json:
-        return dumps(log_obj(lg))
-    if isinstance(lg.body, (bytes, bytearray)):
-        return f"{lg.id}\t{shorten('base64:' + base64.b64encode(bytes(lg.body)).decode('ascii'))}"
-    return f"{lg.id}\t{shorten(dumps(lg.body))}"
-
-
-def human_ms(ms: int) -> str:
-    if not ms:
-        return "-"
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000)) + f".{ms % 1000:03d}"
-
-
-def out(text: str = "") -> None:
-    sys.stdout.write(text + "\n")
-
-
-def _busy_poll_setting() -> float:
-    """Seconds of busy polling for ``spawn``/``connect`` (``busy_poll=``), from
-    ``PIPEPROC_BUSY_POLL_US`` (µs; default 50; 0 turns it off; bounded to 10,000; a value
-    that is not a number means the default). The library itself reads no environment."""
-    raw = os.environ.get(ENV_BUSY_POLL, "50")
-    try:
-        us = float(raw)
-    except ValueError:
-        us = 50.0
-    return max(0.0, min(us, 10_000.0)) / 1e6 if us == us else 0.0
-
-
-def connect(args: argparse.Namespace) -> Any:
-    """Connect to the node named by --location / --address (key read from the location)."""
-    import pipeproc
-    if args.address:
-        key = os.path.join(os.path.abspath(args.location), "node.key")
-        if not os.path.exists(key):
-            raise UsageError(
-                f"--address {args.address} needs the node's key, which is read from the node's "
-                f"directory: {key} does not exist; pass --location DIR (or set "
-                f"{ENV_LOCATION}) with the directory the node runs on (it holds node.key)")
-    return pipeproc.connect(args.location, address=parse_address(args.address),
-                            timeout=args.timeout, busy_poll=_busy_poll_setting())
-
-
-class _Stop(Exception):
-    """Raised in the main thread by the SIGTERM handler so ``finally`` blocks run."""
-
-
-def _raise_stop(*_: Any) -> None:
-    raise _Stop()
-
-
-# --------------------------------------------------------------------------- node
-
-def cmd_node(args: argparse.Namespace) -> int:
-    import pipeproc
-    level = "DEBUG" if args.verbose else "INFO"
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s")
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    pp = pipeproc.spawn(args.location, workers=args.workers, gc=bool(args.gc),
-                        address=parse_address(args.address), memory=args.memory,
-                        durability=args.durability, log_level=level,
-                        busy_poll=_busy_poll_setting())
-    try:
-        log.info("node ready: location=%s address=%s workers=%d gc=%s durability=%s%s",
-                 os.path.abspath(args.location), format_address(pp.address), args.workers,
-                 "on" if args.gc else "off", args.durability, " memory" if args.memory else "")
-        log.info("stop with Ctrl-C or SIGTERM")
-        proc = getattr(pp, "_process", None)
-        while not stop.wait(0.5):
-            if proc is not None and proc.poll() is not None:
-                log.error("the node process exited unexpectedly (code %s)", proc.returncode)
-                return RET_ERROR
-        log.info("stopping")
-    finally:
-        pp.shutdown()
-    log.info("stopped")
-    return RET_OK
-
-
-# --------------------------------------------------------------------------- commit
-
-def _parse_body(text: str, where: str) -> Any:
-    try:
-        return json.loads(text)
-    except ValueError as exc:
-        raise UsageError(f"{where} is not JSON: {exc}") from None
-
-
-def cmd_commit(args: argparse.Namespace) -> int:
-    if args.bodies:
-        bodies = [_parse_body(b, f"argument {i + 1}") for i, b in enumerate(args.bodies)]
-        batches: Iterable[List[Any]] = [bodies]
-    else:
-        if sys.stdin.isatty():
-            print("reading JSON lines from stdin (Ctrl-D to end)", file=sys.stderr)
-        batches = _stdin_batches(args.batch)
-    with connect(args) as pp:
-        total: List[str] = []
-        for bodies in batches:
-            if not bodies:
-                continue
-            ids = pp.commit([{"topic": args.topic, "body": b} for b in bodies])
-            if args.json:
-                total.extend(ids)
-            else:
-                out("\n".join(ids))
-        if args.json:
-            out(dumps({"topic": args.topic, "ids": total}))
-    return RET_OK
-
-
-def _stdin_batches(size: int) -> Iterable[List[Any]]:
-    batch: List[Any] = []
-    for n, line in enumerate(sys.stdin, 1):
-        if not line.strip():
-            continue
-        batch.append(_parse_body(line, f"stdin line {n}"))
-        if len(batch) >= size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-# --------------------------------------------------------------------------- reads
-
-def cmd_range(args: argparse.Namespace) -> int:
-    with connect(args) as pp:
-        n = 0
-        for lg in pp.iter_range(args.topic, args.start, args.end, args.limit, args.exclusive,
-                                reverse=args.rev, page_size=1000):
-            out(log_line(lg, args.json))
-            n += 1
-        if not args.json and sys.stdout.isatty() and n == 0:
-            print("(no logs)", file=sys.stderr)
-    return RET_OK
-
-
-def cmd_tail(args: argparse.Namespace) -> int:
-    with connect(args) as pp:
-        live = None
-        if args.follow:
-            # The live proc is created first ("$>": logs committed after this call), then
-            # the last N logs are read; a log in both is printed once (by sequence).
-            live = pp.live_proc(args.topic, mode="live", count=100)
-        try:
-            last_seq = -1
-            try:
-                recent = pp.revrange(args.topic, limit=args.n) if args.n > 0 else []
-            except PipeProcError as exc:
-                if not (args.follow and exc.code == "invalid_topic"):
-                    raise
-                recent = []
-            for lg in reversed(recent):
-                out(log_line(lg, args.json))
-                last_seq = int(lg.id.rsplit("-", 1)[1])
-            sys.stdout.flush()
-            if live is None:
-                return RET_OK
-            signal.signal(signal.SIGTERM, _raise_stop)
-            for logs in live:
-                batch = logs if isinstance(logs, list) else [logs]
-                for lg in batch:
-                    if int(lg.id.rsplit("-", 1)[1]) > last_seq:
-                        out(log_line(lg, args.json))
-                sys.stdout.flush()
-                live.ack()
-        except (KeyboardInterrupt, _Stop):
-            pass
-        finally:
-            if live is not None:
-                signal.signal(signal.SIGTERM, signal.SIG_IGN)
-                try:
-                    live.cancel()
-                except PipeProcError:
-                    pass
-    return RET_OK
-
-
-def cmd_length(args: argparse.Namespace) -> int:
-    with connect(args) as pp:
-        n = pp.length(args.topic)
-    out(dumps({"topic": args.topic, "length": n}) if args.json else str(n))
-    return RET_OK
-
-
-def cmd_topics(args: argparse.Namespace) -> int:
-    with connect(args) as pp:
-        names = pp.topics()
-        info = pp.stats().get("topics", {})
-    rows = [{"name": t, "length": info.get(t, {}).get("length"),
-             "stored": info.get(t, {}).get("stored")} for t in names]
-    if args.json:
-        out(dumps(rows))
-    else:
-        out(table(["TOPIC", "LENGTH", "STORED"],
-                  [[r["name"], r["length"], r["stored"]] for r in rows], right=(1, 2)))
-        if not rows:
-            out("(no topics)")
-    return RET_OK
-
-
-def short_error(err: Any, width: int = 48) -> str:
-    """A proc's ``last_error`` in one short cell: ``Type: message`` truncated, or ``-``."""
-    if not isinstance(err, dict):
-        return "-"
-    text = f"{err.get('type')}: {err.get('message')}".replace("\n", " ")
-    return text if len(text) <= width else text[:width - 1] + "…"
-
-
-def procs_table(procs: Dict[str, dict]) -> str:
-    rows = [[name, p.get("topic"), p.get("status"), p.get("pending") or "-",
-             p.get("reclaims"), p.get("lag"), short_error(p.get("last_error"))]
-            for name, p in sorted(procs.items())]
-    return table(["NAME", "TOPIC", "STATUS", "PENDING CLAIM", "RECLAIMS", "LAG", "LAST ERROR"],
-                 rows, right=(4, 5))
-
-
-def cmd_procs(args: argparse.Namespace) -> int:
-    with connect(args) as pp:
-        procs = pp.stats().get("procs", {})
-    if args.json:
-        out(dumps(procs))
-    else:
-        out(procs_table(procs))
-        if not procs:
-            out("(no procs)")
-    return RET_OK
-
-
-def _print_state(state: Any, as_json: bool) -> None:
-    d = state._asdict()
-    if as_json:
-        out(dumps(d))
-        return
-    for k, v in d.items():
-        if k == "last_error":
-            continue
-        if k.endswith("_at"):
-            v = f"{v} ({human_ms(v)})" if v else "0 (never)"
-        elif v == "":
-            v = "-"
-        out(f"{k + ':':<25} {v}")
-    err = d.get("last_error")
-    if not isinstance(err, dict):
-        out(f"{'last_error:':<25} -")
-        return
-    at = err.get("at") or 0
-    out(f"{'last_error:':<25} {err.get('type')}: {err.get('message')}")
-    out(f"{'  on logs:':<25} {err.get('range') or '-'}")
-    out(f"{'  at:':<25} {at} ({human_ms(at)})" if at else f"{'  at:':<25} -")
-    if err.get("traceback"):
-        out("  traceback:")
-        for line in str(err["traceback"]).rstrip().splitlines():
-            out(f"    {line}")
-
-
-def cmd_inspect(args: argparse.Namespace) -> int:
-    with connect(args) as pp:
-        _print_state(pp.inspect_proc(args.proc), args.json)
-    return RET_OK
-
-
-def cmd_proc_action(args: argparse.Namespace) -> int:
-    with connect(args) as pp:
-        if args.command == "reclaim":
-            restored = pp.reclaim(args.proc)
-            out(dumps({"proc": args.proc, "last_acked_range": restored}) if args.json
-                else (restored or "(never acked)"))
-            return RET_OK
-        fn: Callable[[str], Any] = {"disable": pp.disable_proc, "resume": pp.resume_proc,
-                                    "destroy": pp.destroy_proc}[args.command]
-        state = fn(args.proc)
-        if not args.json:
-            done = {"disable": "disabled", "resume": "resumed",
-                    "destroy": "destroyed (with its system proc, if any); its last state:"}
-            out(f"proc {args.proc} {done[args.command]}")
-        _print_state(state, args.json)
-    return RET_OK
-
-
-def stats_text(st: dict) -> str:
-    node = st.get("node", {})
-    lines = [
-        f"node      pid {node.get('pid')}  up {node.get('uptime', 0):.0f} s  "
-        f"durability {node.get('durability', '?')}  "
-        f"store {human_bytes(node.get('store_bytes', 0))}"
-        + ("  (memory)" if node.get("memory") else "")
-        + f"  connections {node.get('connections', '?')}",
-        f"location  {node.get('location')}",
-    ]
-    workers = st.get("workers", [])
-    lines.append("")
-    if workers:
-        lines.append(table(["WORKER PID", "EXECUTIONS", "FAILURES"],
-                           [[w.get("pid"), w.get("executions"), w.get("failures")] for w in workers],
-                           right=(1, 2)))
-    else:
-        lines.append("(no workers)")
-    topics = st.get("topics", {})
-    if topics:
-        lines.append("")
-        lines.append(table(["TOPIC", "LENGTH", "STORED"],
-                           [[t, v.get("length"), v.get("stored")] for t, v in sorted(topics.items())],
-                           right=(1, 2)))
-    procs = st.get("procs", {})
-    if procs:
-        lines.append("")
-        lines.append(procs_table(procs))
-    return "\n".join(lines)
-
-
-def cmd_stats(args: argparse.Namespace) -> int:
-    with connect(args) as pp:
-        if not args.watch:
-            st = pp.stats()
-            out(dumps(st) if args.json else stats_text(st))
-            return RET_OK
-        signal.signal(signal.SIGTERM, _raise_stop)
-        tty = sys.stdout.isatty() and not args.json
-        try:
-            while True:
-                st = pp.stats()
-                if args.json:
-                    out(dumps(st))
-                elif tty:
-                    sys.stdout.write("\x1b[H\x1b[2J" + time.strftime("%H:%M:%S  ")
-                                     + f"every {args.watch:g} s (Ctrl-C to stop)\n\n")
-                    out(stats_text(st))
-                else:
-                    out(f"--- {time.strftime('%H:%M:%S')}")
-                    out(stats_text(st))
-                sys.stdout.flush()
-                time.sleep(args.watch)
-        except (KeyboardInterrupt, _Stop):
-            return RET_OK
-
-
-def cmd_check(args: argparse.Namespace) -> int:
-    """Verify the store at --location (no node running): exit 0 "ok", 1 on damage."""
-    from ._check import check_location  # node-side: only for this command, lazily
-    try:
-        report = check_location(args.location)
-    except (NodeAlreadyActive, InvalidArgument) as exc:
-        _report(args, exc)
-        return RET_USAGE
-    if args.json:
-        out(dumps(report))
-    elif report["ok"]:
-        out(f"ok: {report['topics']} topics, {report['logs']} logs "
-            f"({report['unchecked_logs']} without checksum, written by format 2), "
-            f"{report['procs']} procs, {report['system_procs']} system procs")
-    else:
-        for line in report["listed"]:
-            out(f"damaged: {line}")
-        more = report["problems"] - len(report["listed"])
-        out(f"{report['problems']} problems found" + (f" ({more} not listed)" if more else "")
-            + f" in {args.location}")
-    return RET_OK if report["ok"] else RET_ERROR
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -693,10 +279,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"pipeproc {args.command}: error: {exc}", file=sys.stderr)
         return RET_USAGE
     except (NoActiveNode, AuthFailed, ConnectionLost) as exc:
-        _report(args, exc)
+        report_error(args, exc)
         return RET_CONNECT
     except PipeProcError as exc:
-        _report(args, exc)
+        report_error(args, exc)
         return RET_ERROR
     except KeyboardInterrupt:
         return 130
@@ -706,13 +292,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except OSError:
             pass
         return RET_OK
-
-
-def _report(args: argparse.Namespace, exc: PipeProcError) -> None:
-    if getattr(args, "json", False):
-        print(dumps({"error": exc.code, "message": exc.message}), file=sys.stderr)
-    else:
-        print(f"pipeproc {args.command}: {exc}", file=sys.stderr)
 
 
 if __name__ == "__main__":  # pragma: no cover
