@@ -11,11 +11,15 @@ first one had started, so the pass collecting it started after that point.
 
 from __future__ import annotations
 
+import functools
 import time
 
 import pytest
 
 import pipeproc
+import helpers
+
+wait_until = functools.partial(helpers.wait_until, timeout=15.0)  # this module's deadline
 
 FAST_GC = {"min_prune_time": 0.0, "interval": 0.1}
 PROBE = "gcprobe"
@@ -35,17 +39,6 @@ def now_ms() -> int:
 
 def commit_n(pp, topic: str, n: int, start: int = 0) -> list[str]:
     return pp.commit([{"topic": topic, "body": {"i": start + i}} for i in range(n)])
-
-
-def wait_until(pred, timeout: float = 15.0, interval: float = 0.02, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout}s")
-        time.sleep(interval)
 
 
 def stored_seqs(pp, topic: str) -> list[int]:

@@ -5,6 +5,7 @@ are not the processor's, and reclaim deadlines on a monotonic clock."""
 
 from __future__ import annotations
 
+import functools
 import asyncio
 import os
 import subprocess
@@ -15,21 +16,13 @@ import pytest
 
 import pipeproc
 from pipeproc import aio
+import helpers
+
+wait_until = functools.partial(helpers.wait_until, timeout=20.0)  # this module's deadline
 
 M = "procmods.sysfail_mods"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MB = 1024 * 1024
-
-
-def wait_until(pred, timeout: float = 20.0, interval: float = 0.02, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout}s")
-        time.sleep(interval)
 
 
 class Stderr:
