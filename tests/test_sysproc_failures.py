@@ -38,7 +38,7 @@ class Stderr:
 
     def wait_for(self, *parts: str, timeout: float = 20.0) -> str:
         return wait_until(lambda: all(p in self.read() for p in parts) and self.text,
-                          timeout, what=f"node stderr containing {parts}")
+                          timeout=timeout, what=f"node stderr containing {parts}")
 
 
 # ---------------------------------------------------------------- back-off and last_error
@@ -311,7 +311,7 @@ def test_claims_found_at_start_get_a_fresh_deadline(spawner, tmp_path):
     loc = tmp_path / "store"
     pp = spawner(loc, workers=0)
     pp.commit([{"topic": "t", "body": {"n": 1}}])
-    assert pp.proc("t", name="p", reclaim_timeout=1.5) is not None
+    assert pp.proc("t", name="p", reclaim_timeout=0.5) is not None
     pp.shutdown()
     pp2 = spawner(loc, workers=0)
     t0 = time.monotonic()
