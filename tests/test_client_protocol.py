@@ -177,6 +177,7 @@ def _fork_worker(pp, topic, expect_len, n):
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@pytest.mark.no_prefetch  # it forks: no node start on a thread meanwhile
 def test_fork_child_gets_its_own_connection(node):
     node.commit([{"topic": "parent", "body": {}} for _ in range(3)])
     node.commit([{"topic": "child", "body": {}} for _ in range(5)])

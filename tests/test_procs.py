@@ -618,7 +618,7 @@ def test_claimed_with_nothing_pending(any_node):
 def test_stale_holder_after_timeout_and_reissue(any_node):
     pp = any_node
     ids = commit_n(pp, "t", 3)
-    holder_a = pp.proc("t", name="p", reclaim_timeout=1.0)
+    holder_a = pp.proc("t", name="p", reclaim_timeout=0.5)
     assert holder_a.id == ids[0]
     wait_until(lambda: pp.inspect_proc("p").reclaims == 1, what="claim timed out")
     holder_b = pp.proc("t", name="p")
