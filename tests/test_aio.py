@@ -49,14 +49,8 @@ async def commit_n(pp, topic: str, n: int, start: int = 0) -> list:
     return await pp.commit([{"topic": topic, "body": {"i": start + i}} for i in range(n)])
 
 
-@pytest.fixture
-def node(tmp_path):
-    """A sync-spawned disk node; tests reach it with ``pipeproc.aio.connect``."""
-    pp = pipeproc.spawn(tmp_path / "store", workers=0)
-    try:
-        yield pp
-    finally:
-        pp.shutdown()
+# ``node`` (tests/conftest.py): a sync-spawned disk node; tests reach it with
+# ``pipeproc.aio.connect``.
 
 
 @pytest.fixture(scope="module")

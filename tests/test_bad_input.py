@@ -40,12 +40,27 @@ def expect_arg_error(codes, fn, *args, **kwargs):
     return e.value
 
 
+def _seed(pp):
+    pp.commit([{"topic": "t", "body": {"i": i}} for i in range(3)])
+    pp.commit({"topic": SENTINEL, "body": {"keep": True}})
+    return pp
+
+
+@pytest.fixture(scope="module")
+def seeded(tmp_path_factory):
+    """A node holding topic "t" (3 logs) and the sentinel topic, shared by the tests of this
+    module that change nothing (each checks that its refused calls wrote nothing)."""
+    pp = pipeproc.spawn(tmp_path_factory.mktemp("seeded") / "store", workers=0)
+    try:
+        yield _seed(pp)
+    finally:
+        pp.shutdown()
+
+
 @pytest.fixture
-def seeded(node):
-    """A node holding topic "t" (3 logs) and the sentinel topic."""
-    node.commit([{"topic": "t", "body": {"i": i}} for i in range(3)])
-    node.commit({"topic": SENTINEL, "body": {"keep": True}})
-    return node
+def own_seeded(node):
+    """The seeded state on a node of the test's own (tests that write or send garbage)."""
+    return _seed(node)
 
 
 def snapshot(pp):
@@ -248,8 +263,8 @@ def test_bad_bound_strings(seeded, bound):
         expect_arg_error("invalid_range_offset", call, "t", end=bound)
 
 
-def test_node_errors_keep_node_running(seeded):
-    pp = seeded
+def test_node_errors_keep_node_running(own_seeded):
+    pp = own_seeded
     before = snapshot(pp)
     expect_code("invalid_topic", pp.range, "unknown")
     expect_code("invalid_topic", pp.length, "unknown")
@@ -375,8 +390,8 @@ GARBAGE_FRAMES = [
 
 
 @pytest.mark.timeout(120)
-def test_garbage_frames_after_auth(seeded):
-    pp = seeded
+def test_garbage_frames_after_auth(own_seeded):
+    pp = own_seeded
     before = snapshot(pp)
     addr = _address(pp)
     for i, frame in enumerate(GARBAGE_FRAMES):
@@ -397,8 +412,8 @@ def test_garbage_frames_after_auth(seeded):
 
 
 @pytest.mark.timeout(60)
-def test_many_garbage_frames_on_one_connection(seeded):
-    pp = seeded
+def test_many_garbage_frames_on_one_connection(own_seeded):
+    pp = own_seeded
     before = snapshot(pp)
     conn = Client(_address(pp), authkey=pp.authkey)
     try:
@@ -413,9 +428,9 @@ def test_many_garbage_frames_on_one_connection(seeded):
 
 
 @pytest.mark.timeout(60)
-def test_lying_length_headers(seeded):
+def test_lying_length_headers(own_seeded):
     """Frame headers announcing huge payloads that never come, then a hang-up."""
-    pp = seeded
+    pp = own_seeded
     before = snapshot(pp)
     addr = _address(pp)
     for header in (struct.pack("!i", 2**31 - 1), struct.pack("!i", -1) + struct.pack("!Q", 2**62),
@@ -431,8 +446,8 @@ def test_lying_length_headers(seeded):
 
 
 @pytest.mark.timeout(60)
-def test_garbage_before_auth(seeded):
-    pp = seeded
+def test_garbage_before_auth(own_seeded):
+    pp = own_seeded
     before = snapshot(pp)
     addr = _address(pp)
     for payload in (b"", b"\x00", os.urandom(100), b"\x00\x00\x00\x05hello",
@@ -448,9 +463,9 @@ def test_garbage_before_auth(seeded):
 
 
 @pytest.mark.timeout(60)
-def test_silent_connection_does_not_block_others(seeded):
+def test_silent_connection_does_not_block_others(own_seeded):
     """A peer that connects and never completes the handshake must not stop other clients."""
-    pp = seeded
+    pp = own_seeded
     before = snapshot(pp)
     silent = [_raw_socket(_address(pp)) for _ in range(3)]
     try:
@@ -473,9 +488,9 @@ class _Evil:
 
 
 @pytest.mark.timeout(60)
-def test_pickles_are_never_loaded(seeded, tmp_path):
+def test_pickles_are_never_loaded(own_seeded, tmp_path):
     """Messages are msgpack, never pickles: a pickled payload must not be executed."""
-    pp = seeded
+    pp = own_seeded
     before = snapshot(pp)
     markers = [tmp_path / f"pwned{i}" for i in range(3)]
     payloads = [pickle.dumps(_Evil(str(markers[0]))),
@@ -506,14 +521,14 @@ def test_pickles_are_never_loaded(seeded, tmp_path):
         assert not m.exists(), f"the node unpickled a payload ({m.name})"
 
 
-def test_wrong_authkey_raw_client(seeded):
+def test_wrong_authkey_raw_client(own_seeded):
     from multiprocessing import AuthenticationError
 
-    before = snapshot(seeded)
+    before = snapshot(own_seeded)
     with pytest.raises((AuthenticationError, EOFError, OSError)):
-        conn = Client(_address(seeded), authkey=b"wrong-key")
+        conn = Client(_address(own_seeded), authkey=b"wrong-key")
         conn.close()
-    assert_healthy(seeded, before)
+    assert_healthy(own_seeded, before)
 
 
 # ---------------------------------------------------------------------------------------------

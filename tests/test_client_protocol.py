@@ -3,6 +3,7 @@ timeouts against a stopped node, a forgotten live ack and a node that goes away.
 
 from __future__ import annotations
 
+import functools
 import asyncio
 import os
 import pickle
@@ -19,7 +20,10 @@ import pipeproc.aio
 from pipeproc import Log
 from pipeproc.errors import ConnectionLost, InvalidAck, PipeProcError, StaleClaim, Timeout
 
+import helpers
 from helpers import pid_alive
+
+wait_until = functools.partial(helpers.wait_until, timeout=20.0)  # this module's deadline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,16 +36,6 @@ def _env():
     return env
 
 
-def _until(cond, timeout=20.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
-
-
 # --------------------------------------------------------------------------- claim identity
 
 @pytest.mark.parametrize("count", [1, 2])
@@ -49,7 +43,7 @@ def test_claimed_identifies_the_claim_not_only_its_logs(node, count):
     node.commit([{"topic": "t", "body": {"i": i}} for i in range(2)])
     first = node.proc("t", name="p", count=count, reclaim_timeout=0.1)
     assert first is not None
-    _until(lambda: node.inspect_proc("p").reclaims == 1, what="the reclaim by timeout")
+    wait_until(lambda: node.inspect_proc("p").reclaims == 1, what="the reclaim by timeout")
     second = node.proc("t", name="p", count=count, reclaim_timeout=0.1)
     assert second == first  # the same logs, claimed again: another claim
     for call in (lambda c: node.ack("p", claimed=c),
@@ -87,7 +81,7 @@ def test_available_proc_and_live_pass_the_identity(node):
     node.commit([{"topic": "t", "body": {"i": i}} for i in range(2)])
     spec = {"topic": "t", "name": "w", "count": 2, "reclaim_timeout": 0.1}
     name, first = node.available_proc([spec])
-    _until(lambda: node.inspect_proc("w").reclaims == 1, what="the reclaim by timeout")
+    wait_until(lambda: node.inspect_proc("w").reclaims == 1, what="the reclaim by timeout")
     name, second = node.available_proc([spec])
     assert second == first
     with pytest.raises(StaleClaim):
@@ -144,7 +138,7 @@ def test_hidden_live_proc_of_a_killed_node_is_dropped(tmp_path, spawner):
     live = pp.live_proc("t", mode="all")
     pid = pp.stats()["node"]["pid"]
     os.kill(pid, signal.SIGKILL)
-    _until(lambda: not pid_alive(pid), what="the node's death")
+    wait_until(lambda: not pid_alive(pid), what="the node's death")
     try:
         pp.shutdown(timeout=5)
     except PipeProcError:
@@ -183,6 +177,7 @@ def _fork_worker(pp, topic, expect_len, n):
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@pytest.mark.no_prefetch  # it forks: no node start on a thread meanwhile
 def test_fork_child_gets_its_own_connection(node):
     node.commit([{"topic": "parent", "body": {}} for _ in range(3)])
     node.commit([{"topic": "child", "body": {}} for _ in range(5)])
@@ -256,10 +251,10 @@ def test_shutdown_of_a_stopped_node_honours_its_timeout(tmp_path):
         os.kill(pid, signal.SIGSTOP)
         t0 = time.monotonic()
         with pytest.raises(pipeproc.NoActiveNode):
-            pipeproc.connect(tmp_path / "s", timeout=1)
+            pipeproc.connect(tmp_path / "s", timeout=0.3)
         assert time.monotonic() - t0 < 5
         t0 = time.monotonic()
-        pp.shutdown(timeout=2)
+        pp.shutdown(timeout=0.5)
         took = time.monotonic() - t0
         assert took < 8, took
         assert not pid_alive(pid)
@@ -280,7 +275,7 @@ def test_wait_for_procs_timeout_against_a_stopped_node(node):
     try:
         t0 = time.monotonic()
         with pytest.raises(Timeout):
-            node.wait_for_procs(["busy"], timeout=1)
+            node.wait_for_procs(["busy"], timeout=0.3)
         assert time.monotonic() - t0 < 6
     finally:
         os.kill(pid, signal.SIGCONT)
@@ -298,14 +293,14 @@ def test_aio_timeouts_against_a_stopped_node(tmp_path):
             os.kill(pid, signal.SIGSTOP)
             t0 = time.monotonic()
             with pytest.raises(pipeproc.NoActiveNode):
-                await pipeproc.aio.connect(tmp_path / "s", timeout=1)
+                await pipeproc.aio.connect(tmp_path / "s", timeout=0.3)
             assert time.monotonic() - t0 < 5
             t0 = time.monotonic()
             with pytest.raises(Timeout):
-                await pp.wait_for_procs(["busy"], timeout=1)
+                await pp.wait_for_procs(["busy"], timeout=0.3)
             assert time.monotonic() - t0 < 6
             t0 = time.monotonic()
-            await pp.shutdown(timeout=2)
+            await pp.shutdown(timeout=0.5)
             assert time.monotonic() - t0 < 8
             assert not pid_alive(pid)
         finally:
@@ -416,8 +411,8 @@ def test_node_sigterm_is_connection_lost_for_everyone_attached(tmp_path, spawner
             t.start()
         # our live proc acked its log (its next wait is on an open connection), the CLI's
         # live proc exists (it follows on open connections), then SIGTERM
-        _until(lambda: pp.inspect_proc(live.name).last_acked_range, what="the live ack")
-        _until(lambda: sum(n.startswith("liveproc-") for n in pp.stats()["procs"]) == 2,
+        wait_until(lambda: pp.inspect_proc(live.name).last_acked_range, what="the live ack")
+        wait_until(lambda: sum(n.startswith("liveproc-") for n in pp.stats()["procs"]) == 2,
                what="the CLI's live proc")
         os.kill(pid, signal.SIGTERM)
         rc = tail.wait(30)

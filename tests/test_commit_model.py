@@ -182,7 +182,7 @@ class CommitMachine(RuleBasedStateMachine):
         newest = self.pp.revrange(topic, limit=1)
         assert newest == logs[-1:]
 
-    @precondition(lambda self: self.steps_since_restart >= 6)
+    @precondition(lambda self: self.steps_since_restart >= 12)
     @rule()
     def restart(self):
         event("restart")

@@ -251,13 +251,11 @@ def test_unknown_topic_is_invalid_topic(any_node, call):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def stepped(any_node):
+def _make_stepped(pp):
     """Topic "t": three batches of 3 logs at three distinct, strictly increasing ms.
 
     Returns (pp, ids, ms) where ids[seq] is the id of seq and ms = [ms0, ms1, ms2].
     """
-    pp = any_node
     ids: list[str] = []
     ms: list[int] = []
     for b in range(3):
@@ -274,6 +272,24 @@ def stepped(any_node):
     # a log on another topic in the same ms must not show up in "t"'s ranges
     pp.commit({"topic": "other", "body": {}})
     return pp, ids, ms
+
+
+@pytest.fixture(scope="module", params=["disk", "memory"])
+def stepped(request, tmp_path_factory):
+    """The stepped topic (see :func:`_make_stepped`) on one disk and one memory node per module,
+    shared by the tests that only read it (a test that writes uses ``fresh_stepped``)."""
+    pp = pipeproc.spawn(tmp_path_factory.mktemp("stepped") / "store", workers=0,
+                        memory=request.param == "memory")
+    try:
+        yield _make_stepped(pp)
+    finally:
+        pp.shutdown()
+
+
+@pytest.fixture
+def fresh_stepped(any_node):
+    """The stepped topic on a node of the test's own."""
+    return _make_stepped(any_node)
 
 
 def test_range_whole_topic(stepped):
@@ -391,8 +407,8 @@ def test_limit_from_starting_side(stepped):
     assert _seqs(pp.revrange("t", start=str(ms[1]), limit=2)) == [5, 4]
 
 
-def test_revrange_limit_1_is_newest(stepped):
-    pp, ids, _ = stepped
+def test_revrange_limit_1_is_newest(fresh_stepped):
+    pp, ids, _ = fresh_stepped
     (newest,) = pp.revrange("t", limit=1)
     assert newest.id == ids[-1]
     assert newest.body == {"b": 2, "k": 2}

@@ -23,6 +23,7 @@ import pytest
 
 import pipeproc
 from helpers import pid_alive  # noqa: E402
+from helpers import wait_until  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,15 +41,6 @@ WRITER = textwrap.dedent("""
 """)
 
 
-
-
-def wait_until(cond, timeout: float, what: str):
-    """Wait (bounded) for an external process to reach a state."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.005)
 
 
 def read_progress(path) -> list[int]:

@@ -3,6 +3,7 @@ edges, client-side errors, connect at a location without a node, a killed applic
 
 from __future__ import annotations
 
+import functools
 import asyncio
 import fcntl
 import json
@@ -18,8 +19,12 @@ import pytest
 
 import pipeproc
 import pipeproc.aio as aio
-from helpers import pid_alive
 from pipeproc import _demo, cli
+
+import helpers
+from helpers import pid_alive
+
+wait_until = functools.partial(helpers.wait_until, timeout=20.0)  # this module's deadline
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -48,17 +53,6 @@ def loc(tmp_path):
         yield str(location), pp
     finally:
         pp.shutdown()
-
-
-def wait_until(pred, timeout: float = 20.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout}s")
-        time.sleep(0.02)
 
 
 # --------------------------------------------------------------------------- setup and demo
@@ -280,8 +274,8 @@ def _kill_app_during_processor(tmp_path, seconds: float) -> tuple:
         p.wait()
         p.stdout.close()
     t0 = time.monotonic()
-    wait_until(lambda: not pid_alive(node_pid) and not pid_alive(worker_pid), 40,
-               "node and worker gone")
+    wait_until(lambda: not pid_alive(node_pid) and not pid_alive(worker_pid), timeout=40,
+               what="node and worker gone")
     return time.monotonic() - t0, location
 
 

@@ -11,13 +11,17 @@ first one had started, so the pass collecting it started after that point.
 
 from __future__ import annotations
 
+import functools
 import time
 
 import pytest
 
 import pipeproc
+import helpers
 
-FAST_GC = {"min_prune_time": 0.0, "interval": 0.1}
+wait_until = functools.partial(helpers.wait_until, timeout=15.0)  # this module's deadline
+
+FAST_GC = {"min_prune_time": 0.0, "interval": 0.02}  # a pass every 20 ms: short waits
 PROBE = "gcprobe"
 
 
@@ -35,17 +39,6 @@ def now_ms() -> int:
 
 def commit_n(pp, topic: str, n: int, start: int = 0) -> list[str]:
     return pp.commit([{"topic": topic, "body": {"i": start + i}} for i in range(n)])
-
-
-def wait_until(pred, timeout: float = 15.0, interval: float = 0.02, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout}s")
-        time.sleep(interval)
 
 
 def stored_seqs(pp, topic: str) -> list[int]:
@@ -134,7 +127,7 @@ def test_gc_prunes_topics_without_procs(spawner, memory):
 
 
 def test_gc_respects_min_prune_time(spawner):
-    prune = 1.5
+    prune = 1.2  # > the 0.7 s between the old and the young logs, with a margin
     pp = spawner(gc={"min_prune_time": prune, "interval": 0.1})
     old = commit_n(pp, "t", 3)
     wait_until(lambda: now_ms() > ms(old[0]) + 700, what="old logs aged")
@@ -153,13 +146,13 @@ def test_gc_respects_min_prune_time(spawner):
 
 def test_gc_keeps_working_after_ticks_with_no_topic(spawner):
     pp = spawner(gc=FAST_GC)
-    time.sleep(0.6)  # several GC ticks find no topic at all (PipeProc's GC stopped here)
+    time.sleep(6 * FAST_GC["interval"])  # several GC ticks find no topic at all (PipeProc's GC stopped here)
     commit_n(pp, "t", 3)
     wait_until(lambda: pp.range("t") == [], what="collected after empty ticks")
     commit_n(pp, "u", 2)
     wait_until(lambda: pp.range("u") == [], what="still collecting later")
     # and when every topic got emptied, it still goes on
-    time.sleep(0.3)
+    time.sleep(3 * FAST_GC["interval"])
     commit_n(pp, "t", 1, start=3)
     wait_until(lambda: pp.range("t") == [], what="collecting after topics were emptied")
     assert pp.length("t") == 4
@@ -335,7 +328,7 @@ def test_gc_after_destroy_proc_topic_is_proc_less(spawner):
 
 
 def test_gc_with_procs_still_waits_for_min_prune_time(spawner):
-    prune = 1.5
+    prune = 1.2
     pp = spawner(gc={"min_prune_time": prune, "interval": 0.1})
     register(pp, "t", "p")
     ids = commit_n(pp, "t", 10)

@@ -17,6 +17,7 @@ import pipeproc
 from pipeproc import _node, _store
 from pipeproc._records import record
 from pipeproc._store import FORMAT_VERSION, Store
+from helpers import wait_until
 
 MARK = b"INTEGRITY-MARK-"
 
@@ -78,14 +79,6 @@ def test_a_flipped_byte_in_a_body_is_store_corrupted_on_every_read_path(spawner,
     assert pp.stats()["node"]["damaged_reads"] >= 4
 
 
-def _wait(cond, timeout=60.0):
-    import time
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.02)
-
-
 def test_a_damaged_record_never_reaches_a_worker(spawner, tmp_path):
     """The system proc stops (disabled, logged) at the damaged record; the others go on."""
     loc = _location(tmp_path)
@@ -96,10 +89,10 @@ def test_a_damaged_record_never_reaches_a_worker(spawner, tmp_path):
     pp = spawner(loc, workers=1)
     pp.system_proc(name="inc", from_="t", processor="procmods.sysmods:inc", to="out")
     pp.system_proc(name="inc2", from_="u", processor="procmods.sysmods:inc", to="out2")
-    _wait(lambda: pp.stats()["procs"]["inc"]["status"] == "disabled")
+    wait_until(lambda: pp.stats()["procs"]["inc"]["status"] == "disabled", 60.0)
     assert sorted(log.body["n"] for log in pp.range("out")) == [1, 2]
     pp.commit({"topic": "u", "body": {"n": 10}})
-    _wait(lambda: "out2" in pp.topics() and pp.length("out2") == 1)
+    wait_until(lambda: "out2" in pp.topics() and pp.length("out2") == 1, 60.0)
     assert pp.range("out2")[0].body == {"n": 11}
 
 
@@ -161,7 +154,7 @@ def test_a_damaged_stamp_does_not_stop_the_gc_of_other_topics(spawner, tmp_path)
     _flip(_data(loc), record(ms, 20, b"")[:19], 5)  # the GC's bisection reads the stamps
     pp = spawner(loc, gc={"min_prune_time": 0, "interval": 0.05})
     _fill(pp, 10, topic="b")
-    _wait(lambda: pp.stats()["topics"]["b"]["stored"] == 0)
+    wait_until(lambda: pp.stats()["topics"]["b"]["stored"] == 0, 60.0)
 
 
 def test_range_of_a_flipped_header_byte_is_store_corrupted(spawner, tmp_path):

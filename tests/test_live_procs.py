@@ -16,23 +16,13 @@ import pytest
 
 import pipeproc
 from pipeproc import Log
+from helpers import wait_until
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def wait_until(pred, timeout: float = 10.0, interval: float = 0.02, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout}s")
-        time.sleep(interval)
 
 
 class Reader:
@@ -341,7 +331,7 @@ def test_killed_client_leaves_no_hidden_proc(node, tmp_path):
     ids = commit_ns(node, "t", [1])
     env = dict(os.environ)
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    p = subprocess.Popen([sys.executable, "-c", CLIENT.format(loc=str(tmp_path / "store"))],
+    p = subprocess.Popen([sys.executable, "-c", CLIENT.format(loc=node.location)],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         name = p.stdout.readline().strip()
@@ -367,7 +357,7 @@ def test_killed_client_leaves_no_hidden_proc(node, tmp_path):
 
 
 def test_client_close_destroys_its_live_procs(node, tmp_path):
-    other = pipeproc.connect(tmp_path / "store")
+    other = pipeproc.connect(node.location)
     live = other.live_proc("t", mode="all")
     assert live.name in node.stats()["procs"]
     other.close()

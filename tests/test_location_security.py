@@ -31,21 +31,11 @@ import pytest
 import pipeproc
 import pipeproc.aio
 from pipeproc.errors import InvalidArgument, NodeAlreadyActive
+from helpers import wait_until
 
 OTHER_UID = 65534  # nobody
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
-
-
-def wait_for(cond, timeout, what, interval=0.01):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
 
 
 def private_dir(path):
@@ -367,7 +357,7 @@ def test_a_peer_stalling_in_a_big_frame_costs_what_it_sent_and_is_dropped(tmp_pa
             os.write(c.fileno(), struct.pack("!i", 60 << 20) + b"x" * 1024)
             peers.append(c)
         for i, c in enumerate(peers):
-            wait_for(lambda: _unsent(c) == 0, 30, f"the node to read what peer {i} sent")
+            wait_until(lambda: _unsent(c) == 0, 30, f"the node to read what peer {i} sent")
         _ping(healthy, 2)
         grown = _rss_anon_kib(pid) - before
         assert grown < 32 * 1024, f"the node grew by {grown} KiB for 4 KiB of stalled frames"
@@ -382,7 +372,7 @@ def test_a_peer_stalling_in_a_big_frame_costs_what_it_sent_and_is_dropped(tmp_pa
             return False
 
         for i, c in enumerate(peers):
-            wait_for(lambda: dropped(c), 30, f"stalled peer {i} to be dropped")
+            wait_until(lambda: dropped(c), 30, f"stalled peer {i} to be dropped")
         _ping(healthy, 3)  # an idle connection (no partial frame) is never dropped
         pp.commit({"topic": "t", "body": {"ok": 1}})
         assert pp.length("t") == 1

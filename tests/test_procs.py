@@ -28,6 +28,7 @@ import pytest
 
 import pipeproc
 from pipeproc import Log
+from helpers import wait_until
 
 # ---------------------------------------------------------------- helpers
 
@@ -49,18 +50,6 @@ def commit_n(pp, topic: str, n: int, start: int = 0) -> list[str]:
     if n == 0:
         return []
     return pp.commit([{"topic": topic, "body": {"i": start + i}} for i in range(n)])
-
-
-def wait_until(pred, timeout: float = 10.0, interval: float = 0.02, what: str = "condition"):
-    """Poll ``pred`` until it returns something truthy, failing after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout}s")
-        time.sleep(interval)
 
 
 def code_of(fn, *args, **kw) -> str | None:
@@ -629,7 +618,7 @@ def test_claimed_with_nothing_pending(any_node):
 def test_stale_holder_after_timeout_and_reissue(any_node):
     pp = any_node
     ids = commit_n(pp, "t", 3)
-    holder_a = pp.proc("t", name="p", reclaim_timeout=1.0)
+    holder_a = pp.proc("t", name="p", reclaim_timeout=0.5)
     assert holder_a.id == ids[0]
     wait_until(lambda: pp.inspect_proc("p").reclaims == 1, what="claim timed out")
     holder_b = pp.proc("t", name="p")

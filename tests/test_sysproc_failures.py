@@ -5,6 +5,7 @@ are not the processor's, and reclaim deadlines on a monotonic clock."""
 
 from __future__ import annotations
 
+import functools
 import asyncio
 import os
 import subprocess
@@ -15,21 +16,13 @@ import pytest
 
 import pipeproc
 from pipeproc import aio
+import helpers
+
+wait_until = functools.partial(helpers.wait_until, timeout=20.0)  # this module's deadline
 
 M = "procmods.sysfail_mods"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MB = 1024 * 1024
-
-
-def wait_until(pred, timeout: float = 20.0, interval: float = 0.02, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout}s")
-        time.sleep(interval)
 
 
 class Stderr:
@@ -45,7 +38,7 @@ class Stderr:
 
     def wait_for(self, *parts: str, timeout: float = 20.0) -> str:
         return wait_until(lambda: all(p in self.read() for p in parts) and self.text,
-                          timeout, what=f"node stderr containing {parts}")
+                          timeout=timeout, what=f"node stderr containing {parts}")
 
 
 # ---------------------------------------------------------------- back-off and last_error
@@ -217,6 +210,7 @@ def test_processor_always_slower_than_its_time_limit_ends_disabled(spawner, tmp_
     t0 = time.monotonic()
     wait_until(lambda: pp.inspect_proc("slow").status == "disabled", timeout=20,
                what="slow proc disabled")
+    disabled_at = time.monotonic()  # every attempt started before this
     assert time.monotonic() - t0 < 2.9  # it did not wait for the slow processor to finish
     st = pp.inspect_proc("slow")
     assert st.reclaims == 2
@@ -230,7 +224,7 @@ def test_processor_always_slower_than_its_time_limit_ends_disabled(spawner, tmp_
     text = err.wait_for("TimeLimitExceeded", "DISABLED")
     assert f"'slow' failed on logs {lid}..{lid}" in text and "recycled" in text
     # a killed attempt never finishes later (past its 3 s sleep: no mark, nothing committed)
-    time.sleep(3.5)
+    time.sleep(max(0.0, disabled_at + 3.5 - time.monotonic()))
     assert not mark.exists() and "out" not in pp.topics()
     # the worker still serves other procs
     pp.system_proc(name="fine", from_="ok", processor=f"{M}:echo", to="ok_out")
@@ -318,7 +312,7 @@ def test_claims_found_at_start_get_a_fresh_deadline(spawner, tmp_path):
     loc = tmp_path / "store"
     pp = spawner(loc, workers=0)
     pp.commit([{"topic": "t", "body": {"n": 1}}])
-    assert pp.proc("t", name="p", reclaim_timeout=1.5) is not None
+    assert pp.proc("t", name="p", reclaim_timeout=0.5) is not None
     pp.shutdown()
     pp2 = spawner(loc, workers=0)
     t0 = time.monotonic()

@@ -3,6 +3,7 @@ update the definition from the next claim on; another ``from_`` is ``proc_name_n
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -12,21 +13,13 @@ import time
 import pytest
 
 import pipeproc
+import helpers
+
+wait_until = functools.partial(helpers.wait_until, timeout=15.0)  # this module's deadline
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 M = "procmods.sysmods"
-
-
-def wait_until(pred, timeout: float = 15.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout}s")
-        time.sleep(0.02)
 
 
 def length(pp, topic: str) -> int:

@@ -18,6 +18,7 @@ import pytest
 import pipeproc
 from helpers import pid_alive
 from procmods import sysmods
+from helpers import wait_until
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -25,18 +26,6 @@ M = "procmods.sysmods"
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def wait_until(pred, timeout: float = 10.0, interval: float = 0.02, what: str = "condition"):
-    """Poll ``pred`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout}s")
-        time.sleep(interval)
 
 
 def length(pp, topic: str) -> int:

@@ -2,15 +2,16 @@
 
 Tests import this module as ``stress_util`` (tests/stress is put on
 ``sys.path``); ``conftest.py`` imports the same module object to print the
-summary at the end of ``make stress``.
+summary at the end of ``make stress``. ``wait_until`` is tests/helpers.py's.
 """
 
 from __future__ import annotations
 
 import collections
 import threading
-import time
-from typing import Any, Callable, Dict, List
+from typing import Dict, List
+
+from helpers import wait_until  # noqa: F401 - the one wait_until, re-exported for stress tests
 
 STATS: "collections.Counter[str]" = collections.Counter()
 PEAK_KIB: Dict[str, int] = {}
@@ -49,16 +50,3 @@ def record_rss(pid: int, label: str = "node") -> int:
         if kib > PEAK_KIB.get(label, 0):
             PEAK_KIB[label] = kib
     return kib
-
-
-def wait_until(cond: Callable[[], Any], timeout: float, what: str,
-               interval: float = 0.005) -> Any:
-    """Wait (bounded) for a condition on other processes; returns its truthy value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)

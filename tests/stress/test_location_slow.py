@@ -75,7 +75,7 @@ def test_thirty_peers_stalling_in_60_mib_frames(tmp_path, monkeypatch):
         assert grown < 64 * 1024, f"the node grew by {grown} KiB for {PEERS} stalled peers"
         t0 = time.monotonic()
         for i, c in enumerate(peers):
-            wait_until(lambda: _dropped(c), 60, f"stalled peer {i} to be dropped", 0.02)
+            wait_until(lambda: _dropped(c), 60, f"stalled peer {i} to be dropped", interval=0.02)
         count("stalled peers dropped", PEERS)
         assert time.monotonic() - t0 < 30
         n = len(done)
