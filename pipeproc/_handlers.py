@@ -237,6 +237,8 @@ class Handlers:
         self.node_info = node_info
         self.workers_info = workers_info
         self.shutdown = shutdown
+        #: the workflow runs' figures for ``stats()["flow"]`` (set by the node)
+        self.flow_stats: Optional[Callable[[], Dict[str, Any]]] = None
         self.rr = 0  # round robin position of available_proc's claims
 
     # ------------------------------------------------------------------ reads
@@ -344,8 +346,11 @@ class Handlers:
             "damaged_reads": store.damaged_reads,
         })
         workers = self.workers_info()
-        conn.reply(rid, {"node": node, "workers": workers, "topics": topics, "procs": procs,
-                         "system_procs": {n: dict(d) for n, d in store.sysprocs.items()}})
+        reply = {"node": node, "workers": workers, "topics": topics, "procs": procs,
+                 "system_procs": {n: dict(d) for n, d in store.sysprocs.items()}}
+        if self.flow_stats is not None:
+            reply["flow"] = self.flow_stats()
+        conn.reply(rid, reply)
 
     # ------------------------------------------------------------------ writes
 

@@ -51,6 +51,7 @@ from . import _gc, _platform, _procs
 from ._conn import IOLoop  # noqa: F401 (the I/O loop the node builds)
 from ._conn import Conn, drop_stalled
 from ._gc import GC_DELETES_PER_ROUND, GC_SECONDS_PER_ROUND
+from ._flows import Flows
 from ._handlers import Handlers, _is_live, op_table
 from ._platform import STORE_MARKER
 from ._protocol import MAX_FRAME
@@ -128,7 +129,11 @@ class Node:
         self.handlers = Handlers(store, self.writer, self.waits, self.deadlines, self.timers,
                                  self.stopping, self.max_frame, self._node_info,
                                  self._workers_info, self.shutdown)
+        self.flows = Flows(store, self.writer, self.timers, self.waits, self.stopping)
+        self.sys.flows = self.flows
         self.ops = op_table(self.handlers, self.sys)
+        self.ops.update(self.flows.ops())
+        self.handlers.flow_stats = self.flows.stats
         self.io = IOLoop(self)
         self._gc_pass: Any = None
         gc = cfg.get("gc")
@@ -162,6 +167,7 @@ class Node:
         if held:
             self.writer.submit(lambda tx: self.sys.reclaim_dead(tx, held, None),
                                lambda ok, v: None)
+        self.flows.start()
         if self.cfg.get("gc"):
             self.timers.after(self.gc_interval, self.gc_tick)
         self.timers.after(self._stall_check(), self._drop_stalled)
@@ -203,6 +209,8 @@ class Node:
         with self.conns_lock:
             self.conns.pop(conn.id, None)
         self.waits.drop_conn(conn.id)
+        if conn.worker is not None and not self.writer.stopped:
+            self.flows.conn_lost(conn)
         with conn.lock:
             claims = dict(conn.claims)
             conn.claims.clear()
@@ -255,6 +263,7 @@ class Node:
 
     def after_commit(self, tx: Any) -> None:
         self.sysdefs.committed(tx)
+        self.flows.after_commit(tx)
         for note in notes(tx):
             if note[0] == "failed":
                 self.deadlines.failed(*note[1:])
@@ -289,7 +298,8 @@ class Node:
     def _gc(self, tx: Any) -> bool:
         """One bounded step of a GC pass (a writer job); ``True`` when the pass has more."""
         if self._gc_pass is None:
-            self._gc_pass = _gc.new_pass(self.store.topics)
+            self._gc_pass = _gc.new_pass(t for t in self.store.topics
+                                         if not self.flows.is_journal(t))
         return _gc.step(tx, self._gc_pass, _gc.procs_by_topic(self.store.procs, tx.procs),
                         tx.now - int(self.gc_min_prune * 1000), GC_DELETES_PER_ROUND,
                         time.monotonic() + GC_SECONDS_PER_ROUND, time.monotonic)

@@ -242,10 +242,12 @@ class Store:
         self.db_logs = self.env.open_db(b"logs")
         self.db_procs = self.env.open_db(b"procs")
         self.db_sysprocs = self.env.open_db(b"sysprocs")
+        self.db_runs = self.env.open_db(b"runs")
         self.db_meta = self.env.open_db(b"meta")
         self.topics: Dict[str, TopicMeta] = {}
         self.procs: Dict[str, dict] = {}
         self.sysprocs: Dict[str, dict] = {}
+        self.runs: Dict[str, dict] = {}  # workflow runs by id (pipeproc.flow; _flows)
         self.last_ms = 0
         self.next_tid = 1
         try:
@@ -328,6 +330,9 @@ class Store:
             for key, value in txn.cursor(db=self.db_sysprocs):
                 name, rec = unpack_named("system proc", key, value, sealed)
                 self.sysprocs[name] = rec
+            for key, value in txn.cursor(db=self.db_runs):
+                name, rec = unpack_named("run", key, value, sealed)
+                self.runs[name] = rec
             if not sealed:  # format 2: seal the topic, proc and system proc records
                 for name, meta in self.topics.items():
                     txn.put(name.encode(), meta.pack(), db=self.db_topics)

@@ -53,6 +53,7 @@ class SysHandlers:
         self.sysdefs = sysdefs
         self.stopping = stopping
         self.supervisor: Any = None  # the workers' supervisor, set by the node
+        self.flows: Any = None  # the workflow runs (``_flows.Flows``), set by the node
         self.rr = 0  # round robin position of the workers' claims
         self._store_fails = 0  # store failures in a row of claims for workers
 
@@ -141,6 +142,9 @@ class SysHandlers:
         """A worker reports the outcome of its last claim and asks for the next one."""
         if conn.worker is None:
             raise Malformed("work from a connection that is not a worker")
+        flow_end = None
+        if type(done) is dict:  # the end of a workflow run's attempt (``_flows``)
+            flow_end, done = done, None
         if done is not None:
             if type(done) is not list or len(done) != 4 or done[2] not in ("ack", "commit", "reclaim"):
                 raise Malformed("bad work outcome")
@@ -155,16 +159,23 @@ class SysHandlers:
                 items = None
             if self.supervisor is not None:
                 self.supervisor.count(conn.worker["slot"], kind == "reclaim")
-        st = {"done": None if done is None else (name, key, kind, items)}
+        st = {"done": None if done is None else (name, key, kind, items), "flow": flow_end}
         slot = conn.worker["slot"]
 
         def attempt(tx: Any) -> Any:
             d = st["done"]
             if d is not None:
                 self._apply_outcome(tx, *d)
+            if st["flow"] is not None:
+                end, st["flow"] = st["flow"], None
+                try:
+                    self.flows.apply(tx, conn, end)
+                except PipeProcError as exc:
+                    log.error("the end of an attempt of run %r was refused: %s",
+                              end.get("run"), exc)
             if self.stopping.is_set() or not more:
                 return ("exit", None, ok_reply(rid, "exit"))
-            return self._claim_any(tx, rid)
+            return self._claim_any(tx, rid, conn)
 
         def finish(ok: bool, value: Any) -> None:
             d = st["done"]
@@ -193,6 +204,11 @@ class SysHandlers:
                 self.waits.park(conn, rid, "sys", attempt, finish)
                 return
             name, key, data = value
+            if name is None:  # a workflow run
+                conn.send(data)
+                if conn.closed:
+                    self.flows.claimed_for_closed(conn)
+                return
             if key is not None:
                 with conn.lock:
                     orphan = conn.closed
@@ -268,8 +284,13 @@ class SysHandlers:
             self.deadlines.arm_timeout(name)
         self.timers.after(delay, retry)
 
-    def _claim_any(self, tx: Any, rid: int) -> Any:
-        """Claim for a worker from the system procs with work, round robin."""
+    def _claim_any(self, tx: Any, rid: int, conn: Optional[Conn] = None) -> Any:
+        """Claim for a worker: a ready workflow run, else from the system procs with work,
+        round robin."""
+        if self.flows is not None and self.flows.ready and conn is not None:
+            data = self.flows.claim(tx, rid, conn)
+            if data is not None:
+                return (None, None, data)
         defs = self.sysdefs.names()
         names = self.sysdefs.sorted()
         n = len(names)

@@ -42,10 +42,12 @@ class StoreState(Protocol):
     db_logs: Any
     db_procs: Any
     db_sysprocs: Any
+    db_runs: Any
     db_meta: Any
     topics: Dict[str, TopicMeta]
     procs: Dict[str, dict]
     sysprocs: Dict[str, dict]
+    runs: Dict[str, dict]
     unchecked: Dict[int, int]
     next_tid: int
     last_ms: int
@@ -169,6 +171,11 @@ class WriteTx(_View):
         self.topics: Dict[str, TopicMeta] = {}
         self.procs: Dict[str, Optional[dict]] = {}
         self.sysprocs: Dict[str, Optional[dict]] = {}
+        self.runs: Dict[str, Optional[dict]] = {}
+        #: topics dropped whole (a deleted workflow run's journal)
+        self.dropped: set = set()
+        #: what the workflow runs of this write left to do after the commit (``_flows``)
+        self.flow_after: List[Any] = []
         self.next_tid = store.next_tid
         self.stamped = False
         #: topics whose record must be written (created, or ``first`` moved)
@@ -256,6 +263,28 @@ class WriteTx(_View):
     def put_sysproc(self, name: str, rec: Optional[dict]) -> None:
         self.sysprocs[name] = rec
 
+    # -- workflow runs (pipeproc.flow)
+
+    def run(self, rid: str) -> Optional[dict]:
+        if rid in self.runs:
+            return self.runs[rid]
+        return self.store.runs.get(rid)
+
+    def put_run(self, rid: str, rec: Optional[dict]) -> None:
+        """Write (or delete, with ``None``) a run record."""
+        self.runs[rid] = rec
+
+    def drop_topic(self, name: str) -> int:
+        """Delete a topic whole: its logs and its record (a deleted run's journal)."""
+        meta = self.topic(name)
+        if meta is None:
+            return 0
+        n = self.delete_prefix(name, meta.next)
+        self.persist.discard(name)
+        self.topics.pop(name, None)
+        self.dropped.add(name)
+        return n
+
     # -- end
 
     def flush(self) -> None:
@@ -270,12 +299,15 @@ class WriteTx(_View):
                 delete(key, db=s.db_procs)
             else:
                 put(key, pack_named(name, key, rec), db=s.db_procs)
-        for name, rec in self.sysprocs.items():
-            key = name_key(name)
-            if rec is None:
-                delete(key, db=s.db_sysprocs)
-            else:
-                put(key, pack_named(name, key, rec), db=s.db_sysprocs)
+        for table, db in ((self.sysprocs, s.db_sysprocs), (self.runs, s.db_runs)):
+            for name, rec in table.items():
+                key = name_key(name)
+                if rec is None:
+                    delete(key, db=db)
+                else:
+                    put(key, pack_named(name, key, rec), db=db)
+        for name in self.dropped:
+            delete(name.encode(), db=s.db_topics)
         if self.next_tid != s.next_tid:
             put(b"next_tid", str(self.next_tid).encode(), db=s.db_meta)
         if self.persist:  # the GC may delete a topic's last log: keep its stamp here
@@ -288,7 +320,10 @@ class WriteTx(_View):
         self.txn.commit()
         s = self.store
         s.topics.update(self.topics)
-        for table, overlay in ((s.procs, self.procs), (s.sysprocs, self.sysprocs)):
+        for name in self.dropped:
+            s.topics.pop(name, None)
+        for table, overlay in ((s.procs, self.procs), (s.sysprocs, self.sysprocs),
+                               (s.runs, self.runs)):
             for name, rec in overlay.items():
                 if rec is None:
                     table.pop(name, None)

@@ -24,8 +24,9 @@ import msgpack
 
 from ._calls import Log
 from ._processors import load
+from .flow._exec import execute as execute_flow
 from ._protocol import ERR, REPLY_LIMIT, decode, encode_body, open_connection, pack
-from .errors import PipeProcError
+from .errors import PipeProcError, from_code
 
 log = logging.getLogger("pipeproc.worker")
 
@@ -40,6 +41,8 @@ class _Loop:
         self.index = index
         self.stats = stats
         self.loop: Optional[asyncio.AbstractEventLoop] = None
+        self.conn: Any = None
+        self.rid = 0
 
     def run(self) -> None:
         cfg = self.cfg
@@ -50,13 +53,14 @@ class _Loop:
                                 cfg["authkey"], busy_poll=None if us is None else us / 1e6)
         except PipeProcError:
             return  # the node is gone (shutting down)
-        rid = 0
-        done: Optional[list] = None
+        self.conn = c
+        done: Any = None
         try:
             c.send_bytes(pack([0, "hello_worker", cfg["slot"], os.getpid()]))
             decode(c.recv_bytes(REPLY_LIMIT))
             while True:
-                rid += 1
+                self.rid += 1
+                rid = self.rid
                 more = True
                 limit = cfg.get("restart_after") or 0
                 if limit and self.stats["executions"] >= limit:
@@ -70,13 +74,35 @@ class _Loop:
                 job = reply[2]
                 if job is None or job == "exit":
                     return
-                done = self.execute(job)
+                if type(job) is dict:  # a workflow run's attempt (pipeproc.flow)
+                    with _stats_lock:
+                        self.stats["executions"] += 1
+                    done = execute_flow(job["flow"], self.call, self.event_loop)
+                else:
+                    done = self.execute(job)
         except (EOFError, OSError):
             return  # the node went away
         finally:
             c.close()
             if self.loop is not None:
                 self.loop.close()
+
+    def call(self, op: str, *args: Any) -> Any:
+        """A request on this loop's connection, for a run's attempt (``frec``, ``fresult``)."""
+        self.rid += 1
+        rid = self.rid
+        self.conn.send_bytes(pack([rid, op, *args]))
+        reply = decode(self.conn.recv_bytes(REPLY_LIMIT))
+        if reply[0] != rid:
+            raise EOFError(f"reply {reply[0]!r} to request {rid}: out of step")
+        if reply[1] == ERR:
+            raise from_code(*reply[2])
+        return reply[2]
+
+    def event_loop(self) -> asyncio.AbstractEventLoop:
+        if self.loop is None:
+            self.loop = asyncio.new_event_loop()
+        return self.loop
 
     def execute(self, job: list) -> list:
         name, ref, tos, many, rows, key = job

@@ -27,7 +27,24 @@ The tree::
     ├── AuthFailed                     auth_failed            (also ConnectionError)
     ├── ConnectionLost                 connection_lost        (also ConnectionError)
     ├── Timeout                        timeout                (also TimeoutError)
-    └── InternalError                  internal_error: a bug in pipeproc, reported, never a crash
+    ├── InternalError                  internal_error: a bug in pipeproc, reported, never a crash
+    │
+    │   workflows (``pipeproc.flow``, FLOW.md §4):
+    ├── PipeProcArgumentError
+    │   ├── InvalidWorkflow            invalid_workflow
+    │   ├── InvalidPayload             invalid_payload
+    │   └── PayloadTooLarge            payload_too_large
+    ├── InvalidRun                     invalid_run            (also LookupError)
+    ├── RunIdConflict                  run_id_conflict
+    ├── InvalidState                   invalid_state
+    ├── NonDeterminism                 non_determinism
+    ├── StepFailed                     step_failed
+    ├── Reject                         rejected
+    └── RunError                       a run ended otherwise than finished
+        ├── RunFailed                  run_failed
+        ├── RunAborted                 run_aborted
+        ├── RunCancelled               run_cancelled
+        └── RunRejected                run_rejected
 
 Errors cross the socket as ``(code, message)`` and are rebuilt with :func:`from_code`, so
 a client catches the same class the node raised.
@@ -56,6 +73,9 @@ __all__ = [
     "InvalidToneIdSearch",
     "InvalidProc",
     "ProcNameNotUnique",
+    "InvalidWorkflow", "InvalidPayload", "PayloadTooLarge", "InvalidRun", "RunIdConflict",
+    "InvalidState", "NonDeterminism", "StepFailed", "Reject", "RunError", "RunFailed",
+    "RunAborted", "RunCancelled", "RunRejected",
     "ProcIsDisabled",
     "ProcAlreadyDisabled",
     "ProcAlreadyActive",
@@ -245,6 +265,104 @@ class InternalError(PipeProcError):
     code = "internal_error"
 
 
+class InvalidWorkflow(PipeProcArgumentError):
+    """Not a workflow, an unknown workflow name, or a workflow workers cannot import."""
+
+    code = "invalid_workflow"
+
+
+class InvalidPayload(PipeProcArgumentError):
+    """A workflow argument, step result, signal payload or kv value msgpack cannot carry."""
+
+    code = "invalid_payload"
+
+
+class PayloadTooLarge(PipeProcArgumentError):
+    """A payload whose encoding is over 1 MiB (a run's arguments counted together)."""
+
+    code = "payload_too_large"
+
+
+class InvalidRun(PipeProcError, LookupError):
+    """A run id that names no run."""
+
+    code = "invalid_run"
+
+
+class RunIdConflict(PipeProcError):
+    """A start with the id of an existing run of another workflow."""
+
+    code = "run_id_conflict"
+
+
+class InvalidState(PipeProcError):
+    """An operation the run's status does not allow (resume, delete)."""
+
+    code = "invalid_state"
+
+
+class NonDeterminism(PipeProcError):
+    """The workflow's code called something else than its run recorded at a position."""
+
+    code = "non_determinism"
+
+
+class StepFailed(PipeProcError):
+    """The replay of a recorded step failure whose exception type cannot be rebuilt."""
+
+    code = "step_failed"
+
+
+class Reject(PipeProcError):
+    """Raised by workflow code (or ``validate``) to reject a run: it ends ``rejected``."""
+
+    code = "rejected"
+
+
+class RunError(PipeProcError):
+    """A run ended otherwise than ``finished``: what ``run.result()`` and ``ctx.child`` raise.
+
+    Attributes:
+        run_id: the run's id.
+        error_type: the exception class name of the run's error (or ``None``).
+        error_message: its message (or ``None``).
+        error_code: its ``.code`` when it had one.
+    """
+
+    def __init__(self, message: str = "", run_id: str | None = None,
+                 error_type: str | None = None, error_message: str | None = None,
+                 error_code: str | None = None) -> None:
+        super().__init__(message)
+        self.run_id = run_id
+        self.error_type = error_type
+        self.error_message = error_message
+        self.error_code = error_code
+
+
+class RunFailed(RunError):
+    """The run ended ``failed``."""
+
+    code = "run_failed"
+
+
+class RunAborted(RunError):
+    """The run ended ``aborted`` (its last attempt was interrupted)."""
+
+    code = "run_aborted"
+
+
+class RunCancelled(RunError):
+    """The run was cancelled."""
+
+    code = "run_cancelled"
+
+
+class RunRejected(RunError):
+    """The run was rejected (``flow.Reject`` or ``validate``)."""
+
+    code = "run_rejected"
+
+
 CODES: dict[str, type[PipeProcError]] = {
     cls.code: cls
     for cls in (
@@ -254,6 +372,9 @@ CODES: dict[str, type[PipeProcError]] = {
         NothingToReclaim, InvalidAck, StaleClaim, NodeAlreadyActive, StorageFull,
         StoreCorrupted,
         NoActiveNode, AuthFailed, ConnectionLost, Timeout, InternalError,
+        InvalidWorkflow, InvalidPayload, PayloadTooLarge, InvalidRun, RunIdConflict,
+        InvalidState, NonDeterminism, StepFailed, Reject, RunFailed, RunAborted,
+        RunCancelled, RunRejected,
     )
 }
 

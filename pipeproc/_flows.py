@@ -1,0 +1,679 @@
+"""Workflow runs on the node (``pipeproc.flow``): what the log alone cannot give.
+
+A run's **journal** is a topic of the store (``journal_topic(id)``), one log per event
+(``[type, name, pos, data]``, FLOW.md §3's history), appended in the same write
+transactions as everything else. What the node adds (see docs/architecture.md, "Workflow
+runs"):
+
+* the **run record** (``runs`` database, one per id): workflow, status, attempts, wait —
+  the index that makes ``start`` idempotent under concurrent starters (one write
+  transaction checks and creates) and that the node needs to act on its own;
+* **dispatch**: runs ready to execute are handed to idle worker loops in the same ``work``
+  round trip as system proc claims (:meth:`Flows.claim`), each attempt with a token (its
+  attempt number); everything an attempt writes carries the token and is refused once the
+  node has taken the run back (**fencing**: lease expired, worker died, cancelled);
+* **leases** (an attempt that writes nothing for ``lease`` seconds is interrupted) and
+  **timers** (sleeps, signal timeouts, back-offs between attempts), armed from the run
+  records at start, so they fire with no ``Engine`` in any process and after a restart;
+* **wake-ups**: a signal, a child's end or a timer moves a waiting run back to ``pending``
+  in the transaction that records the cause.
+
+A claimed run's ``running`` status is written with the attempt's first record (or its
+end), so a claim costs no commit of its own: a 10-step run is its start, its ten steps and
+its end.
+
+Node side. May import: ``_handlers`` (``write``, body validation), ``_conn``, ``_store``,
+``_writer``, ``_waits``, ``_protocol``, ``errors``, msgpack and the standard library.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import threading
+import time
+from collections import deque
+from typing import Any, Callable, Dict, List, Optional, Set
+
+import msgpack
+
+from ._conn import Conn, Malformed
+from ._handlers import _valid_body, write
+from ._protocol import array_header, err_reply, ok_reply_raw
+from ._store import Store
+from ._waits import Timers, Waits
+from ._writer import Writer
+from .errors import (
+    InvalidArgument,
+    InvalidRun,
+    InvalidState,
+    PipeProcError,
+    RunIdConflict,
+    Timeout,
+)
+
+log = logging.getLogger("pipeproc.flow")
+
+STATUSES = ("pending", "running", "waiting", "finished", "failed", "aborted", "cancelled",
+            "rejected")
+TERMINAL = frozenset(("finished", "failed", "aborted", "cancelled", "rejected"))
+RESUMABLE = frozenset(("failed", "aborted", "cancelled"))
+#: back-off between failed attempts: first wait and cap (seconds), doubling
+ATTEMPT_BACKOFF = (0.1, 30.0)
+
+
+def journal_topic(run_id: str) -> str:
+    """The topic holding a run's journal (a digest: run ids are not topic names)."""
+    return "flow-" + hashlib.sha256(run_id.encode()).hexdigest()[:40]
+
+
+def _event(kind: str, name: str, pos: Optional[int], data: dict) -> bytes:
+    return msgpack.packb([kind, name, pos, data], use_bin_type=True)
+
+
+def next_attempt(rec: dict) -> int:
+    """The attempt number of the run's next execution: a new one after a start, a failed
+    attempt or a resume; the same one after a wait."""
+    return rec["attempt"] + 1 if rec.get("new", True) or rec["attempt"] == 0 else rec["attempt"]
+
+
+def info(run_id: str, rec: dict, att: Optional["Attempt"] = None) -> list:
+    """What clients see of a run (``RunInfo``), as a list."""
+    status = "running" if att is not None else rec["status"]
+    attempt = att.attempt if att is not None else rec["attempt"]
+    return [run_id, rec["wf"], status, attempt, rec["created"], rec["updated"], rec["error"],
+            rec["parent"], rec["version"]]
+
+
+class Attempt:
+    """A claimed run: its token (unique per claim), its attempt number, its worker's
+    connection, its lease."""
+
+    __slots__ = ("token", "attempt", "conn", "lease", "deadline", "wrote", "signals")
+
+    def __init__(self, token: int, attempt: int, conn: Conn, lease: float) -> None:
+        self.token = token
+        self.attempt = attempt
+        self.conn = conn
+        self.lease = lease
+        self.deadline = time.monotonic() + lease
+        self.wrote = False          # the ``running`` status is written with the first record
+        self.signals: Set[str] = set()  # names of signals that arrived during the attempt
+
+
+class Flows:
+    """The node's part of workflow runs: records, dispatch, leases, timers and wake-ups.
+
+    Its in-memory state (``ready``, ``live``, the child index) changes only inside writer
+    jobs and in :meth:`after_commit` (the writer's thread); timers and connection ends
+    submit writer jobs."""
+
+    def __init__(self, store: Store, writer: Writer, timers: Timers, waits: Waits,
+                 stopping: threading.Event) -> None:
+        self.store = store
+        self.writer = writer
+        self.timers = timers
+        self.waits = waits
+        self.stopping = stopping
+        self.lock = threading.Lock()
+        self.ready: deque = deque()
+        self.queued: Set[str] = set()
+        self.live: Dict[str, Attempt] = {}
+        self.children: Dict[str, Set[str]] = {}   # child id -> parents waiting on it
+        self.results: Dict[str, List[tuple]] = {}  # run id -> parked result requests
+        self.journals: Set[str] = {rec["topic"] for rec in store.runs.values()}
+        self.interrupted = 0
+        self.fenced = 0
+        self.tokens = 0
+
+    # ------------------------------------------------------------------ start
+
+    def start(self) -> None:
+        """Recover at the node's start: attempts of an earlier life were interrupted;
+        pending runs are queued, waiting ones get their timers and child waits back."""
+        stale = [r for r, rec in self.store.runs.items() if rec["status"] == "running"]
+        if stale:
+            def fn(tx: Any) -> None:
+                for r in stale:
+                    rec = tx.run(r)
+                    if rec is not None and rec["status"] == "running":
+                        self._failed_attempt(tx, r, rec, {
+                            "type": "Interrupted", "code": "interrupted",
+                            "message": "the node stopped during the attempt"}, fatal=False,
+                            interrupted=True)
+            self.writer.submit(fn, lambda ok, v: None)
+        now = int(time.time() * 1000)
+        for r, rec in self.store.runs.items():
+            if rec["status"] == "pending":
+                self._queue(r, rec.get("due"), now)
+            elif rec["status"] == "waiting":
+                w = rec.get("wait") or {}
+                if w.get("child") is not None:
+                    child = self.store.runs.get(w["child"])
+                    if child is None or child["status"] in TERMINAL:
+                        self._timer(r, now)
+                    else:
+                        self.children.setdefault(w["child"], set()).add(r)
+                if w.get("due") is not None:
+                    self._timer(r, w["due"])
+        if self.ready:
+            self.waits.wake_sys(len(self.ready))
+
+    def is_journal(self, topic: str) -> bool:
+        """The GC never collects a journal: a run's journal goes with ``delete``."""
+        return topic in self.journals
+
+    def stats(self) -> Dict[str, Any]:
+        counts: Dict[str, int] = {}
+        with self.lock:
+            live = set(self.live)
+        for r, rec in list(self.store.runs.items()):
+            s = "running" if r in live else rec["status"]
+            counts[s] = counts.get(s, 0) + 1
+        return {"runs": counts, "ready": len(self.ready), "interrupted": self.interrupted,
+                "fenced": self.fenced}
+
+    # ------------------------------------------------------------------ queue and timers
+
+    def _queue(self, run: str, due: Optional[int], now: int) -> None:
+        if due is not None and due > now:
+            self._timer(run, due)
+        elif run not in self.queued:
+            self.queued.add(run)
+            self.ready.append(run)
+
+    def _timer(self, run: str, due_ms: int) -> None:
+        delay = max(0.0, due_ms / 1000.0 - time.time())
+        self.timers.after(delay, lambda: self._fire(run))
+
+    def _fire(self, run: str) -> None:
+        """A timer is due (timer thread): wake the run in a writer job."""
+        if self.stopping.is_set():
+            return
+
+        def fn(tx: Any) -> None:
+            rec = tx.run(run)
+            if rec is None or run in self.live:
+                return
+            if rec["status"] == "pending":
+                if rec.get("due") is None or rec["due"] <= tx.now:
+                    tx.flow_after.append(("ready", run, None))
+                else:
+                    tx.flow_after.append(("timer", run, rec["due"]))
+            elif rec["status"] == "waiting":
+                w = rec.get("wait") or {}
+                child = self.store.runs.get(w["child"]) if w.get("child") else None
+                if ((w.get("due") is not None and w["due"] <= tx.now)
+                        or (w.get("child") and (child is None or child["status"] in TERMINAL))):
+                    self._set(tx, run, rec, "pending", wait=None)
+                elif w.get("due") is not None:
+                    tx.flow_after.append(("timer", run, w["due"]))
+        self.writer.submit(fn, lambda ok, v: None)
+
+    def after_commit(self, tx: Any) -> None:
+        """After a commit (writer thread): queue what became ready, arm timers, answer the
+        result requests of runs that ended, index child waits."""
+        if not tx.flow_after:
+            return
+        now = int(time.time() * 1000)
+        woken = 0
+        for what, run, arg in tx.flow_after:
+            if what == "ready":
+                self._queue(run, None, now)
+                woken += 1
+            elif what == "timer":
+                self._timer(run, arg)
+            elif what == "child":
+                self.children.setdefault(arg, set()).add(run)
+            elif what == "end":
+                self._answer(run)
+            elif what == "journal":
+                self.journals.add(arg)
+            elif what == "dropped":
+                self.journals.discard(arg)
+        if woken:
+            self.waits.wake_sys(woken)
+
+    # ------------------------------------------------------------------ transitions
+
+    def _set(self, tx: Any, run: str, rec: dict, status: str, error: Any = None,
+             result: Any = None, **changes: Any) -> dict:
+        """Write the run's new status (and its ``status`` event); note what follows."""
+        new = dict(rec)
+        new.update(changes)
+        new["status"] = status
+        new["updated"] = tx.now
+        if status != "running":
+            new["error"] = error
+        data: dict = {"attempt": new["attempt"], "error": new["error"]}
+        if status == "finished":
+            data["result"] = result
+        tx.append([(rec["topic"], _event("status", status, None, data))])
+        tx.put_run(run, new)
+        if status == "pending":
+            tx.flow_after.append(("ready", run, None) if not new.get("due") or new["due"] <= tx.now
+                                 else ("timer", run, new["due"]))
+        elif status in TERMINAL:
+            tx.flow_after.append(("end", run, None))
+            for parent in list(self.children.pop(run, ())):
+                prec = tx.run(parent)
+                if (prec is not None and prec["status"] == "waiting"
+                        and (prec.get("wait") or {}).get("child") == run):
+                    self._set(tx, parent, prec, "pending", wait=None, due=None)
+        return new
+
+    def _failed_attempt(self, tx: Any, run: str, rec: dict, error: dict, fatal: bool,
+                        interrupted: bool = False) -> None:
+        fails = rec.get("fails", 0) + 1
+        if interrupted:
+            self.interrupted += 1
+        if fatal or fails >= rec["max_failures"]:
+            status = "aborted" if interrupted and not fatal else "failed"
+            log.error("run %r (%s) %s after %d failed attempt(s): %s: %s", run, rec["wf"],
+                      status, fails, error.get("type"), error.get("message"))
+            self._set(tx, run, rec, status, error, fails=fails, wait=None, due=None)
+            return
+        first, cap = ATTEMPT_BACKOFF
+        delay = min(cap, first * 2.0 ** (fails - 1))
+        log.warning("run %r (%s) attempt %d %s: %s: %s; attempt %d in %.1f s", run, rec["wf"],
+                    rec["attempt"], "interrupted" if interrupted else "failed",
+                    error.get("type"), error.get("message"), rec["attempt"] + 1, delay)
+        self._set(tx, run, rec, "pending", error, fails=fails, wait=None, new=True,
+                  due=tx.now + int(delay * 1000))
+
+    def _drop_live(self, run: str, att: Attempt) -> None:
+        with self.lock:
+            if self.live.get(run) is att:
+                del self.live[run]
+
+    def interrupt(self, run: str, att: Attempt, why: str) -> None:
+        """Take the run back from its attempt (lease expired, worker gone): a writer job."""
+        def fn(tx: Any) -> None:
+            if self.live.get(run) is not att:
+                return
+            self._drop_live(run, att)
+            rec = tx.run(run)
+            if rec is None or rec["status"] in TERMINAL:
+                return
+            rec = self._running(tx, run, rec, att)
+            self._failed_attempt(tx, run, rec, {"type": "Interrupted", "code": "interrupted",
+                                                "message": why}, fatal=False, interrupted=True)
+        self.writer.submit(fn, lambda ok, v: None)
+
+    def conn_lost(self, conn: Conn) -> None:
+        """A connection ended: the attempts its worker loop held are interrupted."""
+        with self.lock:
+            held = [(r, a) for r, a in self.live.items() if a.conn is conn]
+        for r, a in held:
+            worker = conn.worker or {}
+            self.interrupt(r, a, f"worker {worker.get('slot')} (pid {worker.get('pid')}) "
+                                 "died during the attempt")
+
+    def _arm_lease(self, run: str, att: Attempt) -> None:
+        def check() -> None:
+            if self.live.get(run) is not att or self.stopping.is_set():
+                return
+            if time.monotonic() >= att.deadline:
+                log.warning("run %r: attempt %d recorded nothing for %.1f s (its lease): "
+                            "interrupted", run, att.attempt, att.lease)
+                self.interrupt(run, att, f"the attempt recorded nothing for {att.lease:g} s "
+                                         "(its lease)")
+            else:
+                self.timers.at(att.deadline, check)
+        self.timers.at(att.deadline, check)
+
+    def _running(self, tx: Any, run: str, rec: dict, att: Attempt) -> dict:
+        """The attempt's first write records its ``running`` status."""
+        if att.wrote or rec["status"] == "running":
+            return rec
+        att.wrote = True
+        return self._set(tx, run, rec, "running", attempt=att.attempt, due=None, wait=None,
+                         new=False)
+
+    # ------------------------------------------------------------------ workers
+
+    def claim(self, tx: Any, rid: int, conn: Conn) -> Optional[bytes]:
+        """A ready run for an idle worker loop: the reply's bytes, or ``None``."""
+        while self.ready:
+            run = self.ready.popleft()
+            self.queued.discard(run)
+            rec = tx.run(run)
+            if rec is None or rec["status"] != "pending" or run in self.live:
+                continue
+            if rec.get("due") is not None and rec["due"] > tx.now:
+                self._timer(run, rec["due"])
+                continue
+            meta = tx.topic(rec["topic"])
+            recs = [] if meta is None else tx.records(meta, meta.first, meta.next - 1,
+                                                     1 << 62, False, 1 << 62)
+            self.tokens += 1
+            att = Attempt(self.tokens, next_attempt(rec), conn, rec["lease"])
+            with self.lock:
+                self.live[run] = att
+            self._arm_lease(run, att)
+            head = [run, att.token, rec["wf"], rec["ref"], rec["parent"], rec["created"],
+                    att.attempt]
+            body = (b"\x81" + msgpack.packb("flow") + array_header(len(head) + 1)
+                    + b"".join(msgpack.packb(x, use_bin_type=True) for x in head)
+                    + array_header(len(recs)) + b"".join(recs))
+            return ok_reply_raw(rid, body)
+        return None
+
+    def claimed_for_closed(self, conn: Conn) -> None:
+        """The worker loop went away while we claimed for it."""
+        self.conn_lost(conn)
+
+    def apply(self, tx: Any, conn: Conn, msg: Any) -> Any:
+        """What an attempt writes (``frec``, and its end with the worker's next ``work``):
+        ``{"run", "token", "events": [bytes], "starts": [...], "sends": [...],
+        "end": None | {...}}``. Returns ``"ok"``, ``"fenced"`` or ``"cancelled"``."""
+        if type(msg) is not dict:
+            raise Malformed("a flow record must be a map")
+        run, token = msg.get("run"), msg.get("token")
+        events = msg.get("events") or []
+        if type(run) is not str or type(token) is not int or type(events) is not list:
+            raise Malformed("a flow record needs run, token and events")
+        for e in events:
+            _valid_body(e)
+        att = self.live.get(run)
+        rec = tx.run(run)
+        if att is None or att.token != token or att.conn is not conn or rec is None:
+            self.fenced += 1
+            log.info("run %r: a write of attempt %s was refused (fenced off)", run, token)
+            return "fenced"
+        end = msg.get("end")
+        starts = msg.get("starts") or []
+        sends = msg.get("sends") or []
+        for s in starts:  # checked before anything is written
+            self._check_start(tx, s)
+        for s in sends:
+            if type(s) is not list or len(s) != 3 or tx.run(s[0]) is None:
+                raise InvalidRun(f"no run with id {s[0]!r}" if type(s) is list and s
+                                 else "bad send")
+        rec = self._running(tx, run, rec, att)
+        if events:
+            tx.append([(rec["topic"], e) for e in events])
+        for s in starts:
+            self._start(tx, *s)
+        for to, name, payload in sends:
+            self._signal(tx, to, name, payload)
+        att.deadline = time.monotonic() + att.lease
+        rec = dict(tx.run(run))
+        rec["updated"] = tx.now
+        tx.put_run(run, rec)
+        if end is None:
+            if rec.get("cancel"):
+                self._drop_live(run, att)
+                self._set(tx, run, rec, "cancelled", None, cancel=False)
+                return "cancelled"
+            return "ok"
+        self._drop_live(run, att)
+        kind = end.get("kind")
+        if kind == "finished":
+            self._set(tx, run, rec, "finished", None, end.get("result"), cancel=False)
+        elif kind == "rejected":
+            self._set(tx, run, rec, "rejected", end.get("error"), cancel=False)
+        elif rec.get("cancel"):
+            self._set(tx, run, rec, "cancelled", None, cancel=False)
+        elif kind == "failed":
+            self._failed_attempt(tx, run, rec, end.get("error") or {}, bool(end.get("fatal")))
+        elif kind == "suspend":
+            self._suspend(tx, run, rec, att, end.get("wait") or {})
+        else:
+            raise Malformed(f"unknown end of attempt {kind!r}")
+        return "ok"
+
+    def _suspend(self, tx: Any, run: str, rec: dict, att: Attempt, wait: dict) -> None:
+        due, sig, child = wait.get("due"), wait.get("sig"), wait.get("child")
+        wake = ((due is not None and due <= tx.now) or (sig is not None and sig in att.signals)
+                or (due is None and sig is None and child is None))
+        if child is not None:
+            crec = tx.run(child)
+            if crec is None or crec["status"] in TERMINAL:
+                wake = True
+        if wake:
+            self._set(tx, run, rec, "pending", None, wait=None, due=None)
+            return
+        self._set(tx, run, rec, "waiting", None, wait={"due": due, "sig": sig, "child": child},
+                  due=None)
+        if due is not None:
+            tx.flow_after.append(("timer", run, due))
+        if child is not None:
+            tx.flow_after.append(("child", run, child))
+            self.children.setdefault(child, set()).add(run)
+
+    # ------------------------------------------------------------------ start and signals
+
+    def _check_start(self, tx: Any, s: Any) -> None:
+        if type(s) is not list or len(s) != 9:
+            raise Malformed("a start is [id, workflow, ref, first event, max_failures, lease, "
+                            "version, parent, rejected]")
+        run, wf = s[0], s[1]
+        if type(run) is not str or type(wf) is not str or type(s[2]) is not str:
+            raise Malformed("bad start")
+        _valid_body(s[3])
+        rec = tx.run(run)
+        if rec is not None and rec["wf"] != wf:
+            raise RunIdConflict(f"run {run!r} exists as a run of workflow {rec['wf']!r}, "
+                                f"not {wf!r}")
+
+    def _start(self, tx: Any, run: str, wf: str, ref: str, first: bytes, max_failures: int,
+               lease: float, version: str, parent: Optional[str],
+               rejected: Optional[dict]) -> tuple:
+        rec = tx.run(run)
+        if rec is not None:
+            return rec, False
+        topic = journal_topic(run)
+        if tx.topic(topic) is not None:  # a journal left without its record: start afresh
+            tx.drop_topic(topic)
+        rec = {"wf": wf, "ref": ref, "status": "pending", "attempt": 0, "fails": 0,
+               "max_failures": max_failures, "lease": lease, "version": version,
+               "created": tx.now, "updated": tx.now, "error": None, "parent": parent,
+               "topic": topic, "wait": None, "due": None, "cancel": False, "new": True}
+        tx.append([(topic, first)])
+        tx.flow_after.append(("journal", run, topic))
+        tx.put_run(run, rec)
+        if rejected is not None:
+            rec = self._set(tx, run, rec, "rejected", rejected)
+        else:
+            tx.flow_after.append(("ready", run, None))
+        return rec, True
+
+    def _signal(self, tx: Any, run: str, name: str, payload: bytes) -> bool:
+        rec = tx.run(run)
+        if rec is None:
+            raise InvalidRun(f"no run with id {run!r}")
+        if rec["status"] in ("finished", "rejected"):
+            return False
+        body = (b"\x94" + msgpack.packb("signal") + msgpack.packb(name) + b"\xc0"
+                + b"\x81" + msgpack.packb("payload") + payload)
+        tx.append([(rec["topic"], body)])
+        att = self.live.get(run)
+        if att is not None:
+            att.signals.add(name)
+        w = rec.get("wait") or {}
+        if rec["status"] == "waiting" and w.get("sig") == name:
+            self._set(tx, run, rec, "pending", None, wait=None, due=None)
+        return True
+
+    # ------------------------------------------------------------------ ops (clients)
+
+    def _info(self, run: str) -> Optional[list]:
+        rec = self.store.runs.get(run)
+        return None if rec is None else info(run, rec, self.live.get(run))
+
+    def op_start(self, conn: Conn, rid: int, *start: Any) -> None:
+        """``fstart``: create a run unless its id exists: ``[info, created]``."""
+        s = list(start)
+        if len(s) != 9 or type(s[4]) is not int or s[4] < 1:
+            raise Malformed("bad start")
+        if not isinstance(s[5], (int, float)) or not math.isfinite(s[5]) or s[5] <= 0:
+            raise InvalidArgument("lease must be a number of seconds > 0")
+
+        def fn(tx: Any) -> list:
+            self._check_start(tx, s)
+            rec, created = self._start(tx, *s)
+            return [s[0], created]
+
+        def done(ok: bool, value: Any) -> None:
+            if ok:
+                conn.reply(rid, [self._info(value[0]), value[1]])
+            else:
+                conn.fail(rid, value)
+        self.writer.submit(fn, done, conn.id)
+
+    def op_info(self, conn: Conn, rid: int, run: Any) -> None:
+        """``finfo``: a run's info, or ``None`` when no run has that id."""
+        if type(run) is not str:
+            raise Malformed("a run id is a str")
+        conn.reply(rid, self._info(run))
+
+    def op_runs(self, conn: Conn, rid: int, statuses: Any, wf: Any, limit: Any) -> None:
+        """``fruns``: every run matching the filters, oldest first (the newest ``limit``)."""
+        with self.lock:
+            live = dict(self.live)
+        out = []
+        for r, rec in list(self.store.runs.items()):
+            i = info(r, rec, live.get(r))
+            if (statuses is None or i[2] in statuses) and (wf is None or rec["wf"] == wf):
+                out.append(i)
+        out.sort(key=lambda i: (i[4], i[0]))
+        if limit is not None:
+            out = out[-limit:] if limit > 0 else []
+        conn.reply(rid, out)
+
+    def op_history(self, conn: Conn, rid: int, run: Any) -> None:
+        """``fhist``: the run's journal, stored records ``[ms, seq, event]``."""
+        rec = self.store.runs.get(run) if type(run) is str else None
+        if rec is None:
+            raise InvalidRun(f"no run with id {run!r}")
+        with self.store.reader() as r:
+            meta = r.topic(rec["topic"])
+            recs = [] if meta is None else r.records(meta, meta.first, meta.next - 1, 1 << 62,
+                                                     False, 1 << 62)
+        conn.send(ok_reply_raw(rid, array_header(len(recs)) + b"".join(recs)))
+
+    def op_result(self, conn: Conn, rid: int, run: Any, timeout: Any) -> None:
+        """``fresult``: once the run is terminal, ``[info, last event record]``; with
+        ``timeout`` 0 at once (``[info, None]`` when not terminal)."""
+        if type(run) is not str:
+            raise Malformed("a run id is a str")
+        if timeout is not None and (not isinstance(timeout, (int, float))
+                                    or not math.isfinite(timeout) or timeout < 0):
+            raise InvalidArgument("timeout must be a number of seconds >= 0 or None")
+        rec = self.store.runs.get(run)
+        if rec is None:
+            raise InvalidRun(f"no run with id {run!r}")
+        if rec["status"] in TERMINAL or timeout == 0:
+            self._send_result(conn, rid, run)
+            return
+        entry = (conn, rid, [False])
+        with self.lock:
+            self.results.setdefault(run, []).append(entry)
+        rec = self.store.runs.get(run)  # it may have ended meanwhile
+        if rec is None or rec["status"] in TERMINAL:
+            self._answer(run)
+        if timeout is not None:
+            def expire() -> None:
+                with self.lock:
+                    if entry[2][0]:
+                        return
+                    entry[2][0] = True
+                conn.fail(rid, Timeout(f"run {run!r} did not end within {timeout:g} s"))
+            self.timers.after(timeout, expire)
+
+    def _answer(self, run: str) -> None:
+        with self.lock:
+            waiting = self.results.pop(run, [])
+        for conn, rid, flag in waiting:
+            with self.lock:
+                if flag[0]:
+                    continue
+                flag[0] = True
+            self._send_result(conn, rid, run)
+
+    def _send_result(self, conn: Conn, rid: int, run: str) -> None:
+        rec = self.store.runs.get(run)
+        if rec is None:
+            conn.send(err_reply(rid, "invalid_run", f"run {run!r} was deleted"))
+            return
+        last = b"\xc0"
+        if rec["status"] in TERMINAL:
+            with self.store.reader() as r:
+                meta = r.topic(rec["topic"])
+                if meta is not None and meta.next > meta.first:
+                    last = r.records(meta, meta.next - 1, meta.next - 1, 1, False)[0]
+        conn.send(ok_reply_raw(rid, b"\x92" + msgpack.packb(info(run, rec, self.live.get(run)),
+                                                           use_bin_type=True) + last))
+
+    def op_signal(self, conn: Conn, rid: int, run: Any, name: Any, payload: Any) -> None:
+        """``fsignal``: record a signal for a run (``False``: dropped, the run ended)."""
+        if type(run) is not str or type(name) is not str or type(payload) is not bytes:
+            raise Malformed("fsignal takes run, name, payload")
+        write(self.writer, conn, rid, lambda tx: self._signal(tx, run, name, payload))
+
+    def op_cancel(self, conn: Conn, rid: int, run: Any) -> None:
+        """``fcancel``: ``False`` when the run is already terminal."""
+        def fn(tx: Any) -> bool:
+            rec = tx.run(run)
+            if rec is None:
+                raise InvalidRun(f"no run with id {run!r}")
+            if rec["status"] in TERMINAL:
+                return False
+            if run in self.live or rec["status"] == "running":
+                new = dict(rec)
+                new["cancel"] = True
+                tx.put_run(run, new)
+            else:
+                self._set(tx, run, rec, "cancelled", None, wait=None, due=None)
+            return True
+        write(self.writer, conn, rid, fn)
+
+    def op_resume(self, conn: Conn, rid: int, run: Any) -> None:
+        """``fresume``: a failed, aborted or cancelled run back to ``pending``."""
+        def fn(tx: Any) -> None:
+            rec = tx.run(run)
+            if rec is None:
+                raise InvalidRun(f"no run with id {run!r}")
+            if rec["status"] not in RESUMABLE:
+                raise InvalidState(f"run {run!r} is {rec['status']}: only a failed, aborted "
+                                   "or cancelled run can be resumed")
+            self._set(tx, run, rec, "pending", None, fails=0, cancel=False, due=None, new=True)
+        write(self.writer, conn, rid, fn)
+
+    def op_delete(self, conn: Conn, rid: int, run: Any) -> None:
+        """``fdelete``: a terminal run and its journal."""
+        def fn(tx: Any) -> None:
+            rec = tx.run(run)
+            if rec is None:
+                raise InvalidRun(f"no run with id {run!r}")
+            if rec["status"] not in TERMINAL:
+                raise InvalidState(f"run {run!r} is {rec['status']}: only a run that ended "
+                                   "can be deleted")
+            parent = tx.run(rec["parent"]) if rec["parent"] else None
+            if parent is not None and parent["status"] not in TERMINAL:
+                raise InvalidState(f"run {run!r} is a child of run {rec['parent']!r}, which "
+                                   f"is {parent['status']}")
+            tx.drop_topic(rec["topic"])
+            tx.put_run(run, None)
+            tx.flow_after.append(("dropped", run, rec["topic"]))
+        write(self.writer, conn, rid, fn)
+
+    def op_record(self, conn: Conn, rid: int, msg: Any) -> None:
+        """``frec``: an attempt's records (a step's result, buffered values, starts of
+        children, signals it sends): ``"ok"``, ``"fenced"`` or ``"cancelled"``."""
+        if type(msg) is not dict or msg.get("end") is not None:
+            raise Malformed("frec takes a record map without an end")
+        write(self.writer, conn, rid, lambda tx: self.apply(tx, conn, msg))
+
+    def ops(self) -> Dict[str, Callable[..., None]]:
+        """The op table's flow entries."""
+        return {"fstart": self.op_start, "finfo": self.op_info, "fruns": self.op_runs,
+                "fhist": self.op_history, "fresult": self.op_result, "fsignal": self.op_signal,
+                "fcancel": self.op_cancel, "fresume": self.op_resume, "fdelete": self.op_delete,
+                "frec": self.op_record}
+
+
+def outcome_error(exc: PipeProcError) -> dict:
+    return {"type": type(exc).__name__, "message": exc.message, "code": exc.code}
