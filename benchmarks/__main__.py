@@ -12,7 +12,8 @@ Run from the repository root (/work/main):
 (default 3) and the repetition with the median ratio to its goal is reported. Durable
 workloads are compared with LMDB probes taken right next to them (the disk's fsync time
 drifts). Nodes and stores live in fresh directories under /tmp and are always shut down and
-removed.
+removed. Without `--only` (and unless `--no-flow`), the flow benchmarks F1–F6 follow
+(`benchmarks/flow.py`, also runnable alone: `.venv/bin/python -m benchmarks.flow`).
 """
 
 from __future__ import annotations
@@ -340,6 +341,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--only", metavar="W1,W3,...", help="run only these workloads")
     ap.add_argument("--reps", type=int, default=3,
                     help="repetitions per workload (the median one is reported; default 3)")
+    ap.add_argument("--no-flow", action="store_true",
+                    help="without --only, the flow benchmarks F1–F6 (python -m benchmarks.flow) "
+                         "run after W1–W6; this skips them")
     a = ap.parse_args(argv)
     only = ALL if not a.only else [w.strip() for w in a.only.split(",") if w.strip()]
     only = [("W4b" if w.lower() == "w4b" else w.upper()) for w in only]
@@ -409,6 +413,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             json.dump({"command": cmd, "machine": info, "baselines": b,
                        "rows": rows, "nodes": suite.nodes, "seconds": elapsed, "load": load}, f, indent=2,
                       default=str)
+    if not a.only and not a.no_flow:  # the flow benchmarks F1–F6, with their own report
+        from . import flow as flow_bench
+        print()
+        sys.stdout.flush()
+        return flow_bench.main(["--quick"] if a.quick else [])
     return 0
 
 
