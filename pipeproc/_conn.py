@@ -81,6 +81,7 @@ class Conn:
         self.worker: Optional[dict] = None  # set by "hello_worker"
         self.claims: Dict[str, list] = {}   # worker claims: proc name -> claimed key
         self.live: set = set()              # hidden live procs owned by this connection
+        self.parked = False  # its last request waits for something (see IOLoop._solo)
         self.recycled = False  # a worker the node killed (time limit): see conn_closed
         # read state, owned by the I/O loop: a buffer of frames [start, end), or a frame
         # larger than the buffer being filled (big, growing as its bytes arrive up to
@@ -235,7 +236,10 @@ class IOLoop:
         self._wake_w.setblocking(False)
         self.sel.register(self._wake_r, selectors.EVENT_READ, None)
         self.last_conn = 0      # the connection of the last request served
-        self.switched = 0.0     # when the last request from another connection came
+        #: connection id -> (when it last sent a request, the connection); a commit is
+        #: inline (``solo``) when no connection but the last one has talked within the
+        #: window, not counting those whose request is parked (they wait, they do not talk)
+        self.talk: Dict[int, tuple] = {}
         self._thread = threading.Thread(target=self._run, name="io", daemon=True)
 
     def start(self) -> None:
@@ -291,7 +295,7 @@ class IOLoop:
                         self._drop(conn)
             # solo: every request of the last few commit durations came from one
             # connection (see Writer.kick)
-            solo = time.monotonic() - self.switched > max(SOLO_WINDOW, 4 * writer.commit_time)
+            solo = self._solo(max(SOLO_WINDOW, 4 * writer.commit_time))
             try:
                 kick(solo)
             except Exception:  # pragma: no cover
@@ -301,6 +305,19 @@ class IOLoop:
                 # one connection alone, talking back to back: its next request comes
                 # sooner than a sleeping thread would wake up for it (the node's ``busy_poll``)
                 spin_until = pass_end + spin
+
+    def _solo(self, window: float) -> bool:
+        """No connection but the last one talked within ``window`` (stale entries go) and
+        is not parked."""
+        now = time.monotonic()
+        solo = True
+        talk = self.talk
+        for cid, (t, c) in list(talk.items()):
+            if now - t > window:
+                del talk[cid]
+            elif cid != self.last_conn and not c.parked:
+                solo = False
+        return solo
 
     def _accept_new(self) -> None:
         try:
@@ -411,9 +428,9 @@ class IOLoop:
             handler = self.node.ops.get(req[1]) if type(req[1]) is str else None
             if handler is None:
                 raise Malformed(f"unknown op {req[1]!r}")
-            if conn.id != self.last_conn:
-                self.last_conn = conn.id
-                self.switched = time.monotonic()
+            conn.parked = False
+            self.talk[conn.id] = (time.monotonic(), conn)
+            self.last_conn = conn.id
             handler(conn, rid, *req[2:])
         except PipeProcError as exc:
             conn.send(err_reply(rid, exc.code, exc.message))

@@ -22,7 +22,9 @@ A claimed run's ``running`` status is written with the attempt's first record (o
 end), so a claim costs no commit of its own: a 10-step run is its start, its ten steps and
 its end.
 
-Node side. May import: ``_handlers`` (``write``, body validation), ``_conn``, ``_store``,
+The clients' ops on runs are :mod:`pipeproc._flowops`.
+
+Node side. May import: ``_handlers`` (body validation), ``_conn``, ``_store``,
 ``_writer``, ``_waits``, ``_protocol``, ``errors``, msgpack and the standard library.
 """
 
@@ -30,28 +32,20 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import threading
 import time
 from collections import deque
-from typing import Any, Callable, Dict, List, Optional, Set
+from typing import Any, Dict, List, Optional, Set
 
 import msgpack
 
 from ._conn import Conn, Malformed
-from ._handlers import _valid_body, write
+from ._handlers import _valid_body
 from ._protocol import array_header, err_reply, ok_reply_raw
 from ._store import Store
 from ._waits import Timers, Waits
 from ._writer import Writer
-from .errors import (
-    InvalidArgument,
-    InvalidRun,
-    InvalidState,
-    PipeProcError,
-    RunIdConflict,
-    Timeout,
-)
+from .errors import InvalidRun, RunIdConflict
 
 log = logging.getLogger("pipeproc.flow")
 
@@ -82,7 +76,8 @@ def info(run_id: str, rec: dict, att: Optional["Attempt"] = None) -> list:
     """What clients see of a run (``RunInfo``), as a list."""
     status = "running" if att is not None else rec["status"]
     attempt = att.attempt if att is not None else rec["attempt"]
-    return [run_id, rec["wf"], status, attempt, rec["created"], rec["updated"], rec["error"],
+    updated = max(rec["updated"], att.updated) if att is not None else rec["updated"]
+    return [run_id, rec["wf"], status, attempt, rec["created"], updated, rec["error"],
             rec["parent"], rec["version"]]
 
 
@@ -90,7 +85,7 @@ class Attempt:
     """A claimed run: its token (unique per claim), its attempt number, its worker's
     connection, its lease."""
 
-    __slots__ = ("token", "attempt", "conn", "lease", "deadline", "wrote", "signals")
+    __slots__ = ("token", "attempt", "conn", "lease", "deadline", "wrote", "signals", "updated")
 
     def __init__(self, token: int, attempt: int, conn: Conn, lease: float) -> None:
         self.token = token
@@ -99,6 +94,7 @@ class Attempt:
         self.lease = lease
         self.deadline = time.monotonic() + lease
         self.wrote = False          # the ``running`` status is written with the first record
+        self.updated = 0            # when it last recorded something (epoch ms)
         self.signals: Set[str] = set()  # names of signals that arrived during the attempt
 
 
@@ -399,9 +395,8 @@ class Flows:
         for to, name, payload in sends:
             self._signal(tx, to, name, payload)
         att.deadline = time.monotonic() + att.lease
-        rec = dict(tx.run(run))
-        rec["updated"] = tx.now
-        tx.put_run(run, rec)
+        att.updated = tx.now  # the record is rewritten at status changes only
+        rec = tx.run(run)
         if end is None:
             if rec.get("cancel"):
                 self._drop_live(run, att)
@@ -503,86 +498,6 @@ class Flows:
         rec = self.store.runs.get(run)
         return None if rec is None else info(run, rec, self.live.get(run))
 
-    def op_start(self, conn: Conn, rid: int, *start: Any) -> None:
-        """``fstart``: create a run unless its id exists: ``[info, created]``."""
-        s = list(start)
-        if len(s) != 9 or type(s[4]) is not int or s[4] < 1:
-            raise Malformed("bad start")
-        if not isinstance(s[5], (int, float)) or not math.isfinite(s[5]) or s[5] <= 0:
-            raise InvalidArgument("lease must be a number of seconds > 0")
-
-        def fn(tx: Any) -> list:
-            self._check_start(tx, s)
-            rec, created = self._start(tx, *s)
-            return [s[0], created]
-
-        def done(ok: bool, value: Any) -> None:
-            if ok:
-                conn.reply(rid, [self._info(value[0]), value[1]])
-            else:
-                conn.fail(rid, value)
-        self.writer.submit(fn, done, conn.id)
-
-    def op_info(self, conn: Conn, rid: int, run: Any) -> None:
-        """``finfo``: a run's info, or ``None`` when no run has that id."""
-        if type(run) is not str:
-            raise Malformed("a run id is a str")
-        conn.reply(rid, self._info(run))
-
-    def op_runs(self, conn: Conn, rid: int, statuses: Any, wf: Any, limit: Any) -> None:
-        """``fruns``: every run matching the filters, oldest first (the newest ``limit``)."""
-        with self.lock:
-            live = dict(self.live)
-        out = []
-        for r, rec in list(self.store.runs.items()):
-            i = info(r, rec, live.get(r))
-            if (statuses is None or i[2] in statuses) and (wf is None or rec["wf"] == wf):
-                out.append(i)
-        out.sort(key=lambda i: (i[4], i[0]))
-        if limit is not None:
-            out = out[-limit:] if limit > 0 else []
-        conn.reply(rid, out)
-
-    def op_history(self, conn: Conn, rid: int, run: Any) -> None:
-        """``fhist``: the run's journal, stored records ``[ms, seq, event]``."""
-        rec = self.store.runs.get(run) if type(run) is str else None
-        if rec is None:
-            raise InvalidRun(f"no run with id {run!r}")
-        with self.store.reader() as r:
-            meta = r.topic(rec["topic"])
-            recs = [] if meta is None else r.records(meta, meta.first, meta.next - 1, 1 << 62,
-                                                     False, 1 << 62)
-        conn.send(ok_reply_raw(rid, array_header(len(recs)) + b"".join(recs)))
-
-    def op_result(self, conn: Conn, rid: int, run: Any, timeout: Any) -> None:
-        """``fresult``: once the run is terminal, ``[info, last event record]``; with
-        ``timeout`` 0 at once (``[info, None]`` when not terminal)."""
-        if type(run) is not str:
-            raise Malformed("a run id is a str")
-        if timeout is not None and (not isinstance(timeout, (int, float))
-                                    or not math.isfinite(timeout) or timeout < 0):
-            raise InvalidArgument("timeout must be a number of seconds >= 0 or None")
-        rec = self.store.runs.get(run)
-        if rec is None:
-            raise InvalidRun(f"no run with id {run!r}")
-        if rec["status"] in TERMINAL or timeout == 0:
-            self._send_result(conn, rid, run)
-            return
-        entry = (conn, rid, [False])
-        with self.lock:
-            self.results.setdefault(run, []).append(entry)
-        rec = self.store.runs.get(run)  # it may have ended meanwhile
-        if rec is None or rec["status"] in TERMINAL:
-            self._answer(run)
-        if timeout is not None:
-            def expire() -> None:
-                with self.lock:
-                    if entry[2][0]:
-                        return
-                    entry[2][0] = True
-                conn.fail(rid, Timeout(f"run {run!r} did not end within {timeout:g} s"))
-            self.timers.after(timeout, expire)
-
     def _answer(self, run: str) -> None:
         with self.lock:
             waiting = self.results.pop(run, [])
@@ -606,74 +521,3 @@ class Flows:
                     last = r.records(meta, meta.next - 1, meta.next - 1, 1, False)[0]
         conn.send(ok_reply_raw(rid, b"\x92" + msgpack.packb(info(run, rec, self.live.get(run)),
                                                            use_bin_type=True) + last))
-
-    def op_signal(self, conn: Conn, rid: int, run: Any, name: Any, payload: Any) -> None:
-        """``fsignal``: record a signal for a run (``False``: dropped, the run ended)."""
-        if type(run) is not str or type(name) is not str or type(payload) is not bytes:
-            raise Malformed("fsignal takes run, name, payload")
-        write(self.writer, conn, rid, lambda tx: self._signal(tx, run, name, payload))
-
-    def op_cancel(self, conn: Conn, rid: int, run: Any) -> None:
-        """``fcancel``: ``False`` when the run is already terminal."""
-        def fn(tx: Any) -> bool:
-            rec = tx.run(run)
-            if rec is None:
-                raise InvalidRun(f"no run with id {run!r}")
-            if rec["status"] in TERMINAL:
-                return False
-            if run in self.live or rec["status"] == "running":
-                new = dict(rec)
-                new["cancel"] = True
-                tx.put_run(run, new)
-            else:
-                self._set(tx, run, rec, "cancelled", None, wait=None, due=None)
-            return True
-        write(self.writer, conn, rid, fn)
-
-    def op_resume(self, conn: Conn, rid: int, run: Any) -> None:
-        """``fresume``: a failed, aborted or cancelled run back to ``pending``."""
-        def fn(tx: Any) -> None:
-            rec = tx.run(run)
-            if rec is None:
-                raise InvalidRun(f"no run with id {run!r}")
-            if rec["status"] not in RESUMABLE:
-                raise InvalidState(f"run {run!r} is {rec['status']}: only a failed, aborted "
-                                   "or cancelled run can be resumed")
-            self._set(tx, run, rec, "pending", None, fails=0, cancel=False, due=None, new=True)
-        write(self.writer, conn, rid, fn)
-
-    def op_delete(self, conn: Conn, rid: int, run: Any) -> None:
-        """``fdelete``: a terminal run and its journal."""
-        def fn(tx: Any) -> None:
-            rec = tx.run(run)
-            if rec is None:
-                raise InvalidRun(f"no run with id {run!r}")
-            if rec["status"] not in TERMINAL:
-                raise InvalidState(f"run {run!r} is {rec['status']}: only a run that ended "
-                                   "can be deleted")
-            parent = tx.run(rec["parent"]) if rec["parent"] else None
-            if parent is not None and parent["status"] not in TERMINAL:
-                raise InvalidState(f"run {run!r} is a child of run {rec['parent']!r}, which "
-                                   f"is {parent['status']}")
-            tx.drop_topic(rec["topic"])
-            tx.put_run(run, None)
-            tx.flow_after.append(("dropped", run, rec["topic"]))
-        write(self.writer, conn, rid, fn)
-
-    def op_record(self, conn: Conn, rid: int, msg: Any) -> None:
-        """``frec``: an attempt's records (a step's result, buffered values, starts of
-        children, signals it sends): ``"ok"``, ``"fenced"`` or ``"cancelled"``."""
-        if type(msg) is not dict or msg.get("end") is not None:
-            raise Malformed("frec takes a record map without an end")
-        write(self.writer, conn, rid, lambda tx: self.apply(tx, conn, msg))
-
-    def ops(self) -> Dict[str, Callable[..., None]]:
-        """The op table's flow entries."""
-        return {"fstart": self.op_start, "finfo": self.op_info, "fruns": self.op_runs,
-                "fhist": self.op_history, "fresult": self.op_result, "fsignal": self.op_signal,
-                "fcancel": self.op_cancel, "fresume": self.op_resume, "fdelete": self.op_delete,
-                "frec": self.op_record}
-
-
-def outcome_error(exc: PipeProcError) -> dict:
-    return {"type": type(exc).__name__, "message": exc.message, "code": exc.code}

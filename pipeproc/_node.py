@@ -51,6 +51,7 @@ from . import _gc, _platform, _procs
 from ._conn import IOLoop  # noqa: F401 (the I/O loop the node builds)
 from ._conn import Conn, drop_stalled
 from ._gc import GC_DELETES_PER_ROUND, GC_SECONDS_PER_ROUND
+from ._flowops import FlowOps
 from ._flows import Flows
 from ._handlers import Handlers, _is_live, op_table
 from ._platform import STORE_MARKER
@@ -132,7 +133,7 @@ class Node:
         self.flows = Flows(store, self.writer, self.timers, self.waits, self.stopping)
         self.sys.flows = self.flows
         self.ops = op_table(self.handlers, self.sys)
-        self.ops.update(self.flows.ops())
+        self.ops.update(FlowOps(self.flows).ops())
         self.handlers.flow_stats = self.flows.stats
         self.io = IOLoop(self)
         self._gc_pass: Any = None

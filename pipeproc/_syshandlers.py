@@ -159,7 +159,8 @@ class SysHandlers:
                 items = None
             if self.supervisor is not None:
                 self.supervisor.count(conn.worker["slot"], kind == "reclaim")
-        st = {"done": None if done is None else (name, key, kind, items), "flow": flow_end}
+        st: Dict[str, Any] = {"done": None if done is None else (name, key, kind, items),
+                              "flow": flow_end}
         slot = conn.worker["slot"]
 
         def attempt(tx: Any) -> Any:

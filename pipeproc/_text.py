@@ -1,5 +1,6 @@
 """Plain-text and JSON formatting shared by the CLI and the demo: an aligned table, byte
-sizes and times, log lines, the proc table and the stats text.
+sizes and times, log lines, the proc table, the stats text, and the workflow runs'
+table and history.
 
 Imports nothing of the package: ``cli``, ``_cli_commands`` and ``_demo`` use it, so that
 neither the CLI nor the demo imports the other at module level. Client side.
@@ -8,6 +9,7 @@ neither the CLI nor the demo imports the other at module level. Client side.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import time
 from typing import Any, Dict, Iterable, Optional, Sequence
@@ -129,4 +131,72 @@ def stats_text(st: dict) -> str:
     if procs:
         lines.append("")
         lines.append(procs_table(procs))
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- workflow runs
+
+def as_dict(value: Any) -> Dict[str, Any]:
+    """A ``flow.RunInfo`` / ``flow.Event`` (a named tuple or a dataclass) or a dict as a dict."""
+    if isinstance(value, dict):
+        return dict(value)
+    if hasattr(value, "_asdict"):
+        return dict(value._asdict())
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    return dict(vars(value))
+
+
+def run_error(err: Any, width: int = 60) -> str:
+    """A run's ``error`` in one cell: ``Type: message`` (cut to ``width``), or ``-``."""
+    return short_error(err, width)
+
+
+def runs_table(runs: Sequence[Dict[str, Any]]) -> str:
+    """``pipeproc runs``: ID WORKFLOW STATUS ATTEMPT UPDATED ERROR, one run a row."""
+    rows = [[r.get("id"), r.get("workflow"), r.get("status"), r.get("attempt"),
+             human_ms(r.get("updated_at") or 0), run_error(r.get("error"))] for r in runs]
+    return table(["ID", "WORKFLOW", "STATUS", "ATTEMPT", "UPDATED", "ERROR"], rows, right=(3,))
+
+
+DATA_WIDTH = 120  # characters of an event's data shown by `pipeproc run` without --json
+
+
+def _clock_ms(ms: Any) -> str:
+    """``HH:MM:SS.mmm`` of an epoch-ms time (the date is in the run's info)."""
+    if not ms:
+        return "-"
+    return time.strftime("%H:%M:%S", time.localtime(ms / 1000)) + f".{int(ms) % 1000:03d}"
+
+
+def history_table(events: Sequence[Dict[str, Any]]) -> str:
+    """A run's history, one event a line: SEQ TIME POS TYPE NAME DATA (data as JSON)."""
+    rows = [[e.get("seq"), _clock_ms(e.get("ts")), "-" if e.get("pos") is None else e.get("pos"),
+             e.get("type"), e.get("name") or "-", shorten(dumps(e.get("data") or {}), DATA_WIDTH)]
+            for e in events]
+    return table(["SEQ", "TIME", "POS", "TYPE", "NAME", "DATA"], rows, right=(0, 2))
+
+
+def run_text(info: Dict[str, Any], events: Sequence[Dict[str, Any]],
+             result: Any = None, has_result: bool = False) -> str:
+    """``pipeproc run ID``: the run's info (``field: value`` lines), its result when it
+    finished, then its history (one event a line)."""
+    lines = []
+    for k, v in info.items():
+        if k == "error":
+            if isinstance(v, dict):
+                code = f" ({v.get('code')})" if v.get("code") else ""
+                v = f"{v.get('type')}: {v.get('message')}{code}"
+            else:
+                v = "-"
+        elif k.endswith("_at"):
+            v = f"{v} ({human_ms(v)})" if v else "-"
+        elif v is None or v == "":
+            v = "-"
+        lines.append(f"{k + ':':<12} {v}")
+    if has_result:
+        lines.append(f"{'result:':<12} {shorten(dumps(result))}")
+    lines.append("")
+    lines.append(f"history ({len(events)} events):")
+    lines.append(history_table(events))
     return "\n".join(lines)

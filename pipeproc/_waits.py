@@ -188,6 +188,7 @@ class Waits:
         """Park a claim that found nothing (unless its connection is gone)."""
         with self.lock:
             if not conn.closed:
+                conn.parked = True
                 self.claims[(conn.id, rid)] = Parked(conn, rid, interest, attempt, done)
 
     def attempt(self, conn: Any, rid: int, interest: Any, attempt: Callable) -> None:
@@ -239,6 +240,7 @@ class Waits:
                 if hold is None:
                     conn.reply(rid, None)
                     return
+                conn.parked = True
                 self.idle[key] = IdleWait(conn, rid, names, hold)
         if timeout is not None:
             def expire() -> None:

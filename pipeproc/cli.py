@@ -1,4 +1,5 @@
-"""The ``pipeproc`` command line: run a node, commit, read, follow and manage procs.
+"""The ``pipeproc`` command line: run a node, commit, read, follow and manage procs, list
+workflow runs.
 
 Every subcommand is a thin shell over the public client (:func:`pipeproc.connect`,
 :func:`pipeproc.spawn`); nothing here touches the store: ``check`` runs the node-side
@@ -6,8 +7,9 @@ check (:mod:`pipeproc._check`, the store read with no node running) as a child p
 Logging is configured here and only here (the library never configures logging itself).
 
 This module holds the parser and :func:`main`; the subcommands are
-:mod:`pipeproc._cli_commands`, the text formatting :mod:`pipeproc._text`. Client side: it
-imports the client-side modules lazily (``_demo``), never a node-side one.
+:mod:`pipeproc._cli_commands`, the text formatting :mod:`pipeproc._text`, the workflow commands (``runs``, ``run``)
+:mod:`pipeproc._cli_flow`. Client side: it imports the client-side modules lazily (``_demo``,
+``_demo_flow``, ``_cli_flow``), never a node-side one.
 
 Exit codes (named like dramatiq's ``RET_*``):
 
@@ -86,11 +88,17 @@ examples:
   pipeproc resume my-proc
   pipeproc stats --watch 2
 
+  # workflow runs (pipeproc.flow): list them, then one run with its history
+  pipeproc runs
+  pipeproc runs --status failed,aborted --workflow demo-order --json
+  pipeproc run order-1
+
   # verify the store (every record's checksum, the proc records) with no node running
   pipeproc check --location ./pipeproc_data
 
   # the demo pipeline (what `make demo` runs)
   pipeproc demo --logs 20000
+  pipeproc demo --flow          # act 2: a durable order workflow, a worker killed mid-run
 
 environment:
   PIPEPROC_LOCATION  default for --location (otherwise ./pipeproc_data)
@@ -106,10 +114,24 @@ exit codes:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if args.flow:
+        from . import _demo_flow
+        return _demo_flow.run(location=args.location, workers=args.workers,
+                              durability=args.durability, busy_poll=_busy_poll_setting())
     from . import _demo
     return _demo.run(logs=args.logs, location=args.location, workers=args.workers,
                      batch=args.batch, durability=args.durability,
                      busy_poll=_busy_poll_setting())
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from . import _cli_flow
+    return _cli_flow.cmd_runs(args)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from . import _cli_flow
+    return _cli_flow.cmd_run(args)
 
 
 # --------------------------------------------------------------------------- parser
@@ -246,13 +268,34 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--watch", type=_seconds, metavar="SECONDS",
                    help="refresh every SECONDS until Ctrl-C")
 
+    p = add("runs", "list workflow runs (pipeproc.flow): id, workflow, status, attempt, "
+            "updated, error; oldest first", cmd_runs,
+            "  pipeproc runs\n"
+            "  pipeproc runs --status waiting\n"
+            "  pipeproc runs --status failed,aborted --status cancelled --workflow demo-order\n"
+            "  pipeproc runs --limit 20 --json\n")
+    p.add_argument("--status", action="append", metavar="STATUS",
+                   help="only runs with this status: pending, running, waiting, finished, "
+                        "failed, aborted, cancelled, rejected (repeatable, or a comma list)")
+    p.add_argument("--workflow", metavar="NAME", help="only runs of this workflow (its name)")
+    p.add_argument("--limit", type=_positive_int, default=None,
+                   help="only the newest N matching runs (still printed oldest first)")
+
+    p = add("run", "print a workflow run: its state (and result), then its history, "
+            "one event a line", cmd_run,
+            "  pipeproc run order-1\n"
+            "  pipeproc run order-1 --json | jq .history\n")
+    p.add_argument("id", metavar="ID", help="the run's id")
+
     add("check", "verify every record of the store at --location (no node running); "
         "exit 1 and a report on damage", cmd_check,
         "  pipeproc check --location ./pipeproc_data\n")
 
-    p = add("demo", "run the demo pipeline: raw -> parse -> enrich -> aggregate", cmd_demo,
+    p = add("demo", "run the demo pipeline: raw -> parse -> enrich -> aggregate; --flow: "
+            "act 2, a durable order workflow", cmd_demo,
             "  pipeproc demo\n"
-            "  pipeproc demo --logs 100000 --location /tmp/pp-demo\n")
+            "  pipeproc demo --logs 100000 --location /tmp/pp-demo\n"
+            "  pipeproc demo --flow\n")
     p.add_argument("--logs", type=_positive_int, default=20_000,
                    help="logs to feed (default 20000)")
     p.add_argument("--workers", type=_positive_int, default=2, help="worker processes (default 2)")
@@ -260,6 +303,10 @@ def make_parser() -> argparse.ArgumentParser:
                    help="logs per atomic commit (default 500)")
     p.add_argument("--durability", choices=("full", "fast"), default="full",
                    help="node durability (default full)")
+    p.add_argument("--flow", action="store_true",
+                   help="act 2: an order workflow (flaky payment with retries, a durable "
+                        "sleep, an approval signal, a child run) with a worker killed mid-run "
+                        "(--logs and --batch do not apply)")
     return parser
 
 

@@ -23,10 +23,10 @@ SHARED = {"errors", "_ids", "_records", "_protocol", "_platform"}
 #: the pure core: no I/O, no threads, no clock (time arrives as an argument)
 PURE = {"_ids", "_records", "_procs", "_gc"}
 NODE = {"_node", "_conn", "_handlers", "_syshandlers", "_writer", "_waits", "_gc", "_store",
-        "_supervisor", "_check", "_damage", "_procs", "_layout", "_txn"}
+        "_supervisor", "_check", "_damage", "_procs", "_layout", "_txn", "_flows", "_flowops"}
 CLIENT = {"__init__", "__main__", "_client", "aio", "_aio_conn", "_aio_live", "_live", "_calls",
           "_docs", "_spawn", "_processors", "_workers", "_text", "cli", "_cli_commands", "_demo",
-          "demo_processors", "flow"}
+          "demo_processors", "flow", "_cli_flow", "_demo_flow", "demo_flows"}
 #: what the pure core must not import (standard library modules that do I/O, run threads or
 #: read a clock)
 IMPURE = {"socket", "threading", "subprocess", "lmdb", "selectors", "multiprocessing",

@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import msgpack
 
-from ..errors import InvalidArgument, NonDeterminism, PipeProcError, Reject, RunError
+from ..errors import InvalidArgument, NonDeterminism, PipeProcError, Reject
 from ._defs import (
     Retry,
     Suspend,

@@ -157,9 +157,11 @@ class Engine:
         wf = lookup(workflow)
         run_id = uuid.uuid4().hex if id is None else check_name(id, "a run id")
         encode_payload([list(args), kwargs], "the workflow's arguments")
-        existing = self._call("finfo", run_id)
-        if existing is not None:
-            return self._existing(run_id, existing, wf)
+        if id is not None and wf.validate is not None:
+            # validate runs only for a new run: look first (fstart decides atomically)
+            existing = self._call("finfo", run_id)
+            if existing is not None:
+                return self._existing(run_id, existing, wf)
         first, rejected = first_event(wf, args, kwargs)
         raw, created = self._call("fstart", run_id, wf.name, wf.ref, first, wf.max_failures,
                                   wf.lease, wf.version, None, rejected)
