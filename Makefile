@@ -21,6 +21,7 @@ lint: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m pipeproc demo
+	$(BIN)/python -m pipeproc demo --flow
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks
