@@ -158,7 +158,6 @@ class FlowOps:
                                    f"is {parent['status']}")
             tx.drop_topic(rec["topic"])
             tx.put_run(run, None)
-            tx.flow_after.append(("dropped", run, rec["topic"]))
         write(self.f.writer, conn, rid, fn)
 
     def op_record(self, conn: Conn, rid: int, msg: Any) -> None:

@@ -118,7 +118,6 @@ class Flows:
         self.live: Dict[str, Attempt] = {}
         self.children: Dict[str, Set[str]] = {}   # child id -> parents waiting on it
         self.results: Dict[str, List[tuple]] = {}  # run id -> parked result requests
-        self.journals: Set[str] = {rec["topic"] for rec in store.runs.values()}
         self.interrupted = 0
         self.fenced = 0
         self.tokens = 0
@@ -155,10 +154,6 @@ class Flows:
                     self._timer(r, w["due"])
         if self.ready:
             self.waits.wake_sys(len(self.ready))
-
-    def is_journal(self, topic: str) -> bool:
-        """The GC never collects a journal: a run's journal goes with ``delete``."""
-        return topic in self.journals
 
     def stats(self) -> Dict[str, Any]:
         counts: Dict[str, int] = {}
@@ -224,10 +219,6 @@ class Flows:
                 self.children.setdefault(arg, set()).add(run)
             elif what == "end":
                 self._answer(run)
-            elif what == "journal":
-                self.journals.add(arg)
-            elif what == "dropped":
-                self.journals.discard(arg)
         if woken:
             self.waits.wake_sys(woken)
 
@@ -467,7 +458,6 @@ class Flows:
                "created": tx.now, "updated": tx.now, "error": None, "parent": parent,
                "topic": topic, "wait": None, "due": None, "cancel": False, "new": True}
         tx.append([(topic, first)])
-        tx.flow_after.append(("journal", run, topic))
         tx.put_run(run, rec)
         if rejected is not None:
             rec = self._set(tx, run, rec, "rejected", rejected)

@@ -299,8 +299,8 @@ class Node:
     def _gc(self, tx: Any) -> bool:
         """One bounded step of a GC pass (a writer job); ``True`` when the pass has more."""
         if self._gc_pass is None:
-            self._gc_pass = _gc.new_pass(t for t in self.store.topics
-                                         if not self.flows.is_journal(t))
+            journals = self.store.journals  # workflow journals go with their run only
+            self._gc_pass = _gc.new_pass(t for t in self.store.topics if t not in journals)
         return _gc.step(tx, self._gc_pass, _gc.procs_by_topic(self.store.procs, tx.procs),
                         tx.now - int(self.gc_min_prune * 1000), GC_DELETES_PER_ROUND,
                         time.monotonic() + GC_SECONDS_PER_ROUND, time.monotonic)

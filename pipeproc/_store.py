@@ -26,7 +26,7 @@ import tempfile
 import threading
 import time
 from contextlib import contextmanager
-from typing import Dict, Iterator, Optional
+from typing import Dict, Iterator, Optional, Set
 
 import lmdb
 import msgpack
@@ -248,6 +248,7 @@ class Store:
         self.procs: Dict[str, dict] = {}
         self.sysprocs: Dict[str, dict] = {}
         self.runs: Dict[str, dict] = {}  # workflow runs by id (pipeproc.flow; _flows)
+        self.journals: Set[str] = set()  # their journals' topics: the GC never collects them
         self.last_ms = 0
         self.next_tid = 1
         try:
@@ -333,6 +334,7 @@ class Store:
             for key, value in txn.cursor(db=self.db_runs):
                 name, rec = unpack_named("run", key, value, sealed)
                 self.runs[name] = rec
+                self.journals.add(rec["topic"])
             if not sealed:  # format 2: seal the topic, proc and system proc records
                 for name, meta in self.topics.items():
                     txn.put(name.encode(), meta.pack(), db=self.db_topics)

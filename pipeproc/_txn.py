@@ -17,7 +17,7 @@ what a transaction needs of the store is :class:`StoreState`.
 from __future__ import annotations
 
 from itertools import islice
-from typing import Any, Dict, List, Optional, Protocol, Tuple
+from typing import Any, Dict, List, Optional, Protocol, Set, Tuple
 
 import lmdb
 import msgpack
@@ -48,6 +48,7 @@ class StoreState(Protocol):
     procs: Dict[str, dict]
     sysprocs: Dict[str, dict]
     runs: Dict[str, dict]
+    journals: Set[str]
     unchecked: Dict[int, int]
     next_tid: int
     last_ms: int
@@ -322,6 +323,13 @@ class WriteTx(_View):
         s.topics.update(self.topics)
         for name in self.dropped:
             s.topics.pop(name, None)
+        for run, rec in self.runs.items():
+            if rec is None:
+                old = s.runs.get(run)
+                if old is not None:
+                    s.journals.discard(old["topic"])
+            else:
+                s.journals.add(rec["topic"])
         for table, overlay in ((s.procs, self.procs), (s.sysprocs, self.sysprocs),
                                (s.runs, self.runs)):
             for name, rec in overlay.items():

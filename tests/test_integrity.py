@@ -341,6 +341,7 @@ def test_an_lmdb_damage_error_keeps_the_connection(spawner, tmp_path, monkeypatc
     loop = _node.IOLoop.__new__(_node.IOLoop)
     loop.node = node
     loop.last_conn = None
+    loop.talk = {}
     assert loop._serve(FakeConn(), msgpack.packb([7, "range", "t"])) is True
     rid, status, (code, message) = msgpack.unpackb(sent[0])
     assert (rid, status, code) == (7, 1, "store_corrupted")

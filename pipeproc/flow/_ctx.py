@@ -37,6 +37,7 @@ from ._defs import (
     encode_payload,
     error_info,
     lookup,
+    public_error,
     rebuild,
     round_trip,
     run_error,
@@ -156,10 +157,15 @@ class Attempt:
     def record(self, kind: str, name: str, pos: Optional[int], data: dict) -> None:
         self.buffer.append(ev(kind, name, pos, data))
 
-    def flush(self, starts: Optional[list] = None, sends: Optional[list] = None) -> None:
-        """Write the buffer (and starts, sends) now; unwind when fenced off or cancelled."""
-        events, self.buffer = self.buffer, []
-        r = self.write_fn(events, starts or [], sends or [])
+    def flush(self, own: Optional[bytes] = None, starts: Optional[list] = None,
+              sends: Optional[list] = None) -> None:
+        """Write the buffer (then ``own``, the calling position's record, with its starts
+        or sends) now; unwind when fenced off or cancelled. When the node refuses the
+        write (an unknown run to signal, a conflicting child id), the buffer is kept for
+        the next write and the error is raised from the call."""
+        events = self.buffer + ([own] if own is not None else [])
+        r = self.write_fn(events, starts or [], sends or [])  # raises: nothing written
+        self.buffer = []
         if r != "ok":
             self.unwinding = Fenced(r)
             raise self.unwinding
@@ -175,7 +181,8 @@ class Attempt:
         if rec is not None:
             if rec[0] == "step":
                 return pos, ("result", rec[2].get("result"))
-            return pos, ("raise", rebuild(rec[2].get("error") or {}))
+            return pos, ("raise", rebuild(dict(rec[2].get("error") or {},
+                                               module=rec[2].get("module"))))
         tries = [a for a in self.aux.get(pos, ()) if a[0] == "retry" and a[4] > self.epoch]
         if tries:
             last = tries[-1]
@@ -191,10 +198,12 @@ class Attempt:
         """A try failed: the wait before the next one (recorded), or ``None``: exhausted."""
         if (retry is None or isinstance(exc, (Reject, NonDeterminism))
                 or tries >= retry.tries or not retry.retries(exc)):
-            self.record("step_failed", name, pos, {"error": error_info(exc)})
+            err = error_info(exc)
+            self.record("step_failed", name, pos, {"error": public_error(err),
+                                                   "module": err.get("module")})
             return None
         wait = retry.wait(tries)
-        self.record("retry", name, pos, {"attempt": tries, "error": error_info(exc),
+        self.record("retry", name, pos, {"attempt": tries, "error": public_error(error_info(exc)),
                                          "wait": wait})
         self.flush()
         return wait
@@ -258,8 +267,8 @@ class Attempt:
             return
         check_name(run_id, "a run id")
         value = round_trip(payload, "a signal payload")
-        self.record("send", name, pos, {"to": run_id, "payload": value})
-        self.flush(sends=[[run_id, name, encode_payload(value)]])
+        self.flush(ev("send", name, pos, {"to": run_id, "payload": value}),
+                   sends=[[run_id, name, encode_payload(value)]])
 
     def start_child(self, kind: str, workflow: Any, args: tuple, kwargs: dict,
                     rid: Optional[str]) -> str:
@@ -274,10 +283,9 @@ class Attempt:
         else:
             check_name(rid, "a run id")
         first, rejected = first_event(wf, args, kwargs)
-        self.record(kind, wf.name, pos, {"id": rid})
         start = [rid, wf.name, wf.ref, first, wf.max_failures, wf.lease, wf.version,
                  self.run_id if kind == "child" else None, rejected]
-        self.flush(starts=[start])
+        self.flush(ev(kind, wf.name, pos, {"id": rid}), starts=[start])
         return rid
 
     def child_outcome(self, cid: str) -> Tuple[bool, Any]:

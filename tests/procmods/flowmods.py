@@ -175,7 +175,7 @@ async def aslow(path: str, tag: str, delay: float, value: Any) -> Any:
 def work(path: str, name: str, arg: Any) -> dict:
     """The step of ``scripted``: one line ``name``, a little time, a result from its input."""
     append(path, name)
-    time.sleep(0.02)
+    time.sleep(0.05)
     return {"name": name, "arg": arg}
 
 
