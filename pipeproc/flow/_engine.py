@@ -259,9 +259,15 @@ class Engine:
         """
         statuses: Optional[List[str]] = None
         if status is not None:
-            statuses = [status] if isinstance(status, str) else list(status)
+            if isinstance(status, str):
+                statuses = [status]
+            elif isinstance(status, (list, tuple, set, frozenset)):
+                statuses = list(status)
+            else:
+                raise InvalidArgument(f"status must be a status or a list of them, got "
+                                      f"{status!r:.80}")
             for s in statuses:
-                if s not in STATUSES:
+                if not isinstance(s, str) or s not in STATUSES:
                     raise InvalidArgument(f"unknown status {s!r} (one of {', '.join(STATUSES)})")
         name = None
         if workflow is not None:
