@@ -315,6 +315,13 @@ class WriteTx(_View):
             clock = max(s.last_ms, self.now) if self.stamped else s.last_ms
             put(b"clock", str(clock).encode(), db=s.db_meta)
 
+    @property
+    def wrote(self) -> bool:
+        """Whether the transaction changes anything (LMDB commits an empty one without a
+        sync)."""
+        return bool(self.stamped or self.persist or self.procs or self.sysprocs or self.runs
+                    or self.dropped)
+
     def commit(self) -> None:
         """Commit (fsync under durability "full"), then publish the overlays in memory."""
         self.flush()

@@ -75,7 +75,7 @@ class Writer:
         # The I/O loop's thread: its writes wait for the end of its pass (see kick).
         self.loop_thread: Optional[int] = None
         self.commit_time = 0.0  # duration of the last commit (seconds)
-        self.rounds = 0    # write transactions committed
+        self.rounds = 0    # write transactions committed that wrote something (each a sync)
         self.requests = 0  # write requests they held
         self._thread = threading.Thread(target=self._run, name="writer", daemon=True)
 
@@ -230,9 +230,11 @@ class Writer:
                     except PipeProcError as exc:
                         results.append((job.done, False, exc))
                 t0 = time.monotonic()
+                wrote = tx.wrote
                 tx.commit()
-                self.commit_time = time.monotonic() - t0
-                self.rounds += 1
+                if wrote:  # an empty transaction costs LMDB no sync: not counted
+                    self.commit_time = time.monotonic() - t0
+                    self.rounds += 1
                 self.requests += len(jobs)
             except lmdb.MapFullError:
                 tx.abort()
