@@ -253,7 +253,7 @@ def plans():
                 plan.append(["kv", "k" if i % 2 else "j", arg])
         return plan
 
-    return st.lists(op, min_size=1, max_size=8).map(build)
+    return st.lists(op, min_size=2, max_size=10).map(build)
 
 
 def journal(history):
@@ -281,10 +281,10 @@ def test_random_workflows_killed_at_random_give_the_uninterrupted_journal(tmp_pa
     counter = [0]
     totals = {"kills": 0, "reruns": 0}
 
-    @settings(max_examples=25, deadline=None, derandomize=False,
+    @settings(max_examples=80, deadline=None, derandomize=False,
               suppress_health_check=[HealthCheck.too_slow])
     @given(plan=plans(),
-           kills=st.lists(st.tuples(st.floats(0.0, 0.25), st.sampled_from(["worker", "node"])),
+           kills=st.lists(st.tuples(st.floats(0.0, 0.15), st.sampled_from(["worker", "node"])),
                           min_size=1, max_size=4))
     def check(plan, kills):
         counter[0] += 1

@@ -114,6 +114,63 @@ def test_ctx_attributes(eng):
     assert run.result(timeout=RESULT) == [run.id, fm.whoami.name, None, 1]
 
 
+def test_sync_context_step_functions_and_occurrences(eng, out):
+    run = eng.start(fm.ctx_kind, out)
+    assert run.result(timeout=RESULT) == [True, False, "A", {"v": 1}, [0, 1, 2]]
+    assert fm.read_lines(out) == ["plain", "kw", "same0", "same1", "same2", "kind"]
+    assert [(e.name, e.pos) for e in events(run, "step")] == [
+        ("a", 0), ("kw", 1), ("same", 2), ("same", 3), ("same", 4)]
+
+
+def test_an_async_step_function_in_a_sync_workflow(eng, out):
+    run = eng.start(fm.sync_with_async_fn, out)
+    assert run.result(timeout=RESULT) == "A"
+    assert fm.read_lines(out) == ["async-fn"]
+
+
+def test_bad_arguments_of_ctx_calls(eng):
+    run = eng.start(fm.ctx_bad_args)
+    assert run.result(timeout=RESULT) == [
+        "invalid_argument", "invalid_argument", "invalid_argument", "invalid_argument",
+        "invalid_argument", "invalid_argument", "invalid_payload", "invalid_argument",
+        "invalid_workflow", "invalid_argument", "invalid_argument"]
+
+
+MAIN_SCRIPT = """
+import sys
+import pipeproc
+from pipeproc import flow
+
+
+def double(x):
+    return x * 2
+
+
+@flow.workflow()
+def main_wf(ctx, x):
+    return ctx.step("double", double, x)
+
+
+if __name__ == "__main__":
+    with pipeproc.spawn(sys.argv[1], workers=1) as pp:
+        with flow.Engine(pp) as eng:
+            run = eng.start(main_wf, 21)
+            print(main_wf.name, run.result(timeout=30), flush=True)
+"""
+
+
+@pytest.mark.timeout(90)
+def test_a_workflow_of_the_main_script(tmp_path):
+    script = tmp_path / "app.py"
+    script.write_text(MAIN_SCRIPT)
+    res = subprocess.run([sys.executable, str(script), str(tmp_path / "store")],
+                         capture_output=True, text=True, timeout=60, cwd=str(tmp_path),
+                         env=env_with_tests())
+    assert res.returncode == 0, res.stderr
+    name, value = res.stdout.split()
+    assert name.endswith(":main_wf") and value == "42"
+
+
 def test_a_workflow_with_a_custom_name_runs_by_its_import_path(eng):
     run = eng.start("custom name / not a module path", {"x": 1})
     assert run.result(timeout=RESULT) == {"x": 1}
@@ -281,13 +338,21 @@ def test_statuses_running_waiting_finished_and_result_timeout(eng, out, tmp_path
 
 def test_waiting_runs_hold_no_worker(eng):
     waiters = [eng.start(fm.collect_signals, ["w"]) for _ in range(3)]  # 2 workers
-    for w in waiters:
+    parents = [eng.start(fm.parent_of_waiter) for _ in range(2)]  # waiting on children
+    for w in waiters + parents:
         wait_status(w, "waiting")
+    children = [eng.run(f"{p.id}/{fm.collect_signals.name}-0") for p in parents]
+    for c in children:
+        wait_status(c, "waiting")
     assert eng.start(fm.add, 2, 2).result(timeout=RESULT) == 4
     for w in waiters:
         w.signal("w", 1)
+    for c in children:
+        c.signal("c", 2)
     for w in waiters:
         assert w.result(timeout=RESULT) == [1]
+    for p in parents:
+        assert p.result(timeout=RESULT) == [2]
 
 
 def test_at_most_workers_times_concurrency_runs_execute_at_once(eng, out):
@@ -406,6 +471,12 @@ def test_an_attempt_silent_for_its_lease_is_interrupted_and_aborts(eng, out):
     info = run.info()
     assert info.status == "aborted"
     assert info.error["type"] == "Interrupted" and info.error["code"] == "interrupted"
+
+
+def test_waiting_does_not_count_against_the_lease(eng):
+    run = eng.start(fm.wait_beyond_lease)  # lease 0.5, max_failures 1
+    assert run.result(timeout=RESULT) == [None, True, 1]
+    assert run.info().attempt == 1
 
 
 def test_a_retry_wait_inside_the_attempt_is_no_heartbeat(eng, out):
@@ -1001,7 +1072,8 @@ def test_patched_change_ids(eng):
 
 
 @pytest.mark.parametrize("mode,catch", [("rename", False), ("rename", True), ("kind", False),
-                                        ("kv", False), ("now", False)])
+                                        ("kv", False), ("now", False), ("sleep", False),
+                                        ("child", False)])
 def test_non_determinism_fails_the_run_at_once(eng, tmp_path, mode, catch):
     flag = str(tmp_path / "changed")
     run = eng.start(fm.nondet, flag, mode, catch)
@@ -1025,6 +1097,10 @@ def test_non_determinism_fails_the_run_at_once(eng, tmp_path, mode, catch):
         assert "'a'" in msg and "'b'" in msg
     elif mode == "now":
         assert "now" in msg and "random" in msg
+    elif mode == "sleep":
+        assert "sleep 'a'" in msg and "sleep 'b'" in msg
+    elif mode == "child":
+        assert fm.echo.name in msg and fm.whoami.name in msg
 
 
 def test_log_messages_are_not_compared(eng, tmp_path):

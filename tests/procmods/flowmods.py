@@ -221,6 +221,49 @@ def tuple_step(ctx: flow.Context) -> list:
 
 
 @flow.workflow()
+def ctx_kind(ctx: flow.Context, path: str) -> list:
+    """A sync workflow: its context, step keyword arguments, and steps of one name taking
+    their occurrences (replayed after fail_once)."""
+    a = ctx.step("a", tick, path, "plain", "A")
+    kw = ctx.step("kw", tick, path, tag="kw", value={"v": 1})
+    same = [ctx.step("same", tick, path, f"same{i}", i) for i in range(3)]
+    fail_once(path, "kind")
+    return [isinstance(ctx, flow.Context), isinstance(ctx, flow.AsyncContext), a, kw, same]
+
+
+@flow.workflow()
+def sync_with_async_fn(ctx: flow.Context, path: str) -> Any:
+    """FLOW.md §2: a step's ``fn`` is any callable, sync or ``async def``."""
+    return ctx.step("a", aslow, path, "async-fn", 0.01, "A")
+
+
+@flow.workflow()
+def ctx_bad_args(ctx: flow.Context) -> list:
+    """Bad arguments of ctx calls, caught: the code of each error."""
+    calls = [
+        lambda: ctx.sleep("s", -1),
+        lambda: ctx.sleep("s", "1"),
+        lambda: ctx.wait_signal(""),
+        lambda: ctx.wait_signal("x" * 201),
+        lambda: ctx.wait_signal("x", timeout=-1),
+        lambda: ctx.signal(ctx.run_id, ""),
+        lambda: ctx.signal(ctx.run_id, "x", {1, 2}),
+        lambda: ctx.child(echo, 1, id=""),
+        lambda: ctx.child("no.such:workflow"),
+        lambda: ctx.start(echo, 1, id="x" * 201),
+        lambda: ctx.log(5),
+    ]
+    codes = []
+    for call in calls:
+        try:
+            call()
+            codes.append(None)
+        except pipeproc.PipeProcError as exc:
+            codes.append(exc.code)
+    return codes
+
+
+@flow.workflow()
 def whoami(ctx: flow.Context) -> list:
     return [ctx.run_id, ctx.workflow, ctx.parent_id, ctx.attempt]
 
@@ -370,6 +413,15 @@ def always_fails_after_step(ctx: flow.Context, path: str) -> None:
 def slow_step(ctx: flow.Context, path: str, secs: float) -> str:
     ctx.step("slow", slow_first, path, "slow", secs)
     return "done"
+
+
+@flow.workflow(max_failures=1, lease=0.5)
+def wait_beyond_lease(ctx: flow.Context) -> list:
+    """Waits (a sleep, a signal, a child) longer than its lease: waiting is no attempt."""
+    ctx.sleep("nap", 0.8)
+    v = ctx.wait_signal("s", timeout=0.7)
+    c = ctx.child(nap, 0.7)
+    return [v, isinstance(c, float), ctx.attempt]
 
 
 @flow.workflow(max_failures=1, lease=0.5)
@@ -562,6 +614,13 @@ def nondet(ctx: flow.Context, flag: str, mode: str, catch: bool) -> Any:
                 ctx.random()
             else:
                 ctx.now()
+        elif mode == "sleep":
+            ctx.sleep("b" if changed else "a", 0)
+        elif mode == "child":
+            if changed:
+                ctx.child(whoami)
+            else:
+                ctx.child(echo, 1)
         elif mode == "log":  # names of logs are not compared
             ctx.log("changed" if changed else "original")
     except Exception:  # noqa: BLE001 - catching it must not save the run
