@@ -73,7 +73,10 @@ class Attempt:
 
     def __init__(self, run_id: str, attempt: int, workflow: str, parent: Optional[str],
                  records: List[list], write: Callable[..., str],
-                 call: Callable[..., Any]) -> None:
+                 call: Callable[..., Any],
+                 loop_of: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop
+                 ) -> None:
+        self.loop_of = loop_of
         self.run_id = run_id
         self.attempt = attempt
         self.workflow = workflow
@@ -460,8 +463,8 @@ class Context(_Face):
             tries += 1
             try:
                 result = fn(*args, **kwargs)
-                if inspect.isawaitable(result):
-                    raise InvalidArgument(f"step {name!r}: an async fn needs an async workflow")
+                if inspect.isawaitable(result):  # an async fn in a sync workflow
+                    result = att.loop_of().run_until_complete(_awaited(result))
             except Exception as exc:
                 wait = att.step_failed_try(pos, name, retry, exc, tries)
                 if wait is None:
@@ -577,3 +580,7 @@ def _now(fn: Callable[[], Any]) -> Any:
 
 async def _raise(exc: BaseException) -> Any:
     raise exc
+
+
+async def _awaited(aw: Any) -> Any:
+    return await aw

@@ -45,7 +45,7 @@ def execute(claim: list, call: Callable[..., Any],
         return call("frec", {"run": run_id, "token": token, "events": events,
                              "starts": starts, "sends": sends})
 
-    att = Attempt(run_id, attempt, wf_name, parent, records, write, call)
+    att = Attempt(run_id, attempt, wf_name, parent, records, write, call, loop_of)
     base = {"run": run_id, "token": token}
     try:
         obj = load(ref)
