@@ -149,8 +149,11 @@ def _lifeline(stdin: Any) -> None:
 def main() -> None:
     """Entry point of a worker process (``python -m pipeproc._workers``)."""
     stdin = sys.stdin.buffer
-    size = int.from_bytes(stdin.read(4), "big")
-    cfg = msgpack.unpackb(stdin.read(size), raw=False)
+    try:
+        size = int.from_bytes(stdin.read(4), "big")
+        cfg = msgpack.unpackb(stdin.read(size), raw=False)
+    except (ValueError, OSError, msgpack.UnpackException):
+        os._exit(3)  # the node went away before it finished sending the configuration
     logging.basicConfig(level=cfg.get("log_level") or "WARNING", stream=sys.stderr,
                         format="%(asctime)s pipeproc-worker[%(process)d] %(levelname)s %(message)s")
     if cfg.get("cwd"):
