@@ -150,6 +150,22 @@ def scan(path: str) -> Dict[str, Any]:
                             problem(f"proc {name!r}: {bad}")
                     elif type(prec.get("procs")) is not list:
                         problem(f"system proc {name!r}: no proc list")
+            try:  # workflow runs (pipeproc.flow): a record each, and its journal topic
+                runs_db = env.open_db(b"runs", txn=txn, create=False)
+            except lmdb.NotFoundError:  # a store that never held a run
+                runs_db = None
+            if runs_db is not None:
+                journals = {name for name, _ in topics.values()}
+                for rkey, rvalue in txn.cursor(db=runs_db):
+                    try:
+                        name, rrec = unpack_named("run", rkey, rvalue, True)
+                    except StoreCorrupted as exc:
+                        problem(exc.message.split(": run `pipeproc check`")[0])
+                        continue
+                    counts["runs"] = counts.get("runs", 0) + 1
+                    if rrec.get("topic") not in journals:
+                        problem(f"run {name!r}: its journal (topic {rrec.get('topic')!r}) "
+                                "is missing")
     except lmdb.Error as exc:
         problem(f"LMDB cannot read the store: {exc}")
     finally:

@@ -374,7 +374,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     elif report["ok"]:
         out(f"ok: {report['topics']} topics, {report['logs']} logs "
             f"({report['unchecked_logs']} without checksum, written by format 2), "
-            f"{report['procs']} procs, {report['system_procs']} system procs")
+            f"{report['procs']} procs, {report['system_procs']} system procs"
+            + (f", {report['runs']} workflow runs" if report.get("runs") else ""))
     else:
         for line in report["listed"]:
             out(f"damaged: {line}")

@@ -773,3 +773,13 @@ def late(ctx: flow.Context, path: str, secs: float) -> list:
     a = ctx.step("slow", slow_first, path, "slow", secs)
     b = ctx.step("after", tick, path, "after", a)
     return [a, b]
+
+
+def _plus(i: int) -> int:
+    return i
+
+
+@flow.workflow()
+def ten_steps(ctx: flow.Context) -> int:
+    """Ten no-op steps: the sum of their results (tests/test_flow_store.py)."""
+    return sum(ctx.step(f"s{i}", _plus, i) for i in range(10))
