@@ -57,12 +57,13 @@ class FlowOps:
         """``fruns``: every run matching the filters, oldest first (the newest ``limit``)."""
         with self.f.lock:
             live = dict(self.f.live)
-        out = []
+        keyed = []
         for r, rec in list(self.f.store.runs.items()):
             i = info(r, rec, live.get(r))
             if (statuses is None or i[2] in statuses) and (wf is None or rec["wf"] == wf):
-                out.append(i)
-        out.sort(key=lambda i: (i[4], i[0]))
+                keyed.append(((i[4], rec.get("n", 0)), i))
+        keyed.sort(key=lambda k: k[0])  # creation order
+        out = [i for _, i in keyed]
         if limit is not None:
             out = out[-limit:] if limit > 0 else []
         conn.reply(rid, out)
@@ -140,7 +141,8 @@ class FlowOps:
             if rec["status"] not in RESUMABLE:
                 raise InvalidState(f"run {run!r} is {rec['status']}: only a failed, aborted "
                                    "or cancelled run can be resumed")
-            self.f._set(tx, run, rec, "pending", None, fails=0, cancel=False, due=None, new=True)
+            self.f._set(tx, run, rec, "pending", None, fails=0, cancel=False, due=None,
+                        new=False, attempt=rec["attempt"] + 1)
         write(self.f.writer, conn, rid, fn)
 
     def op_delete(self, conn: Conn, rid: int, run: Any) -> None:

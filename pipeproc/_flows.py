@@ -255,6 +255,9 @@ class Flows:
         fails = rec.get("fails", 0) + 1
         if interrupted:
             self.interrupted += 1
+        if rec.get("cancel"):  # cancelled while running: no other attempt
+            self._set(tx, run, rec, "cancelled", None, cancel=False, wait=None, due=None)
+            return
         if fatal or fails >= rec["max_failures"]:
             status = "aborted" if interrupted and not fatal else "failed"
             log.error("run %r (%s) %s after %d failed attempt(s): %s: %s", run, rec["wf"],
@@ -328,6 +331,9 @@ class Flows:
             rec = tx.run(run)
             if rec is None or rec["status"] != "pending" or run in self.live:
                 continue
+            if rec.get("cancel"):
+                self._set(tx, run, rec, "cancelled", None, cancel=False, wait=None, due=None)
+                continue
             if rec.get("due") is not None and rec["due"] > tx.now:
                 self._timer(run, rec["due"])
                 continue
@@ -396,12 +402,12 @@ class Flows:
             return "ok"
         self._drop_live(run, att)
         kind = end.get("kind")
-        if kind == "finished":
+        if rec.get("cancel"):  # cancel() said True: the run ends cancelled, whatever came
+            self._set(tx, run, rec, "cancelled", None, cancel=False, wait=None, due=None)
+        elif kind == "finished":
             self._set(tx, run, rec, "finished", None, end.get("result"), cancel=False)
         elif kind == "rejected":
             self._set(tx, run, rec, "rejected", end.get("error"), cancel=False)
-        elif rec.get("cancel"):
-            self._set(tx, run, rec, "cancelled", None, cancel=False)
         elif kind == "failed":
             self._failed_attempt(tx, run, rec, end.get("error") or {}, bool(end.get("fatal")))
         elif kind == "suspend":
@@ -458,6 +464,7 @@ class Flows:
                "created": tx.now, "updated": tx.now, "error": None, "parent": parent,
                "topic": topic, "wait": None, "due": None, "cancel": False, "new": True}
         tx.append([(topic, first)])
+        rec["n"] = tx.topic(topic).tid  # creation order (runs() sorts by it)
         tx.put_run(run, rec)
         if rejected is not None:
             rec = self._set(tx, run, rec, "rejected", rejected)

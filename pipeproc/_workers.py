@@ -77,7 +77,7 @@ class _Loop:
                 if type(job) is dict:  # a workflow run's attempt (pipeproc.flow)
                     with _stats_lock:
                         self.stats["executions"] += 1
-                    done = execute_flow(job["flow"], self.call, self.event_loop)
+                    done = execute_flow(job["flow"], self.call)
                 else:
                     done = self.execute(job)
         except (EOFError, OSError):
@@ -98,11 +98,6 @@ class _Loop:
         if reply[1] == ERR:
             raise from_code(*reply[2])
         return reply[2]
-
-    def event_loop(self) -> asyncio.AbstractEventLoop:
-        if self.loop is None:
-            self.loop = asyncio.new_event_loop()
-        return self.loop
 
     def execute(self, job: list) -> list:
         name, ref, tos, many, rows, key = job

@@ -25,6 +25,7 @@ deterministic workflow code.
 """
 
 from ..errors import (
+    InvalidArgument,
     InvalidPayload,
     InvalidRun,
     InvalidState,
@@ -39,6 +40,7 @@ from ..errors import (
     RunIdConflict,
     RunRejected,
     StepFailed,
+    Timeout,
 )
 from ._ctx import KV, AsyncContext, Context
 from ._defs import Retry, Suspend, Workflow, workflow
@@ -48,5 +50,6 @@ __all__ = [
     "workflow", "Workflow", "Retry", "Context", "AsyncContext", "KV", "Suspend", "Engine",
     "Run", "RunInfo", "Event", "InvalidWorkflow", "InvalidPayload", "PayloadTooLarge",
     "InvalidRun", "RunIdConflict", "InvalidState", "NonDeterminism", "StepFailed", "Reject",
-    "RunError", "RunFailed", "RunAborted", "RunCancelled", "RunRejected",
+    "RunError", "RunFailed", "RunAborted", "RunCancelled", "RunRejected", "InvalidArgument",
+    "Timeout",
 ]

@@ -27,11 +27,12 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import msgpack
 
-from ..errors import InvalidArgument, NonDeterminism, PipeProcError, Reject
+from ..errors import InvalidArgument, NonDeterminism, PipeProcError, Reject, RunIdConflict
 from ._defs import (
     Retry,
     Suspend,
     Workflow,
+    check_label,
     check_name,
     check_seconds,
     encode_payload,
@@ -88,17 +89,21 @@ class Attempt:
         self.signals: Dict[str, List[Any]] = {}
         self.patches: set = set()
         self.max_pos = -1
-        self.epoch = -1  # seq of the last failed attempt's status event (tries count after it)
+        # tries of a step count its ``retry`` events of this attempt: those after the
+        # attempt's ``status running`` event (none yet: a new attempt, no tries so far)
         self.wait: Dict[str, Any] = {}
         self.args: list = []
         self.kwargs: dict = {}
+        epoch: Optional[int] = None
+        last_seq = -1
         for ms, seq, body in records:
             kind, name, pos, data = body
+            last_seq = seq
             if kind == "status":
                 if seq == 0 or "args" in data:
                     self.args, self.kwargs = data.get("args") or [], data.get("kwargs") or {}
-                if name == "pending" and data.get("error") is not None:
-                    self.epoch = seq
+                if name == "running" and data.get("attempt") == attempt and epoch is None:
+                    epoch = seq
             elif kind == "signal":
                 self.signals.setdefault(name, []).append(data.get("payload"))
             elif kind == "patched":
@@ -109,11 +114,14 @@ class Attempt:
                     self.aux.setdefault(pos, []).append((kind, name, data, ms, seq))
                 else:
                     self.finals[pos] = (kind, name, data, ms)
+        self.epoch = last_seq if epoch is None else epoch
+        self.last_seq = last_seq
         self.pos = 0
         self.buffer: List[bytes] = []
         self.kv: Dict[str, Any] = {}
         self.consumed: Dict[str, int] = {}
         self.child_k: Dict[str, int] = {}
+        self.child_pos: Dict[str, int] = {}  # child id -> its position
         self.unwinding: Optional[BaseException] = None
         self.fatal: Optional[PipeProcError] = None
 
@@ -185,7 +193,8 @@ class Attempt:
             if rec[0] == "step":
                 return pos, ("result", rec[2].get("result"))
             return pos, ("raise", rebuild(dict(rec[2].get("error") or {},
-                                               module=rec[2].get("module"))))
+                                               module=rec[2].get("module"),
+                                               args=rec[2].get("args"))))
         tries = [a for a in self.aux.get(pos, ()) if a[0] == "retry" and a[4] > self.epoch]
         if tries:
             last = tries[-1]
@@ -203,7 +212,8 @@ class Attempt:
                 or tries >= retry.tries or not retry.retries(exc)):
             err = error_info(exc)
             self.record("step_failed", name, pos, {"error": public_error(err),
-                                                   "module": err.get("module")})
+                                                   "module": err.get("module"),
+                                                   "args": _args_of(exc)})
             return None
         wait = retry.wait(tries)
         self.record("retry", name, pos, {"attempt": tries, "error": public_error(error_info(exc)),
@@ -223,7 +233,7 @@ class Attempt:
     # ------------------------------------------------------------------ waits
 
     def sleep(self, name: str, seconds: float) -> None:
-        pos, rec = self.take("sleep", check_name(name, "a sleep name"))
+        pos, rec = self.take("sleep", check_label(name, "a sleep name"))
         if rec is not None:
             due = rec[2]["due"]
         else:
@@ -235,7 +245,7 @@ class Attempt:
         raise self.suspend(due=int(due * 1000) + 1)
 
     def wait_signal(self, name: str, timeout: Optional[float]) -> Any:
-        pos, rec = self.take("wait_signal", check_name(name, "a signal name"))
+        pos, rec = self.take("wait_signal", check_label(name, "a signal name"))
         if rec is not None:
             if not rec[2].get("timed_out"):
                 self.consumed[name] = self.consumed.get(name, 0) + 1
@@ -258,14 +268,30 @@ class Attempt:
                 if timeout > 0:
                     self.record("timer", name, pos, {"due": due})
             if time.time() >= due:
-                self.record("wait", name, pos, {"payload": None, "timed_out": True})
+                # signals recorded since the claim are not in the journal we replay: look
+                # before deciding that the timeout won
+                self.fresh_signals()
+                if k < len(self.signals.get(name, [])):
+                    payload = self.signals[name][k]
+                    self.consumed[name] = k + 1
+                    self.record("wait", name, pos, {"payload": payload, "timed_out": False})
+                    return payload
+                self.flush(ev("wait", name, pos, {"payload": None, "timed_out": True}))
                 return None
         raise self.suspend(sig=name, due=None if due is None else int(due * 1000) + 1)
+
+    def fresh_signals(self) -> None:
+        """Add the signals recorded since the journal was read (``fhist``)."""
+        for ms, seq, body in self.call("fhist", self.run_id):
+            if seq > self.last_seq:
+                self.last_seq = seq
+                if body[0] == "signal":
+                    self.signals.setdefault(body[1], []).append(body[3].get("payload"))
 
     # ------------------------------------------------------------------ other runs
 
     def send(self, run_id: str, name: str, payload: Any) -> None:
-        pos, rec = self.take("signal", check_name(name, "a signal name"))
+        pos, rec = self.take("signal", check_label(name, "a signal name"))
         if rec is not None:
             return
         check_name(run_id, "a run id")
@@ -275,32 +301,60 @@ class Attempt:
 
     def start_child(self, kind: str, workflow: Any, args: tuple, kwargs: dict,
                     rid: Optional[str]) -> str:
+        """``child``/``start``: the run's id. A ``start`` is recorded with the run's
+        creation; a ``child`` is recorded once its outcome is known (``child_outcome``), so
+        that every replay sees that outcome — until then a replay finds the child by its id
+        (the default id is deterministic) and starts it only if it does not exist."""
         wf = lookup(workflow)
         k = self.child_k.get(wf.name, 0)
         self.child_k[wf.name] = k + 1
         pos, rec = self.take(kind, wf.name)
         if rec is not None:
+            self.child_pos[rec[2]["id"]] = pos
             return rec[2]["id"]
         if rid is None:
             rid = default_child_id(self.run_id, wf.name, k)
         else:
             check_name(rid, "a run id")
+        self.child_pos[rid] = pos
+        if kind == "child":
+            info = self.call("finfo", rid)
+            if info is not None:
+                if info[1] != wf.name:
+                    exc = RunIdConflict(f"run {rid!r} exists as a run of workflow "
+                                        f"{info[1]!r}, not {wf.name!r}")
+                    raise exc
+                return rid
         first, rejected = first_event(wf, args, kwargs)
         start = [rid, wf.name, wf.ref, first, wf.max_failures, wf.lease, wf.version,
                  self.run_id if kind == "child" else None, rejected]
-        self.flush(ev(kind, wf.name, pos, {"id": rid}), starts=[start])
+        own = ev(kind, wf.name, pos, {"id": rid}) if kind == "start" else None
+        self.flush(own, starts=[start])
         return rid
 
     def child_outcome(self, cid: str) -> Tuple[bool, Any]:
         """``(True, result)`` when the child finished; raises its ``RunError``; ``(False,
-        None)`` while it runs."""
+        None)`` while it runs. The outcome seen first is recorded (a second ``child`` event
+        at the position, with ``status`` and ``result`` or ``error``): replays see it, even
+        if the child is resumed or deleted later."""
+        pos = self.child_pos[cid]
+        rec = self.finals.get(pos)
+        if rec is not None and "status" in rec[2]:
+            status, err = rec[2]["status"], rec[2].get("error")
+            if status == "finished":
+                return True, rec[2].get("result")
+            raise run_error(cid, status, err)
         info, last = self.call("fresult", cid, 0)
         status = info[2]
         if status not in TERMINAL:
             return False, None
         data = (last or [None, None, [None, None, None, {}]])[2][3]
+        wf = info[1]
         if status == "finished":
+            self.record("child", wf, pos, {"id": cid, "status": status,
+                                           "result": data.get("result")})
             return True, data.get("result")
+        self.record("child", wf, pos, {"id": cid, "status": status, "error": info[6]})
         raise run_error(cid, status, info[6])
 
     # ------------------------------------------------------------------ values
@@ -314,7 +368,7 @@ class Attempt:
         return v
 
     def kv_op(self, op: str, key: str, value: Any = None, n: int = 1) -> Any:
-        check_name(key, "a kv key")
+        check_label(key, "a kv key")
         if op == "incr":
             if isinstance(n, bool) or not isinstance(n, int):
                 raise InvalidArgument(f"kv.incr takes an int, got {n!r:.80}")
@@ -355,6 +409,19 @@ class Attempt:
         self.patches.add(change_id)
         self.record("patched", change_id, None, {})
         return True
+
+
+def _check_fn(fn: Any) -> None:
+    if not callable(fn):
+        raise InvalidArgument(f"a step's fn must be callable, got {fn!r:.80}")
+
+
+def _args_of(exc: BaseException) -> Optional[list]:
+    """The exception's arguments when they are a payload (to raise it again on replay)."""
+    try:
+        return round_trip(list(exc.args))
+    except PipeProcError:
+        return None
 
 
 def default_child_id(run_id: str, wf_name: str, k: int) -> str:
@@ -452,7 +519,8 @@ class Context(_Face):
         """Run ``fn(*args, **kwargs)`` once for the run: its result is recorded before this
         returns, and every replay returns the record."""
         att = self._att
-        check_name(name, "a step name")
+        check_label(name, "a step name")
+        _check_fn(fn)
         pos, rec = att.step_start(name, retry)
         if rec is not None:
             if rec[0] == "result":
@@ -510,7 +578,8 @@ class AsyncContext(_Face):
     def step(self, name: str, fn: Callable, /, *args: Any, retry: Optional[Retry] = None,
              **kwargs: Any) -> Any:
         att = self._att
-        check_name(name, "a step name")
+        check_label(name, "a step name")
+        _check_fn(fn)
         pos, rec = att.step_start(name, retry)
 
         async def run() -> Any:

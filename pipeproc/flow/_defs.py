@@ -82,13 +82,17 @@ def encode_payload(value: Any, what: str = "payload") -> bytes:
     return data
 
 
-def decode_payload(data: bytes) -> Any:
-    return msgpack.unpackb(data, raw=False, strict_map_key=False)
+def decode_payload(data: bytes, what: str = "payload") -> Any:
+    try:
+        return msgpack.unpackb(data, raw=False, strict_map_key=False)
+    except (TypeError, ValueError) as exc:  # e.g. a dict with tuple keys (lists on return)
+        raise InvalidPayload(f"{what} cannot be read back as it was written ({exc}): map keys "
+                             "must be str, int, float, bool, None or bytes") from None
 
 
 def round_trip(value: Any, what: str = "payload") -> Any:
     """The value as every replay sees it (tuples come back as lists)."""
-    return decode_payload(encode_payload(value, what))
+    return decode_payload(encode_payload(value, what), what)
 
 
 def check_name(value: Any, what: str) -> str:
@@ -96,6 +100,13 @@ def check_name(value: Any, what: str) -> str:
     if not isinstance(value, str) or not 1 <= len(value) <= 200 or _CONTROL_RE.search(value):
         raise InvalidArgument(f"{what} must be a str of 1-200 characters without control "
                               f"characters, got {value!r:.80}")
+    return value
+
+
+def check_label(value: Any, what: str) -> str:
+    """A str of 1-200 characters (step, sleep, signal names; kv keys)."""
+    if not isinstance(value, str) or not 1 <= len(value) <= 200:
+        raise InvalidArgument(f"{what} must be a str of 1-200 characters, got {value!r:.80}")
     return value
 
 
@@ -145,12 +156,17 @@ def rebuild(err: dict) -> BaseException:
                 m = None
         cls = getattr(m, typ, None) if m is not None else None
     if isinstance(cls, type) and issubclass(cls, Exception):
-        try:
-            exc = cls(msg)
-            if str(exc) == msg or isinstance(exc, PipeProcError):
-                return exc
-        except Exception:
-            pass
+        args = err.get("args")
+        for build in ((lambda: cls(*args)) if isinstance(args, list) else None,
+                      lambda: cls(msg)):
+            if build is None:
+                continue
+            try:
+                exc = build()
+                if str(exc) == msg or isinstance(exc, PipeProcError):
+                    return exc
+            except Exception:
+                pass
     return StepFailed(f"{typ}: {msg}")
 
 
@@ -201,7 +217,8 @@ class Retry:
             raise InvalidArgument(f"factor must be a number >= 1, got {factor!r}")
         self.factor = float(factor)
         self.max_interval = check_seconds(max_interval, "max_interval")
-        if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
+        if intervals is None and (isinstance(max_attempts, bool)
+                                  or not isinstance(max_attempts, int) or max_attempts < 1):
             raise InvalidArgument(f"max_attempts must be an int >= 1, got {max_attempts!r}")
         self.max_attempts = max_attempts
         if transient is not None and not callable(transient):
@@ -301,6 +318,8 @@ def workflow(name: Optional[str] = None, version: str = "1", max_failures: int =
         InvalidWorkflow: not a module-level function, or a second workflow of that name.
         InvalidArgument: a bad option.
     """
+    if callable(name) and not isinstance(name, str):  # @flow.workflow without parentheses
+        return workflow()(name)  # type: ignore[return-value]
     if name is not None:
         check_name(name, "a workflow name")
     if not isinstance(version, str):

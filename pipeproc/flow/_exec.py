@@ -35,10 +35,44 @@ log = logging.getLogger("pipeproc.flow")
 FATAL = (NonDeterminism, InvalidPayload, PayloadTooLarge, RunIdConflict, InvalidWorkflow)
 
 
-def execute(claim: list, call: Callable[..., Any],
-            loop_of: Callable[[], asyncio.AbstractEventLoop]) -> Optional[Dict[str, Any]]:
+def execute(claim: list, call: Callable[..., Any]) -> Optional[Dict[str, Any]]:
     """Run one attempt; returns the end to send with the next ``work`` request (``None``
-    when the attempt was fenced off: it records nothing more)."""
+    when the attempt was fenced off: it records nothing more).
+
+    An attempt that needs an event loop (an ``async def`` workflow, an async step ``fn``)
+    gets its own, closed at the attempt's end after cancelling what is left on it (the
+    other members of an ``asyncio.gather`` that raised ``Suspend``): nothing of an attempt
+    runs on after it."""
+    loops: list = []
+
+    def loop_of() -> asyncio.AbstractEventLoop:
+        if not loops:
+            loops.append(asyncio.new_event_loop())
+        return loops[0]
+    try:
+        return _execute(claim, call, loop_of)
+    finally:
+        if loops:
+            _close(loops[0])
+
+
+def _close(loop: asyncio.AbstractEventLoop) -> None:
+    """Cancel the tasks left on ``loop``, let them finish unwinding, close it."""
+    try:
+        left = [t for t in asyncio.all_tasks(loop) if not t.done()]
+        for t in left:
+            t.cancel()
+        if left:
+            loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+    except BaseException:  # noqa: B902 - best effort: the loop goes anyway
+        log.debug("closing an attempt's event loop", exc_info=True)
+    finally:
+        loop.close()
+
+
+def _execute(claim: list, call: Callable[..., Any],
+             loop_of: Callable[[], asyncio.AbstractEventLoop]) -> Optional[Dict[str, Any]]:
     run_id, token, wf_name, ref, parent, _created, attempt, records = claim
 
     def write(events: list, starts: list, sends: list) -> str:
