@@ -158,3 +158,47 @@ def test_no_module_is_a_whole_house():
             if n > 620:
                 big[fn] = n
     assert not big, f"modules over ~600 lines (split them by concern): {big}"
+
+
+FLOW_PKG = os.path.join(PKG, "flow")
+
+
+def _flow_modules() -> Dict[str, ast.Module]:
+    out = {}
+    for fn in sorted(os.listdir(FLOW_PKG)):
+        if fn.endswith(".py"):
+            with open(os.path.join(FLOW_PKG, fn), encoding="utf-8") as f:
+                out[fn[:-3]] = ast.parse(f.read(), fn)
+    return out
+
+
+def _flow_imports(tree: ast.Module) -> List[Tuple[str, bool]]:
+    """(imported module, at module level): ``..x`` is the package's ``x``, ``.y`` the flow
+    package's ``flow.y``."""
+    top = {id(n) for n in tree.body}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            mod = (node.module or "").split(".")[0]
+            name = mod if node.level == 2 else f"flow.{mod}"
+            found.append((name, id(node) in top))
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) \
+                else [node.module or ""]
+            for n in names:
+                if n.startswith("pipeproc."):
+                    found.append((n.split(".")[1], id(node) in top))
+    return found
+
+
+@pytest.mark.parametrize("mod", sorted(_flow_modules()))
+def test_the_flow_package_is_client_side(mod):
+    """pipeproc.flow runs in applications and workers: it never imports the node's
+    modules, imports package modules at module level only, and stays small."""
+    tree = _flow_modules()[mod]
+    bad = sorted(n for n, _ in _flow_imports(tree) if n in NODE)
+    assert not bad, f"flow.{mod} imports node-side modules {bad}"
+    lazy = sorted(n for n, top in _flow_imports(tree) if not top)
+    assert not lazy, f"flow.{mod} imports {lazy} inside functions"
+    with open(os.path.join(FLOW_PKG, mod + ".py"), encoding="utf-8") as f:
+        assert sum(1 for _ in f) <= 620

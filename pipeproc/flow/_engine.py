@@ -5,7 +5,7 @@ An engine is a thin face over a :class:`pipeproc.PipeProc`: every method is one 
 the node (``fstart``, ``finfo``, ``fresult``, ``fsignal``...), which owns the runs. Any
 number of engines in any number of processes may share a node.
 
-Client side: imports ``pipeproc._client`` (the ``PipeProc`` it wraps), ``pipeproc.flow._ctx``,
+Client side: imports ``pipeproc._client`` (the ``PipeProc`` it wraps), ``pipeproc.flow._replay``,
 ``pipeproc.flow._defs``, ``pipeproc.errors`` and the standard library.
 """
 
@@ -16,7 +16,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Union
 
 from .._client import PipeProc
 from ..errors import InvalidArgument, InvalidRun, RunIdConflict, Timeout
-from ._ctx import first_event
+from ._replay import first_event
 from ._defs import (
     Workflow,
     check_name,

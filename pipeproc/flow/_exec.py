@@ -5,8 +5,9 @@ journal) and a ``call(op, *args)`` over its own connection; the attempt's record
 node with ``frec``, its end comes back as the outcome the loop sends with its next ``work``
 request (one round trip: the end of this attempt and the next claim).
 
-Client side: imports ``pipeproc.flow._ctx``, ``pipeproc.flow._defs``, ``pipeproc._processors``,
-``pipeproc.errors``, msgpack and the standard library.
+Client side: imports ``pipeproc.flow._ctx``, ``pipeproc.flow._replay``,
+``pipeproc.flow._defs``, ``pipeproc._processors``, ``pipeproc.errors`` and the standard
+library.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from ..errors import (
     Reject,
     RunIdConflict,
 )
-from ._ctx import AsyncContext, Attempt, Context, Fenced
+from ._ctx import AsyncContext, Context
+from ._replay import Attempt, Fenced
 from ._defs import Suspend, Workflow, error_info, round_trip
 
 log = logging.getLogger("pipeproc.flow")
