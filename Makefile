@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint demo bench bench-peers stress clean
+.PHONY: test lint demo bench bench-peers bench-compare stress clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ bench: $(STAMP)
 # the same workloads against a local redis-server, when there is one (skipped otherwise)
 bench-peers: $(STAMP)
 	$(BIN)/python -m benchmarks.peers.redis_streams
+
+# both suites from one command, alternated, and one side-by-side table with the ratio
+# pipeproc / Redis at equal durability (the Redis side is skipped without a redis-server)
+bench-compare: $(STAMP)
+	$(BIN)/python -m benchmarks.compare $(COMPARE_ARGS)
 
 stress: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow -p no:cacheprovider --timeout 1200
