@@ -107,7 +107,7 @@ def _execute(claim: list, call: Callable[..., Any],
     except Suspend:
         return dict(base, events=att.buffer, end={"kind": "suspend", "wait": att.wait})
     except Fenced as f:
-        log.info("run %r attempt %d stops: %s", run_id, token, f)
+        log.info("run %r attempt %d stops: %s", run_id, attempt, f)
         return None
     except Reject as exc:
         return dict(base, events=[], end={"kind": "rejected", "error": _public(error_info(exc))})
@@ -117,7 +117,7 @@ def _execute(claim: list, call: Callable[..., Any],
         if att.fatal is not None and att.fatal is not exc and not isinstance(exc, FATAL):
             exc = att.fatal
         fatal = isinstance(exc, FATAL)
-        log.warning("run %r attempt %d failed: %s: %s", run_id, token, type(exc).__name__,
+        log.warning("run %r attempt %d failed: %s: %s", run_id, attempt, type(exc).__name__,
                     exc)
         return dict(base, events=[], end={"kind": "failed", "fatal": fatal,
                                           "error": _public(error_info(exc))})
