@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict
 from ._conn import Conn, Malformed
 from ._flows import RESUMABLE, TERMINAL, Flows, info
 from ._handlers import write
-from ._protocol import array_header, ok_reply_raw
+from ._protocol import PUSH, array_header, ok_reply, ok_reply_raw
 from .errors import InvalidArgument, InvalidRun, InvalidState, Timeout
 
 
@@ -127,10 +127,23 @@ class FlowOps:
                 new = dict(rec)
                 new["cancel"] = True
                 tx.put_run(run, new)
+                att = self.f.live.get(run)
+                if att is not None:  # told once the flag is durable (done, below)
+                    pushes.append(ok_reply(PUSH, ["cancel", run, att.token]))
+                    pushes.append(att.conn)
             else:
                 self.f._set(tx, run, rec, "cancelled", None, wait=None, due=None)
             return True
-        write(self.f.writer, conn, rid, fn)
+
+        def done(ok: bool, value: Any) -> None:
+            if not ok:
+                conn.fail(rid, value)
+                return
+            conn.reply(rid, value)
+            if pushes:  # the attempt stops at its next ctx call (FLOW.md §3)
+                pushes[1].send(pushes[0])
+        pushes: list = []
+        self.f.writer.submit(fn, done, conn.id)
 
     def op_resume(self, conn: Conn, rid: int, run: Any) -> None:
         """``fresume``: a failed, aborted or cancelled run back to ``pending``."""

@@ -345,7 +345,7 @@ class Flows:
             with self.lock:
                 self.live[run] = att
             self._arm_lease(run, att)
-            head = [run, att.token, rec["wf"], rec["ref"], rec["parent"], rec["created"],
+            head = [run, att.token, rec["wf"], rec["ref"], rec["parent"], rec.get("seen"),
                     att.attempt]
             body = (b"\x81" + msgpack.packb("flow") + array_header(len(head) + 1)
                     + b"".join(msgpack.packb(x, use_bin_type=True) for x in head)
@@ -378,6 +378,11 @@ class Flows:
         end = msg.get("end")
         starts = msg.get("starts") or []
         sends = msg.get("sends") or []
+        if end is None and rec.get("cancel") and (starts or sends):
+            # cancelled before this call (a signal, a child, a start): it does not happen
+            self._drop_live(run, att)
+            self._set(tx, run, rec, "cancelled", None, cancel=False, wait=None, due=None)
+            return "cancelled"
         for s in starts:  # checked before anything is written
             self._check_start(tx, s)
         for s in sends:
@@ -387,6 +392,13 @@ class Flows:
         rec = self._running(tx, run, rec, att)
         if events:
             tx.append([(rec["topic"], e) for e in events])
+        seen = msg.get("seen")
+        if seen:  # children's outcomes the attempt saw first: replays return them
+            if type(seen) is not dict:
+                raise Malformed("seen must be a map")
+            rec = dict(rec)
+            rec["seen"] = dict(rec.get("seen") or {}, **{str(k): v for k, v in seen.items()})
+            tx.put_run(run, rec)
         for s in starts:
             self._start(tx, *s)
         for to, name, payload in sends:
@@ -412,6 +424,9 @@ class Flows:
             self._failed_attempt(tx, run, rec, end.get("error") or {}, bool(end.get("fatal")))
         elif kind == "suspend":
             self._suspend(tx, run, rec, att, end.get("wait") or {})
+        elif kind == "cancelled":  # the attempt saw a cancel the record no longer has
+            self._failed_attempt(tx, run, rec, {"type": "Cancelled", "code": None,
+                                                "message": "the attempt saw a cancel"}, False)
         else:
             raise Malformed(f"unknown end of attempt {kind!r}")
         return "ok"

@@ -125,6 +125,11 @@ def pack(obj: object) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 
 
+#: the request id of a frame the node sends unasked (to a worker loop: a run it executes
+#: was cancelled, ``[PUSH, OK, ["cancel", run, token]]``)
+PUSH = -1
+
+
 def ok_reply(rid: int, result: object) -> bytes:
     """A success reply."""
     return msgpack.packb([rid, OK, result], use_bin_type=True)
@@ -178,6 +183,22 @@ class Channel:
     def pending(self) -> bool:
         """Bytes of a next frame are already buffered."""
         return self._end > self._start
+
+    def readable_now(self) -> bool:
+        """Bytes of a next frame are buffered or arrive without waiting (one non-blocking
+        ``recv``; a worker loop looks for a frame the node pushed)."""
+        if self._end > self._start:
+            return True
+        if self._start == self._end:
+            self._start = self._end = 0
+        try:
+            k = self.sock.recv_into(self._view[self._end:], 0, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return False
+        if not k:
+            raise EOFError("the peer closed the connection")
+        self._end += k
+        return True
 
     def send_bytes(self, data: Any) -> None:
         """Send one frame (one system call for small frames)."""

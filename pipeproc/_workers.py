@@ -25,7 +25,7 @@ import msgpack
 from ._calls import Log
 from ._processors import load
 from .flow._exec import execute as execute_flow
-from ._protocol import ERR, REPLY_LIMIT, decode, encode_body, open_connection, pack
+from ._protocol import ERR, PUSH, REPLY_LIMIT, decode, encode_body, open_connection, pack
 from .errors import PipeProcError, from_code
 
 log = logging.getLogger("pipeproc.worker")
@@ -43,6 +43,7 @@ class _Loop:
         self.loop: Optional[asyncio.AbstractEventLoop] = None
         self.conn: Any = None
         self.rid = 0
+        self.pushed: set = set()  # (run, token) of attempts whose run was cancelled
 
     def run(self) -> None:
         cfg = self.cfg
@@ -66,7 +67,7 @@ class _Loop:
                 if limit and self.stats["executions"] >= limit:
                     more = False
                 c.send_bytes(pack([rid, "work", done, more]))
-                reply = decode(c.recv_bytes(REPLY_LIMIT))
+                reply = self.reply(rid)
                 done = None
                 if reply[1] == ERR:
                     log.error("work request failed: %s", reply[2])
@@ -77,7 +78,8 @@ class _Loop:
                 if type(job) is dict:  # a workflow run's attempt (pipeproc.flow)
                     with _stats_lock:
                         self.stats["executions"] += 1
-                    done = execute_flow(job["flow"], self.call)
+                    self.pushed.clear()
+                    done = execute_flow(job["flow"], self.call, self.cancelled)
                 else:
                     done = self.execute(job)
         except (EOFError, OSError):
@@ -92,12 +94,31 @@ class _Loop:
         self.rid += 1
         rid = self.rid
         self.conn.send_bytes(pack([rid, op, *args]))
-        reply = decode(self.conn.recv_bytes(REPLY_LIMIT))
-        if reply[0] != rid:
-            raise EOFError(f"reply {reply[0]!r} to request {rid}: out of step")
+        reply = self.reply(rid)
         if reply[1] == ERR:
             raise from_code(*reply[2])
         return reply[2]
+
+    def reply(self, rid: int) -> Any:
+        """The reply to request ``rid``; frames the node pushed meanwhile (``PUSH``: a
+        cancelled run's attempt) are kept aside."""
+        while True:
+            reply = decode(self.conn.recv_bytes(REPLY_LIMIT))
+            if reply[0] == PUSH:
+                self.pushed.add(tuple(reply[2][1:]))
+                continue
+            if reply[0] != rid:
+                raise EOFError(f"reply {reply[0]!r} to request {rid}: out of step")
+            return reply
+
+    def cancelled(self, run: str, token: int) -> bool:
+        """Whether the node pushed that this attempt's run was cancelled (no waiting)."""
+        while self.conn.readable_now():
+            reply = decode(self.conn.recv_bytes(REPLY_LIMIT))
+            if reply[0] != PUSH:
+                raise EOFError(f"a reply {reply[0]!r} nobody asked for: out of step")
+            self.pushed.add(tuple(reply[2][1:]))
+        return (run, token) in self.pushed
 
     def execute(self, job: list) -> list:
         name, ref, tos, many, rows, key = job

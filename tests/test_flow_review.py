@@ -141,3 +141,45 @@ def test_bare_decorator_and_intervals_ignore_max_attempts(eng2):
     assert fr.bare.name == "procmods.flowreview:bare"
     assert eng.start(fr.bare).result(timeout=RESULT) == "bare"
     assert flow.Retry(intervals=[0.1], max_attempts=0).tries == 2
+
+
+# ----------------------------------------------------------------- the second review
+
+
+def test_a_cancelled_run_does_not_run_its_next_step(eng2, tmp_path):
+    _, eng = eng2
+    path, gate = str(tmp_path / "b-ran"), str(tmp_path / "gate")
+    run = eng.start(fr.cancel_body, path, gate)
+    wait_until(lambda: any(e.type == "step" for e in run.history()), timeout=RESULT)
+    assert run.cancel() is True
+    open(gate, "w").close()
+    with pytest.raises(flow.RunCancelled):
+        run.result(timeout=RESULT)
+    assert not os.path.exists(path)  # step 'b' never ran
+    assert [e.name for e in run.history() if e.type == "step"] == ["a"]
+
+
+def test_patched_before_a_child_the_run_already_waits_on_is_false(eng2, tmp_path):
+    _, eng = eng2
+    flag = str(tmp_path / "flag")
+    run = eng.start(fr.patch_child, flag, id="PC")
+    wait_until(lambda: run.status() == "waiting", timeout=RESULT)
+    assert [e.type for e in run.history() if e.pos is not None] == ["child"]
+    open(flag, "w").close()  # the new code, with a patch before the child call
+    eng.signal("pc-child-PC", "go", 1)
+    assert run.result(timeout=RESULT) == "old"
+
+
+def test_signal_names_are_any_str_of_1_to_200_characters(eng2):
+    _, eng = eng2
+    run = eng.start(fr.ctrl_signal)
+    run.signal("a\tb", 7)
+    assert run.result(timeout=RESULT) == 7
+
+
+def test_bad_ctx_arguments_are_invalid_argument_and_take_no_position(eng2):
+    _, eng = eng2
+    run = eng.start(fr.bad_args)
+    assert run.result(timeout=RESULT) == ["invalid_argument"] * 3
+    steps = [e for e in run.history() if e.type == "step"]
+    assert steps[0].pos == 0

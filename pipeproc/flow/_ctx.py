@@ -60,6 +60,7 @@ class KV:
 
     def get(self, key: str, default: Any = None) -> Any:
         self._att.guard()
+        check_label(key, "a kv key")
         return self._att.kv.get(key, default)
 
     def set(self, key: str, value: Any) -> None:

@@ -19,6 +19,7 @@ from ..errors import InvalidArgument, InvalidRun, RunIdConflict, Timeout
 from ._replay import first_event
 from ._defs import (
     Workflow,
+    check_label,
     check_name,
     check_seconds,
     encode_payload,
@@ -214,7 +215,7 @@ class Engine:
             InvalidArgument: a bad name.
             InvalidPayload, PayloadTooLarge: the payload.
         """
-        check_name(name, "a signal name")
+        check_label(name, "a signal name")
         data = encode_payload(payload, "a signal payload")
         if not isinstance(id, str):
             raise InvalidRun(f"no run with id {id!r:.80}")

@@ -28,7 +28,7 @@ from ..errors import (
     RunIdConflict,
 )
 from ._ctx import AsyncContext, Context
-from ._replay import Attempt, Fenced
+from ._replay import Attempt, Cancelled, Fenced
 from ._defs import Suspend, Workflow, error_info, round_trip
 
 log = logging.getLogger("pipeproc.flow")
@@ -37,7 +37,9 @@ log = logging.getLogger("pipeproc.flow")
 FATAL = (NonDeterminism, InvalidPayload, PayloadTooLarge, RunIdConflict, InvalidWorkflow)
 
 
-def execute(claim: list, call: Callable[..., Any]) -> Optional[Dict[str, Any]]:
+def execute(claim: list, call: Callable[..., Any],
+            cancelled: Callable[[str, int], bool] = lambda run, token: False
+            ) -> Optional[Dict[str, Any]]:
     """Run one attempt; returns the end to send with the next ``work`` request (``None``
     when the attempt was fenced off: it records nothing more).
 
@@ -52,7 +54,7 @@ def execute(claim: list, call: Callable[..., Any]) -> Optional[Dict[str, Any]]:
             loops.append(asyncio.new_event_loop())
         return loops[0]
     try:
-        return _execute(claim, call, loop_of)
+        return _execute(claim, call, loop_of, cancelled)
     finally:
         if loops:
             _close(loops[0])
@@ -74,15 +76,18 @@ def _close(loop: asyncio.AbstractEventLoop) -> None:
 
 
 def _execute(claim: list, call: Callable[..., Any],
-             loop_of: Callable[[], asyncio.AbstractEventLoop]) -> Optional[Dict[str, Any]]:
-    run_id, token, wf_name, ref, parent, _created, attempt, records = claim
+             loop_of: Callable[[], asyncio.AbstractEventLoop],
+             cancelled: Callable[[str, int], bool]) -> Optional[Dict[str, Any]]:
+    run_id, token, wf_name, ref, parent, seen, attempt, records = claim
 
-    def write(events: list, starts: list, sends: list) -> str:
+    def write(events: list, starts: list, sends: list, seen_new: dict) -> str:
         return call("frec", {"run": run_id, "token": token, "events": events,
-                             "starts": starts, "sends": sends})
+                             "starts": starts, "sends": sends, "seen": seen_new or None})
 
-    att = Attempt(run_id, attempt, wf_name, parent, records, write, call, loop_of)
-    base = {"run": run_id, "token": token}
+    att = Attempt(run_id, attempt, wf_name, parent, records, write, call, loop_of,
+                  lambda: cancelled(run_id, token))
+    att.seen = {int(k): v for k, v in (seen or {}).items()}
+    base: Dict[str, Any] = {"run": run_id, "token": token}
     try:
         obj = load(ref)
         wf = obj if isinstance(obj, Workflow) else None
@@ -105,7 +110,11 @@ def _execute(claim: list, call: Callable[..., Any],
             raise att.unwinding
         value = round_trip(result, "the workflow's result")
     except Suspend:
-        return dict(base, events=att.buffer, end={"kind": "suspend", "wait": att.wait})
+        return dict(base, events=att.buffer, seen=att.seen_new or None,
+                    end={"kind": "suspend", "wait": att.wait})
+    except Cancelled:
+        return dict(base, events=att.buffer, seen=att.seen_new or None,
+                    end={"kind": "cancelled"})
     except Fenced as f:
         log.info("run %r attempt %d stops: %s", run_id, attempt, f)
         return None
@@ -121,7 +130,8 @@ def _execute(claim: list, call: Callable[..., Any],
                     exc)
         return dict(base, events=[], end={"kind": "failed", "fatal": fatal,
                                           "error": _public(error_info(exc))})
-    return dict(base, events=att.buffer, end={"kind": "finished", "result": value})
+    return dict(base, events=att.buffer, seen=att.seen_new or None,
+                end={"kind": "finished", "result": value})
 
 
 def _public(err: dict) -> dict:

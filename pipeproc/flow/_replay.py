@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import msgpack
 
-from ..errors import InvalidArgument, NonDeterminism, PipeProcError, Reject, RunIdConflict
+from ..errors import InvalidArgument, InvalidRun, NonDeterminism, PipeProcError, Reject
 from ._defs import (
     Retry,
     Suspend,
@@ -59,6 +59,11 @@ class Fenced(BaseException):
     records nothing more and unwinds."""
 
 
+class Cancelled(Fenced):
+    """The run was cancelled while this attempt ran (the node pushed it): the attempt stops
+    at its next ctx call and ends the run ``cancelled``."""
+
+
 def ev(kind: str, name: str, pos: Optional[int], data: dict) -> bytes:
     return msgpack.packb([kind, name, pos, data], use_bin_type=True)
 
@@ -73,9 +78,10 @@ class Attempt:
     def __init__(self, run_id: str, attempt: int, workflow: str, parent: Optional[str],
                  records: List[list], write: Callable[..., str],
                  call: Callable[..., Any],
-                 loop_of: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop
-                 ) -> None:
+                 loop_of: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop,
+                 cancelled: Callable[[], bool] = lambda: False) -> None:
         self.loop_of = loop_of
+        self.cancelled = cancelled
         self.run_id = run_id
         self.attempt = attempt
         self.workflow = workflow
@@ -84,6 +90,11 @@ class Attempt:
         self.call = call
         self.finals: Dict[int, Tuple[str, str, dict, int]] = {}
         self.aux: Dict[int, List[Tuple[str, str, dict, int, int]]] = {}
+        #: the outcome of each child the run saw end (position -> [status, result, error]),
+        #: kept by the node in the run's record (not an event: the history has one
+        #: ``child`` event per call); ``seen_new``: seen by this attempt, not yet written
+        self.seen: Dict[int, list] = {}
+        self.seen_new: Dict[int, list] = {}
         self.signals: Dict[str, List[Any]] = {}
         self.patches: set = set()
         self.max_pos = -1
@@ -137,6 +148,9 @@ class Attempt:
         pos = self.pos
         self.pos += 1
         rec = self.finals.get(pos)
+        if rec is None and self.cancelled():  # FLOW.md: cancelled at its next ctx call
+            self.unwinding = Cancelled("the run was cancelled")
+            raise self.unwinding
         if rec is None:
             aux = self.aux.get(pos)
             if aux:  # a step being retried, a timed wait waiting
@@ -173,8 +187,9 @@ class Attempt:
         write (an unknown run to signal, a conflicting child id), the buffer is kept for
         the next write and the error is raised from the call."""
         events = self.buffer + ([own] if own is not None else [])
-        r = self.write_fn(events, starts or [], sends or [])  # raises: nothing written
+        r = self.write_fn(events, starts or [], sends or [], self.seen_new)  # raises: none
         self.buffer = []
+        self.seen_new = {}
         if r != "ok":
             self.unwinding = Fenced(r)
             raise self.unwinding
@@ -231,11 +246,12 @@ class Attempt:
     # ------------------------------------------------------------------ waits
 
     def sleep(self, name: str, seconds: float) -> None:
-        pos, rec = self.take("sleep", check_label(name, "a sleep name"))
+        check_label(name, "a sleep name")
+        seconds = check_seconds(seconds, "seconds")  # bad arguments take no position
+        pos, rec = self.take("sleep", name)
         if rec is not None:
             due = rec[2]["due"]
         else:
-            seconds = check_seconds(seconds, "seconds")
             due = time.time() + seconds
             self.record("sleep", name, pos, {"due": due})
         if time.time() >= due:
@@ -243,13 +259,14 @@ class Attempt:
         raise self.suspend(due=int(due * 1000) + 1)
 
     def wait_signal(self, name: str, timeout: Optional[float]) -> Any:
-        pos, rec = self.take("wait_signal", check_label(name, "a signal name"))
+        check_label(name, "a signal name")
+        if timeout is not None:
+            timeout = check_seconds(timeout, "timeout")
+        pos, rec = self.take("wait_signal", name)
         if rec is not None:
             if not rec[2].get("timed_out"):
                 self.consumed[name] = self.consumed.get(name, 0) + 1
             return rec[2].get("payload")
-        if timeout is not None:
-            timeout = check_seconds(timeout, "timeout")
         k = self.consumed.get(name, 0)
         queue = self.signals.get(name, [])
         if k < len(queue):
@@ -289,21 +306,24 @@ class Attempt:
     # ------------------------------------------------------------------ other runs
 
     def send(self, run_id: str, name: str, payload: Any) -> None:
-        pos, rec = self.take("signal", check_label(name, "a signal name"))
+        check_label(name, "a signal name")
+        if not isinstance(run_id, str) or not run_id:
+            raise InvalidRun(f"no run with id {run_id!r:.80}")
+        value = round_trip(payload, "a signal payload")
+        pos, rec = self.take("signal", name)
         if rec is not None:
             return
-        check_name(run_id, "a run id")
-        value = round_trip(payload, "a signal payload")
         self.flush(ev("send", name, pos, {"to": run_id, "payload": value}),
                    sends=[[run_id, name, encode_payload(value)]])
 
     def start_child(self, kind: str, workflow: Any, args: tuple, kwargs: dict,
                     rid: Optional[str]) -> str:
-        """``child``/``start``: the run's id. A ``start`` is recorded with the run's
-        creation; a ``child`` is recorded once its outcome is known (``child_outcome``), so
-        that every replay sees that outcome — until then a replay finds the child by its id
-        (the default id is deterministic) and starts it only if it does not exist."""
+        """``child``/``start``: the run's id, recorded with the run's creation (the node
+        creates it, or finds it, in the same write). For a ``child`` the outcome the parent
+        sees first is kept too (``child_outcome``), so that every replay sees it."""
         wf = lookup(workflow)
+        if rid is not None:
+            check_name(rid, "a run id")
         k = self.child_k.get(wf.name, 0)
         self.child_k[wf.name] = k + 1
         pos, rec = self.take(kind, wf.name)
@@ -312,47 +332,35 @@ class Attempt:
             return rec[2]["id"]
         if rid is None:
             rid = default_child_id(self.run_id, wf.name, k)
-        else:
-            check_name(rid, "a run id")
         self.child_pos[rid] = pos
-        if kind == "child":
-            info = self.call("finfo", rid)
-            if info is not None:
-                if info[1] != wf.name:
-                    exc = RunIdConflict(f"run {rid!r} exists as a run of workflow "
-                                        f"{info[1]!r}, not {wf.name!r}")
-                    raise exc
-                return rid
         first, rejected = first_event(wf, args, kwargs)
         start = [rid, wf.name, wf.ref, first, wf.max_failures, wf.lease, wf.version,
                  self.run_id if kind == "child" else None, rejected]
-        own = ev(kind, wf.name, pos, {"id": rid}) if kind == "start" else None
-        self.flush(own, starts=[start])
+        self.flush(ev(kind, wf.name, pos, {"id": rid}), starts=[start])
         return rid
 
     def child_outcome(self, cid: str) -> Tuple[bool, Any]:
         """``(True, result)`` when the child finished; raises its ``RunError``; ``(False,
-        None)`` while it runs. The outcome seen first is recorded (a second ``child`` event
-        at the position, with ``status`` and ``result`` or ``error``): replays see it, even
-        if the child is resumed or deleted later."""
+        None)`` while it runs. The outcome seen first is kept (written with the run's next
+        write into its record): replays see it, even if the child is resumed or deleted
+        later."""
         pos = self.child_pos[cid]
-        rec = self.finals.get(pos)
-        if rec is not None and "status" in rec[2]:
-            status, err = rec[2]["status"], rec[2].get("error")
+        seen = self.seen.get(pos)
+        if seen is not None:
+            status, result, err = seen
             if status == "finished":
-                return True, rec[2].get("result")
+                return True, result
             raise run_error(cid, status, err)
         info, last = self.call("fresult", cid, 0)
         status = info[2]
         if status not in TERMINAL:
             return False, None
         data = (last or [None, None, [None, None, None, {}]])[2][3]
-        wf = info[1]
+        outcome = [status, data.get("result") if status == "finished" else None,
+                   None if status == "finished" else info[6]]
+        self.seen[pos] = self.seen_new[pos] = outcome
         if status == "finished":
-            self.record("child", wf, pos, {"id": cid, "status": status,
-                                           "result": data.get("result")})
-            return True, data.get("result")
-        self.record("child", wf, pos, {"id": cid, "status": status, "error": info[6]})
+            return True, outcome[1]
         raise run_error(cid, status, info[6])
 
     # ------------------------------------------------------------------ values

@@ -138,3 +138,49 @@ def not_callable(ctx: flow.Context) -> str:
 @flow.workflow
 def bare(ctx: flow.Context) -> str:
     return "bare"
+
+
+def touch(path: str) -> int:
+    open(path, "w").close()
+    return 1
+
+
+@flow.workflow(name="review-cancel-body")
+def cancel_body(ctx: flow.Context, path: str, gate: str) -> int:
+    ctx.step("a", ident, 1)
+    while not os.path.exists(gate):  # cancel() arrives here, between ctx calls
+        time.sleep(0.01)
+    ctx.step("b", touch, path)
+    return 1
+
+
+@flow.workflow(name="review-waiter")
+def waiter(ctx: flow.Context) -> Any:
+    return ctx.wait_signal("go")
+
+
+@flow.workflow(name="review-patch-child")
+def patch_child(ctx: flow.Context, flag: str) -> str:
+    if os.path.exists(flag) and ctx.patched("p"):
+        return "new"
+    ctx.child(waiter, id="pc-child-" + ctx.run_id)
+    return "old"
+
+
+@flow.workflow(name="review-ctrl-signal")
+def ctrl_signal(ctx: flow.Context) -> Any:
+    return ctx.wait_signal("a\tb")
+
+
+@flow.workflow(name="review-bad-args")
+def bad_args(ctx: flow.Context) -> list:
+    out = []
+    for call in (lambda: ctx.kv.get(5), lambda: ctx.sleep("s", -1),
+                 lambda: ctx.wait_signal("w", timeout=-1)):
+        try:
+            call()
+            out.append("no error")
+        except flow.InvalidArgument as e:
+            out.append(e.code)
+    ctx.step("first", ident, 1)
+    return out
