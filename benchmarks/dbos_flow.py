@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import statistics
 import sys
@@ -39,6 +38,8 @@ import uuid
 from typing import Any, Dict, List, Optional
 
 from dbos import DBOS, DBOSConfig, SetWorkflowID
+
+from benchmarks.flow_workflows import side_effect
 
 
 # ------------------------------------------------------------------ steps and workflows
@@ -57,15 +58,8 @@ def s_wall_clock() -> float:
 
 @DBOS.step(name="effect")
 def s_effect(path: str, run_id: str, k: int) -> str:
-    """Appends ``"<run id> <k> <nonce>"`` to ``path`` and returns the nonce (as
-    ``benchmarks.flow_workflows.side_effect``)."""
-    nonce = uuid.uuid4().hex
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, f"{run_id} {k} {nonce}\n".encode())
-    finally:
-        os.close(fd)
-    return nonce
+    """The same side effect as the pipeproc side's steps."""
+    return side_effect(path, run_id, k)
 
 
 @DBOS.workflow(name="steps")

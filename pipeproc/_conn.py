@@ -309,9 +309,11 @@ class IOLoop:
     def _solo(self, window: float) -> bool:
         """No connection but the last one talked within ``window`` (stale entries go) and
         is not parked."""
+        talk = self.talk
+        if len(talk) == 1 and self.last_conn in talk:  # the common case: one talker
+            return True
         now = time.monotonic()
         solo = True
-        talk = self.talk
         for cid, (t, c) in list(talk.items()):
             if now - t > window:
                 del talk[cid]

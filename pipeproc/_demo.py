@@ -18,12 +18,13 @@ What it does, in order:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
 import threading
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import pipeproc
 
@@ -83,16 +84,25 @@ def run(*, logs: int = 20_000, location: Optional[str] = None, workers: int = 2,
     say = print
     say(f"pipeproc demo: {logs:,} logs through raw -> parse -> enrich -> aggregate "
         f"({workers} workers, store {os.path.abspath(location)})")
+    with demo_node(location, workers, durability, busy_poll, "pipeline") as pp:
+        return _run(pp, logs, batch)
+
+
+@contextlib.contextmanager
+def demo_node(location: str, workers: int, durability: str, busy_poll: float,
+              what: str) -> Iterator[Any]:
+    """A node for a demo act: spawned on ``location`` (and shut down after), or the one
+    already running there (only disconnected after)."""
     try:
         pp = pipeproc.spawn(location, workers=workers, durability=durability,
                             busy_poll=busy_poll)
         spawned = True
     except pipeproc.NodeAlreadyActive:
-        say("a node is already running there: using it (its workers run the pipeline)")
+        print(f"a node is already running there: using it (its workers run the {what})")
         pp = pipeproc.connect(location, busy_poll=busy_poll)
         spawned = False
     try:
-        return _run(pp, logs, batch)
+        yield pp
     finally:
         if spawned:
             pp.shutdown()

@@ -29,11 +29,10 @@ import sys
 import time
 from typing import Any, Dict, List, Optional, Set, Tuple
 
-import pipeproc
 from pipeproc import flow
 
 from . import demo_flows
-from ._demo import _location_option, cli_command
+from ._demo import _location_option, cli_command, demo_node
 from ._protocol import BUSY_POLL
 from ._text import as_dict, dumps, shorten, table
 
@@ -87,22 +86,9 @@ def run(*, location: Optional[str] = None, workers: int = 2, durability: str = "
     location = location or "./pipeproc_data"
     print(f"pipeproc demo --flow: a durable order workflow ({workers} workers, store "
           f"{os.path.abspath(location)})")
-    try:
-        pp = pipeproc.spawn(location, workers=workers, durability=durability,
-                            busy_poll=busy_poll)
-        spawned = True
-    except pipeproc.NodeAlreadyActive:
-        print("a node is already running there: using it (its workers run the workflow)")
-        pp = pipeproc.connect(location, busy_poll=busy_poll)
-        spawned = False
-    try:
-        with flow.Engine(pp) as engine:
-            return _act(pp, engine, os.path.abspath(location))
-    finally:
-        if spawned:
-            pp.shutdown()
-        else:
-            pp.close()
+    with demo_node(location, workers, durability, busy_poll, "workflow") as pp, \
+            flow.Engine(pp) as engine:
+        return _act(pp, engine, os.path.abspath(location))
 
 
 def _start(engine: Any, effects: str) -> Any:

@@ -353,10 +353,6 @@ class Flows:
             return ok_reply_raw(rid, body)
         return None
 
-    def claimed_for_closed(self, conn: Conn) -> None:
-        """The worker loop went away while we claimed for it."""
-        self.conn_lost(conn)
-
     def apply(self, tx: Any, conn: Conn, msg: Any) -> Any:
         """What an attempt writes (``frec``, and its end with the worker's next ``work``):
         ``{"run", "token", "events": [bytes], "starts": [...], "sends": [...],

@@ -207,8 +207,8 @@ class SysHandlers:
             name, key, data = value
             if name is None:  # a workflow run
                 conn.send(data)
-                if conn.closed:
-                    self.flows.claimed_for_closed(conn)
+                if conn.closed:  # the worker loop went away while we claimed for it
+                    self.flows.conn_lost(conn)
                 return
             if key is not None:
                 with conn.lock:

@@ -18,22 +18,23 @@ pytestmark = pytest.mark.timeout(60)
 RESULT = 20
 
 
-@pytest.fixture
-def eng2(tmp_path):
-    pp = pipeproc.spawn(tmp_path / "store", workers=2)
+def _node(tmp_path, workers):
+    pp = pipeproc.spawn(tmp_path / "store", workers=workers)
     try:
         yield pp, flow.Engine(pp)
     finally:
         pp.shutdown()
+
+
+@pytest.fixture
+def eng2(tmp_path):
+    yield from _node(tmp_path, 2)
 
 
 @pytest.fixture
 def eng1(tmp_path):
-    pp = pipeproc.spawn(tmp_path / "store", workers=1)
-    try:
-        yield pp, flow.Engine(pp)
-    finally:
-        pp.shutdown()
+    """One worker: every attempt runs on the same worker process."""
+    yield from _node(tmp_path, 1)
 
 
 def test_resume_gives_a_step_its_tries_again(eng2, tmp_path):

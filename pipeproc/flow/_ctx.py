@@ -17,7 +17,7 @@ import uuid as _uuid
 from typing import Any, Callable, Optional
 
 from ._defs import Retry, check_label
-from ._replay import INLINE_WAIT, Attempt, _check_fn
+from ._replay import Attempt, _check_fn
 
 class _Face:
     """What both contexts share: the attributes and the plain (non-waiting) calls."""
@@ -89,9 +89,7 @@ class Context(_Face):
         _check_fn(fn)
         pos, rec = att.step_start(name, retry)
         if rec is not None:
-            if rec[0] == "result":
-                return rec[1]
-            raise rec[1]
+            return att.recorded(rec)
         tries = att.tries_before(pos)
         while True:
             tries += 1
@@ -100,12 +98,7 @@ class Context(_Face):
                 if inspect.isawaitable(result):  # an async fn in a sync workflow
                     result = att.loop_of().run_until_complete(_awaited(result))
             except Exception as exc:
-                wait = att.step_failed_try(pos, name, retry, exc, tries)
-                if wait is None:
-                    raise
-                if wait >= INLINE_WAIT:
-                    raise att.suspend(due=int((time.time() + wait) * 1000) + 1) from None
-                time.sleep(wait)
+                time.sleep(att.retry_wait(pos, name, retry, exc, tries))
                 continue
             return att.step_done(pos, name, result)
 
@@ -150,9 +143,7 @@ class AsyncContext(_Face):
 
         async def run() -> Any:
             if rec is not None:
-                if rec[0] == "result":
-                    return rec[1]
-                raise rec[1]
+                return att.recorded(rec)
             tries = att.tries_before(pos)
             while True:
                 tries += 1
@@ -161,12 +152,7 @@ class AsyncContext(_Face):
                     if inspect.isawaitable(result):
                         result = await result
                 except Exception as exc:
-                    wait = att.step_failed_try(pos, name, retry, exc, tries)
-                    if wait is None:
-                        raise
-                    if wait >= INLINE_WAIT:
-                        raise att.suspend(due=int((time.time() + wait) * 1000) + 1) from None
-                    await asyncio.sleep(wait)
+                    await asyncio.sleep(att.retry_wait(pos, name, retry, exc, tries))
                     continue
                 return att.step_done(pos, name, result)
         return run()

@@ -157,16 +157,13 @@ def rebuild(err: dict) -> BaseException:
         cls = getattr(m, typ, None) if m is not None else None
     if isinstance(cls, type) and issubclass(cls, Exception):
         args = err.get("args")
-        for build in ((lambda: cls(*args)) if isinstance(args, list) else None,
-                      lambda: cls(msg)):
-            if build is None:
-                continue
+        for a in ([args] if isinstance(args, list) else []) + [[msg]]:
             try:
-                exc = build()
-                if str(exc) == msg or isinstance(exc, PipeProcError):
-                    return exc
+                exc = cls(*a)
             except Exception:
-                pass
+                continue
+            if str(exc) == msg or isinstance(exc, PipeProcError):
+                return exc
     return StepFailed(f"{typ}: {msg}")
 
 

@@ -234,6 +234,25 @@ class Attempt:
         self.flush()
         return wait
 
+    @staticmethod
+    def recorded(outcome: Tuple[str, Any]) -> Any:
+        """A step's outcome from its record: its result, or its recorded failure raised."""
+        if outcome[0] == "result":
+            return outcome[1]
+        raise outcome[1]
+
+    def retry_wait(self, pos: int, name: str, retry: Optional[Retry], exc: Exception,
+                   tries: int) -> float:
+        """After a failed try: the wait (under ``INLINE_WAIT``) before the next one, inside
+        the attempt; raises ``exc`` when the tries are exhausted, ``Suspend`` for a longer
+        (durable) wait."""
+        wait = self.step_failed_try(pos, name, retry, exc, tries)
+        if wait is None:
+            raise exc
+        if wait >= INLINE_WAIT:
+            raise self.suspend(due=int((time.time() + wait) * 1000) + 1) from None
+        return wait
+
     def step_done(self, pos: int, name: str, result: Any) -> Any:
         value = round_trip(result, f"the result of step {name!r}")
         self.record("step", name, pos, {"result": value})
