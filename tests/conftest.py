@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import uuid
 
 import pytest
 
@@ -25,7 +26,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:  # tests/ helper modules (processors for system procs) importable
     sys.path.insert(0, HERE)
 
-POOLED = {"node", "mem_node", "any_node"}
+POOLED = {"node", "mem_node", "any_node", "both"}
 
 
 def pytest_configure(config):
@@ -150,5 +151,83 @@ def spawner(tmp_path):
         for pp in reversed(started):
             try:
                 pp.shutdown()
+            except Exception:
+                pass
+
+
+# ---------------------------------------------------------------------------------------------
+# the Redis backend (SCALE.md): one private redis-server for the session, a fresh namespace per
+# test; skipped with the reason when there is no redis-server (or no redis-py) on the machine
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    """One private ``redis-server`` for the session (tests/redis_server.py: 127.0.0.1, a free
+    port, a temporary directory, appendfsync always, noeviction, a random password)."""
+    from redis_server import RedisServer, require_redis_server
+
+    pytest.importorskip("redis", reason="redis-py not installed: pip install 'pipeproc[redis]'")
+    server = RedisServer(require_redis_server(), require_password=True)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.remove()
+
+
+@pytest.fixture
+def redis_url(redis_server) -> str:
+    """The session server's URL (with its password)."""
+    return redis_server.url()
+
+
+def fresh_namespace(prefix: str = "t") -> str:
+    """A namespace no other test uses (matches ``^[A-Za-z0-9_-]{1,200}$``)."""
+    return f"{prefix}-{uuid.uuid4().hex[:16]}"
+
+
+@pytest.fixture
+def rpp_namespace() -> str:
+    """The fresh namespace of this test's ``rpp``."""
+    return fresh_namespace()
+
+
+@pytest.fixture
+def rpp(redis_url, rpp_namespace):
+    """A Redis client on a fresh namespace of the session server, closed after the test."""
+    pp = pipeproc.connect(redis=redis_url, namespace=rpp_namespace, durability="full")
+    try:
+        yield pp
+    finally:
+        pp.close()
+
+
+@pytest.fixture(params=["node", "redis"])
+def both(request):
+    """The same test on a fresh LMDB node (the pooled ``node``) and on ``rpp``."""
+    yield request.getfixturevalue("node" if request.param == "node" else "rpp")
+
+
+@pytest.fixture
+def both_connect(request, both):
+    """A factory of more clients of the store ``both`` is on (closed after the test)."""
+    opened = []
+
+    def make():
+        if request.node.callspec.params["both"] == "node":
+            pp = pipeproc.connect(address=both.address, authkey=both.authkey)
+        else:
+            pp = pipeproc.connect(redis=request.getfixturevalue("redis_url"),
+                                  namespace=request.getfixturevalue("rpp_namespace"))
+        opened.append(pp)
+        return pp
+
+    try:
+        yield make
+    finally:
+        for pp in reversed(opened):
+            try:
+                pp.close()
             except Exception:
                 pass
