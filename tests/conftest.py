@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import sys
 import threading
-import uuid
 
 import pytest
 
@@ -182,14 +181,11 @@ def redis_url(redis_server) -> str:
     return redis_server.url()
 
 
-def fresh_namespace(prefix: str = "t") -> str:
-    """A namespace no other test uses (matches ``^[A-Za-z0-9_-]{1,200}$``)."""
-    return f"{prefix}-{uuid.uuid4().hex[:16]}"
-
-
 @pytest.fixture
 def rpp_namespace() -> str:
     """The fresh namespace of this test's ``rpp``."""
+    from redis_server import fresh_namespace
+
     return fresh_namespace()
 
 

@@ -27,6 +27,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import uuid
 from typing import Any, Iterator, List, Optional, Sequence, Union
 
 MIN_VERSION = (7, 0)
@@ -69,6 +70,11 @@ def require_redis_server() -> str:
     if exe is None:
         pytest.skip(SKIP_REASON)
     return exe
+
+
+def fresh_namespace(prefix: str = "t") -> str:
+    """A namespace no other test uses (matches ``^[A-Za-z0-9_-]{1,200}$``)."""
+    return f"{prefix}-{uuid.uuid4().hex[:16]}"
 
 
 def free_port() -> int:
