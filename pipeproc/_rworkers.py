@@ -1,0 +1,484 @@
+"""Workers on Redis: the local supervisor and its worker processes (SCALE.md §1, §3).
+
+``spawn(redis=...)`` and ``pipeproc workers`` run a **supervisor**
+(``python -m pipeproc._rworkers supervisor``, its configuration on stdin: the Redis URL
+never appears in argv or in a process title). The supervisor
+
+* starts ``workers`` worker processes and restarts them when they die (with a growing
+  back-off when they die young); the claims of a worker that died are reclaimed at once
+  (counted toward ``max_reclaims``: SPEC §6);
+* applies what a node's timers would: due claim timeouts, workers of any host whose
+  heartbeats stopped (their claims reclaimed), live procs whose lease ran out; it blocks on
+  the namespace's doorbell until the next of these deadlines, it never sweeps at a fixed
+  interval;
+* runs the GC when the namespace has GC settings, under a lease (one supervisor at a time).
+
+A **worker** (``python -m pipeproc._rworkers worker``) runs ``worker_concurrency`` loops.
+Each loop sends ``work`` scripts that carry the outcome of its last claim and take the next
+one (round robin over the system procs this worker may run), and blocks on the doorbell when
+there is nothing to do. A worker runs only processors that ``allow`` permits (module
+prefixes, directories of file processors, or ``"*"``) and that it can import; others are
+skipped by this worker, logged once, and never counted as failures.
+
+Client side: imports ``_rbackend``, ``_processors``, ``_workers`` (the processor call),
+``_calls`` and ``errors``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from typing import Any, Dict, List, Optional, Sequence
+
+import msgpack
+
+from ._processors import SCRIPT, load
+from ._rbackend import WORKER_DEAD_MS, Backend
+from .errors import InvalidArgument, NoActiveNode, PipeProcError
+
+log = logging.getLogger("pipeproc.workers")
+
+#: Seconds between a worker's heartbeats (a worker is dead after ``WORKER_DEAD_MS``).
+HEARTBEAT = 1.0
+#: Default GC settings (seconds), as the node's.
+GC_DEFAULTS = {"min_prune_time": 30.0, "interval": 30.0}
+
+
+# ------------------------------------------------------------------ configuration
+
+def check_allow(allow: Any) -> List[str]:
+    """``allow=``: module prefixes, directories (ending with ``/``) or ``"*"``."""
+    if allow is None:
+        return []
+    if isinstance(allow, str):
+        allow = [allow]
+    out = []
+    for a in allow:
+        if not isinstance(a, str) or not a:
+            raise InvalidArgument(f"allow= takes module prefixes, directories or '*', got {a!r}")
+        out.append(os.path.abspath(a) + os.sep if (os.sep in a and a != "*") else a)
+    return out
+
+
+def allowed(ref: str, allow: Sequence[str]) -> bool:
+    """Whether processor ``ref`` (an import string or a file path) is permitted."""
+    if "*" in allow:
+        return True
+    path = ref
+    if ref.startswith(SCRIPT):
+        path = ref[len(SCRIPT):]
+    if path.startswith(os.sep):  # a file processor: under an allowed directory
+        file = path.rsplit(":", 1)[0] if path.count(":") else path
+        return any(a.endswith(os.sep) and file.startswith(a) for a in allow)
+    module = ref.split(":", 1)[0]
+    return any(not a.endswith(os.sep) and (module == a or module.startswith(a + "."))
+               for a in allow)
+
+
+def _check_int(v: Any, name: str, lo: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise InvalidArgument(f"{name} must be an int >= {lo}, got {v!r}")
+    return v
+
+
+def _gc_settings(gc: Any) -> Optional[Dict[str, float]]:
+    if gc is False or gc is None:
+        return None
+    if gc is True:
+        return dict(GC_DEFAULTS)
+    if not isinstance(gc, dict) or set(gc) - set(GC_DEFAULTS):
+        raise InvalidArgument("gc is True, False or {'min_prune_time': s, 'interval': s}")
+    out = dict(GC_DEFAULTS)
+    for k, v in gc.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (
+                k == "interval" and v <= 0):
+            raise InvalidArgument(f"gc[{k!r}] must be a number of seconds > 0")
+        out[k] = float(v)
+    return out
+
+
+def supervisor_cfg(url: str, namespace: str, *, workers: int = 1, concurrency: int = 1,
+                   restart_after: int = 0, gc: Any = False, durability: str = "full",
+                   allow: Optional[Sequence[str]] = None,
+                   redis_options: Optional[Dict[str, Any]] = None,
+                   log_level: Optional[str] = None) -> Dict[str, Any]:
+    """The supervisor's configuration, every argument checked."""
+    return {
+        "id": f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}",
+        "url": url, "namespace": namespace,
+        "workers": _check_int(workers, "workers", 0),
+        "concurrency": _check_int(concurrency, "worker_concurrency", 1),
+        "restart_after": _check_int(restart_after, "worker_restart_after", 0),
+        "gc": _gc_settings(gc), "durability": durability, "allow": check_allow(allow),
+        "redis_options": dict(redis_options or {}), "log_level": log_level,
+        "sys_path": [p for p in sys.path if p], "cwd": os.getcwd(),
+    }
+
+
+def store_gc_settings(backend: Backend, gc: Dict[str, float]) -> None:
+    """The namespace's GC settings (any supervisor of the namespace runs the GC with them)."""
+    try:
+        backend.r.hset(backend.P + ":gc", mapping={k: repr(v) for k, v in gc.items()})
+    except backend._redis_mod.RedisError as exc:
+        raise backend._error(exc) from None
+
+
+def _send_cfg(proc: subprocess.Popen, cfg: Dict[str, Any]) -> None:
+    data = msgpack.packb(cfg)
+    assert proc.stdin is not None
+    proc.stdin.write(len(data).to_bytes(4, "big") + data)
+    proc.stdin.flush()
+
+
+def _child(kind: str, cfg: Dict[str, Any]) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", "pipeproc._rworkers", kind],
+                            stdin=subprocess.PIPE, cwd=cfg.get("cwd") or None,
+                            start_new_session=(kind == "supervisor"))
+    _send_cfg(proc, cfg)
+    return proc
+
+
+def start_supervisor(cfg: Dict[str, Any]) -> subprocess.Popen:
+    """Start the local supervisor (its own process group; its stdin is its lifeline)."""
+    return _child("supervisor", cfg)
+
+
+def wait_ready(backend: Backend, proc: subprocess.Popen, sup_id: str, workers: int,
+               timeout: float) -> None:
+    """Return once ``workers`` workers of supervisor ``sup_id`` said hello."""
+    deadline = time.monotonic() + timeout
+    key = backend.P + ":w"
+    while True:
+        ids = [x.decode() for x in backend.r.zrange(key, 0, -1)]
+        mine = [w for w in ids if w.startswith(sup_id + "/")]
+        if len(mine) >= workers:
+            return
+        if proc.poll() is not None:
+            raise NoActiveNode(f"the local supervisor exited (code {proc.returncode}) before "
+                               "its workers were ready; see its log on stderr")
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise NoActiveNode(f"the workers were not ready within {timeout} s")
+        last = backend.r.xrevrange(backend.P + ":bell", count=1)
+        backend.block(last[0][0].decode() if last else "0-0", min(left, 0.5))
+
+
+def _read_cfg() -> Dict[str, Any]:
+    stdin = sys.stdin.buffer
+    try:
+        size = int.from_bytes(stdin.read(4), "big")
+        return dict(msgpack.unpackb(stdin.read(size), raw=False))
+    except (ValueError, OSError, msgpack.UnpackException):
+        os._exit(3)
+
+
+def _setup(cfg: Dict[str, Any], who: str) -> None:
+    logging.basicConfig(level=cfg.get("log_level") or "WARNING", stream=sys.stderr,
+                        format=f"%(asctime)s pipeproc-{who}[%(process)d] %(levelname)s %(message)s")
+    if cfg.get("cwd"):
+        try:
+            os.chdir(cfg["cwd"])
+        except OSError:
+            pass
+    for p in reversed(cfg.get("sys_path") or []):
+        if p not in sys.path:
+            sys.path.insert(0, p)
+
+
+def _backend(cfg: Dict[str, Any]) -> Backend:
+    return Backend(cfg["url"], cfg["namespace"], cfg.get("redis_options"), cfg["durability"],
+                   timeout=10.0)
+
+
+def _bell(backend: Backend) -> str:
+    last = backend.r.xrevrange(backend.P + ":bell", count=1)
+    return last[0][0].decode() if last else "0-0"
+
+
+# ------------------------------------------------------------------ the supervisor
+
+class Supervisor:
+    """Starts and restarts the local workers; applies timers, reaps dead workers, runs GC."""
+
+    def __init__(self, cfg: Dict[str, Any]) -> None:
+        self.cfg = cfg
+        self.backend = _backend(cfg)
+        self.stopping = threading.Event()
+        self.procs: Dict[int, subprocess.Popen] = {}
+        self.lock = threading.Lock()
+        self.gc_next = 0.0
+
+    def run(self) -> None:
+        cfg = self.cfg
+        if cfg["workers"] and not cfg["allow"]:
+            log.warning("workers started with no allow=: they run no system proc (give "
+                        "allow=['your.module'] or --allow your.module; '*' trusts everything)")
+        for slot in range(cfg["workers"]):
+            self._start(slot)
+        threading.Thread(target=self._lifeline, daemon=True).start()
+        while not self.stopping.is_set():
+            try:
+                self._tick()
+            except PipeProcError as exc:
+                log.warning("supervisor: %s", exc)
+                self.stopping.wait(1.0)
+        self._stop_all()
+
+    def _lifeline(self) -> None:
+        try:
+            while sys.stdin.buffer.read(4096):
+                pass
+        except (OSError, ValueError):
+            pass
+        self.stop()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        try:  # wake the tick's block
+            self.backend.r.xadd(self.backend.P + ":bell", {"e": "stop", "w": self.cfg["id"]},
+                                maxlen=1000, approximate=True)
+        except Exception:  # noqa: BLE001
+            pass
+
+    def _tick(self) -> None:
+        b = self.backend
+        bell_id, wake, now = b.script("tick", WORKER_DEAD_MS)
+        wait = 30.0
+        if wake:
+            wait = min(wait, max(0.0, (int(wake) - int(now)) / 1000.0) + 0.002)
+        gc = self.cfg.get("gc")
+        if gc is not None:
+            mono = time.monotonic()
+            if mono >= self.gc_next:
+                self.gc_next = mono + gc["interval"]
+                n = b.script("gc", self.cfg["id"], int(gc["interval"] * 1500),
+                             int(gc["min_prune_time"] * 1000))
+                if n and int(n) > 0:
+                    log.info("gc: %d logs deleted", int(n))
+            wait = min(wait, max(0.0, self.gc_next - time.monotonic()))
+        if not self.stopping.is_set():
+            b.block(bell_id.decode() if isinstance(bell_id, bytes) else str(bell_id), wait)
+
+    def _wid(self, slot: int, pid: int) -> str:
+        return f"{self.cfg['id']}/{slot}/{pid}"
+
+    def _start(self, slot: int, delay: float = 0.0) -> None:
+        if self.stopping.is_set():
+            return
+        wcfg = dict(self.cfg)
+        wcfg["slot"] = slot
+        proc = _child("worker", wcfg)
+        with self.lock:
+            self.procs[slot] = proc
+        started = time.monotonic()
+        threading.Thread(target=self._watch, args=(slot, proc, started, delay),
+                         daemon=True).start()
+
+    def _watch(self, slot: int, proc: subprocess.Popen, started: float, delay: float) -> None:
+        code = proc.wait()
+        wid = self._wid(slot, proc.pid)
+        recycled = code == 0 or self.stopping.is_set()
+        try:
+            self.backend.script(
+                "reap1", wid,
+                f"worker {slot} (pid {proc.pid}) died while processing these logs",
+                "0" if recycled else "1")
+        except PipeProcError as exc:
+            log.warning("the claims of worker %s could not be reclaimed now (%s); the "
+                        "heartbeat check will", wid, exc)
+        if self.stopping.is_set():
+            return
+        if not recycled:
+            log.warning("worker %d (pid %d) exited with code %s; restarting it", slot,
+                        proc.pid, code)
+        lived = time.monotonic() - started
+        delay = 0.0 if recycled or lived > 10 else min(5.0, max(0.1, delay * 2))
+        if delay and self.stopping.wait(delay):
+            return
+        self._start(slot, delay)
+
+    def _stop_all(self) -> None:
+        with self.lock:
+            procs = list(self.procs.values())
+        for p in procs:
+            try:
+                if p.stdin is not None:
+                    p.stdin.close()
+            except OSError:
+                pass
+        deadline = time.monotonic() + 10
+        for p in procs:
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def supervisor_main() -> None:
+    cfg = _read_cfg()
+    _setup(cfg, "supervisor")
+    sup = Supervisor(cfg)
+    signal.signal(signal.SIGTERM, lambda *_: sup.stop())
+    signal.signal(signal.SIGINT, lambda *_: sup.stop())
+    sup.run()
+    logging.shutdown()
+    os._exit(0)
+
+
+# ------------------------------------------------------------------ the worker
+
+class Worker:
+    """One worker process: ``concurrency`` loops over one backend, and a heartbeat."""
+
+    def __init__(self, cfg: Dict[str, Any]) -> None:
+        self.cfg = cfg
+        self.backend = _backend(cfg)
+        self.wid = f"{cfg['id']}/{cfg['slot']}/{os.getpid()}"
+        self.allow = list(cfg.get("allow") or [])
+        self.stats = {"executions": 0, "failures": 0}
+        self.stopping = threading.Event()
+        self._defs: Dict[str, dict] = {}
+        self._refused: Dict[str, str] = {}  # processor ref -> why this worker skips it
+        self._lock = threading.Lock()
+
+    def names(self) -> List[str]:
+        """The procs of system procs this worker may run (allowed and importable)."""
+        raw = self.backend.r.hgetall(self.backend.P + ":sys")
+        names = []
+        for _, v in sorted(raw.items()):
+            d = msgpack.unpackb(v, raw=False)
+            ref = d["processor"]
+            if not self.can_run(ref, d):
+                continue
+            names += d["procs"]
+        return names
+
+    def can_run(self, ref: str, d: dict) -> bool:
+        why = self._refused.get(ref)
+        if why is None and ref not in self._defs:
+            if not allowed(ref, self.allow):
+                why = f"not permitted by allow={self.allow!r}"
+            else:
+                try:
+                    load(ref)
+                except Exception as exc:  # noqa: BLE001 - any import failure
+                    why = f"cannot be imported on this host: {type(exc).__name__}: {exc}"
+            with self._lock:
+                if why is None:
+                    self._defs[ref] = d
+                elif ref not in self._refused:
+                    self._refused[ref] = why
+                    log.warning("worker %s skips the procs %s of processor %s: %s", self.wid,
+                                d.get("procs"), ref, why)
+        return why is None
+
+    def run(self) -> None:
+        cfg = self.cfg
+        info = ["pid", os.getpid(), "host", socket.gethostname(), "slot", cfg["slot"],
+                "supervisor", cfg["id"]]
+        self.backend.script("hello", self.wid, *info)
+        threading.Thread(target=self._heartbeat, daemon=True).start()
+        loops = [threading.Thread(target=self._loop, name=f"loop-{i}", daemon=True)
+                 for i in range(max(1, cfg.get("concurrency", 1)))]
+        for t in loops:
+            t.start()
+        for t in loops:
+            t.join()
+
+    def _heartbeat(self) -> None:
+        while not self.stopping.wait(HEARTBEAT):
+            try:
+                if not self.backend.script("beat", self.wid, write=False):
+                    log.error("worker %s was declared dead (heartbeats late by more than "
+                              "%d ms): its claims were reclaimed; exiting", self.wid,
+                              WORKER_DEAD_MS)
+                    os._exit(4)
+            except PipeProcError as exc:
+                log.warning("heartbeat failed: %s", exc)
+
+    def _loop(self) -> None:
+        from ._workers import _Loop  # the processor call, shared with the node's workers
+        runner = _Loop(self.cfg, 0, self.stats)
+        done: Optional[list] = None
+        rr = 0
+        limit = self.cfg.get("restart_after") or 0
+        while True:
+            if limit and self.stats["executions"] >= limit:
+                if done is not None:
+                    self._work(done, [], 0)
+                self.stopping.set()
+                return
+            names = self.names()
+            res = self._work(done, names, rr)
+            done = None
+            kind = res[0].decode()
+            if kind == "job":
+                _, pn, idx, ref, tos, many, cnum, es, _note = res
+                rr = int(idx)
+                name, ref = pn.decode(), ref.decode()
+                tos = [t.decode() if isinstance(t, bytes) else t for t in (tos or [])]
+                claim = self._claim_key(es, int(cnum))
+                if not self.can_run(ref, {"procs": [name]}):
+                    done = [name, claim, "release", None]
+                    continue
+                from ._rbackend import _rows
+                job = [name, ref, tos, bool(int(many)), _rows(es), claim]
+                done = runner.execute(job)
+                continue
+            bell_id, wake, now = res[1].decode(), res[2].decode(), int(res[3])
+            wait = 30.0
+            if wake:
+                wait = min(wait, max(0.0, (int(wake) - now) / 1000.0) + 0.002)
+            self.backend.block(bell_id, wait)
+
+    @staticmethod
+    def _claim_key(entries: Any, cnum: int) -> list:
+        lo = entries[0][0].decode().split("-")
+        hi = entries[-1][0].decode().split("-")
+        return [int(lo[0]), int(lo[1]), int(hi[0]), int(hi[1]), len(entries), "", cnum]
+
+    def _work(self, done: Optional[list], names: List[str], rr: int) -> Any:
+        kind, name, key, err, items = "", "", [""] * 7, b"", []
+        if done is not None:
+            name, key, kind, data = done
+            if kind == "commit":
+                for t, b in data:
+                    items += [t, b]
+            elif kind == "reclaim":
+                err = msgpack.packb(data)
+            key = [str(x) for x in key]
+        return self.backend.script("work", self.wid, kind, name, *key, err, rr, len(names),
+                                   *names, *items)
+
+
+def worker_main() -> None:
+    cfg = _read_cfg()
+    _setup(cfg, "worker")
+
+    def lifeline() -> None:
+        try:
+            while sys.stdin.buffer.read(4096):
+                pass
+        except (OSError, ValueError):
+            pass
+        os._exit(3)
+    threading.Thread(target=lifeline, daemon=True).start()
+    try:
+        Worker(cfg).run()
+    except PipeProcError as exc:
+        log.error("worker stopped: %s", exc)
+        logging.shutdown()
+        os._exit(2)
+    logging.shutdown()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    {"supervisor": supervisor_main, "worker": worker_main}[sys.argv[1]]()
