@@ -145,7 +145,7 @@ def _key_args(key: Optional[list]) -> List[Any]:
 def _bound_args(bound: Any) -> Tuple[str, str]:
     if bound is None:
         return "", ""
-    b = _ids.parse_bound(bound)
+    b: Any = _ids.parse_bound(bound)
     if b[0] == "id":
         return "id", f"{b[1]}-{b[2]}"
     return b[0], str(b[1])
@@ -556,7 +556,7 @@ class Backend:
                           "created_at": int(created or 0)}
                   for t, n, stored, created in topics_raw}
         procs = {}
-        sysprocs = {}
+        sysprocs: Dict[str, List[str]] = {}
         for st_raw, lag, pend, sysname in procs_raw:
             st = _state(st_raw)
             procs[st[0]] = {"topic": st[1], "status": st[9], "pending": _s(pend),

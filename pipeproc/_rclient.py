@@ -212,3 +212,103 @@ def spawn_redis(url: str, namespace: str = DEFAULT_NAMESPACE, *, workers: int = 
 
 __all__ = ["RedisPipeProc", "connect_redis", "spawn_redis", "refuse_node_args",
            "WAIT_SLACK", "os", "time"]
+
+
+# ------------------------------------------------------------------ the asyncio client
+
+def _async_class() -> Any:
+    """:class:`AsyncRedisPipeProc`, built on first use (``pipeproc.aio`` imports us lazily)."""
+    global _ASYNC
+    if _ASYNC is not None:
+        return _ASYNC
+    import asyncio
+
+    from .aio import AsyncPipeProc
+
+    class AsyncRedisPipeProc(AsyncPipeProc):
+        """A :class:`pipeproc.aio.AsyncPipeProc` whose store is a Redis namespace.
+
+        Each call runs the backend's script on a worker thread (redis-py's blocking client,
+        ``asyncio.to_thread``), so the event loop never blocks and any number of coroutines
+        may await calls at once. A call cancelled while its script runs may still have
+        happened, as with the node; a claim that arrives for a cancelled live proc wait is
+        handed back (reclaimed)."""
+
+        def __init__(self, backend: Backend, process: Optional[subprocess.Popen] = None) -> None:
+            super().__init__(backend.safe_url, b"", process=process)
+            self._backend = backend
+
+        @property
+        def namespace(self) -> str:
+            """The Redis namespace this client works in."""
+            return self._backend.namespace
+
+        async def _call(self, op: Optional[str], *args: Any, orphan: Any = None) -> Any:
+            if self._closed:
+                raise NoActiveNode("this client is closed")
+            gone = threading.Event()
+            loop = asyncio.get_running_loop()
+            fut = loop.run_in_executor(None, lambda: self._backend.handle(
+                op or "", args, cancelled=gone.is_set))
+            try:
+                return await asyncio.shield(fut)
+            except asyncio.CancelledError:
+                gone.set()
+                if orphan is not None:
+                    def handed(f: Any) -> None:
+                        if not f.cancelled() and f.exception() is None and f.result() is not None:
+                            orphan([0, OK, f.result()])
+                    fut.add_done_callback(handed)
+                raise
+
+        def _send_quietly(self, op: str, *args: Any) -> None:
+            def run() -> None:
+                try:
+                    self._backend.handle(op, args)
+                except PipeProcError:
+                    pass
+            threading.Thread(target=run, daemon=True).start()
+
+        async def _run(self, call: Call[T]) -> T:
+            if call.op is None:
+                return call.shape(None)
+            return call.shape(await self._call(call.op, *call.args))
+
+        async def close(self) -> None:
+            self._closed = True
+            self._backend.close()
+
+        async def shutdown(self, timeout: float = 30.0) -> None:
+            proc, self._process = self._process, None
+            if proc is not None:
+                await asyncio.to_thread(stop_supervisor, proc, timeout)
+            await self.close()
+
+        def __repr__(self) -> str:
+            state = "closed" if self._closed else "connected"
+            return (f"<AsyncPipeProc {state} to Redis {self._backend.safe_url} namespace "
+                    f"{self.namespace!r}>")
+
+    _ASYNC = AsyncRedisPipeProc
+    return _ASYNC
+
+
+_ASYNC: Any = None
+
+
+async def aio_connect_redis(url: str, namespace: str = DEFAULT_NAMESPACE,
+                            redis_options: Optional[Dict[str, Any]] = None,
+                            durability: str = "full", timeout: float = 5.0) -> Any:
+    """``pipeproc.aio.connect(redis=...)``."""
+    import asyncio
+    backend = await asyncio.to_thread(Backend, url, namespace, redis_options, durability, timeout)
+    return _async_class()(backend)
+
+
+async def aio_spawn_redis(url: str, namespace: str = DEFAULT_NAMESPACE, **kw: Any) -> Any:
+    """``pipeproc.aio.spawn(redis=...)``: the sync spawn in a thread, then an async client."""
+    import asyncio
+    pp = await asyncio.to_thread(spawn_redis, url, namespace, **kw)
+    backend, proc = pp._backend, pp._process
+    pp._process = None
+    return _async_class()(backend, proc)

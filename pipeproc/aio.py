@@ -417,7 +417,20 @@ async def spawn(location: Any = None, *, memory: bool = False, workers: int = 1,
                 durability: str = "full", address: Any = None, authkey: Optional[bytes] = None,
                 max_map_size: Optional[int] = None, max_frame_size: Optional[int] = None,
                 log_level: Optional[str] = None, timeout: float = 60.0,
-                busy_poll: float = BUSY_POLL) -> AsyncPipeProc:
+                busy_poll: float = BUSY_POLL, redis: Optional[str] = None,
+                namespace: Optional[str] = None, allow: Optional[Sequence[str]] = None,
+                redis_options: Optional[Dict[str, Any]] = None) -> AsyncPipeProc:
+    if redis is not None or namespace is not None or allow is not None or redis_options is not None:
+        from . import _rclient
+        if redis is None:
+            raise InvalidArgument("namespace=, allow= and redis_options= go with redis=")
+        _rclient.refuse_node_args(location=location, memory=memory, address=address,
+                                  authkey=authkey)
+        return await _rclient.aio_spawn_redis(  # type: ignore[no-any-return]
+            redis, namespace or _rclient.DEFAULT_NAMESPACE, workers=workers,
+            worker_concurrency=worker_concurrency, worker_restart_after=worker_restart_after,
+            gc=gc, durability=durability, allow=None if allow is None else list(allow),
+            redis_options=redis_options, log_level=log_level, timeout=timeout)
     cfg = _spawn.node_cfg(
         location, memory=memory, workers=workers, worker_concurrency=worker_concurrency,
         worker_restart_after=worker_restart_after, gc=gc, durability=durability,
@@ -453,7 +466,20 @@ spawn.__doc__ = f"""Start a node process and return an async client connected to
 
 
 async def connect(location: Any = None, *, address: Any = None, authkey: Optional[bytes] = None,
-                  timeout: float = 5.0, busy_poll: float = BUSY_POLL) -> AsyncPipeProc:
+                  timeout: float = 5.0, busy_poll: float = BUSY_POLL,
+                  redis: Optional[str] = None, namespace: Optional[str] = None,
+                  redis_options: Optional[Dict[str, Any]] = None,
+                  durability: str = "full") -> AsyncPipeProc:
+    if redis is not None or namespace is not None or redis_options is not None:
+        from . import _rclient
+        if redis is None:
+            raise InvalidArgument("namespace= and redis_options= go with redis=")
+        _rclient.refuse_node_args(location=location, address=address, authkey=authkey)
+        return await _rclient.aio_connect_redis(  # type: ignore[no-any-return]
+            redis, namespace or _rclient.DEFAULT_NAMESPACE, redis_options, durability, timeout)
+    if durability != "full":
+        raise InvalidArgument("connect(durability=...) is for redis=: a node's durability "
+                              "is chosen by its spawn")
     spin = _spawn.check_busy_poll(busy_poll)
     retry = _spawn.Retry(location, address, timeout)
     while True:
