@@ -35,6 +35,7 @@ RET_CONNECT = 3
 ENV_LOCATION = "PIPEPROC_LOCATION"
 ENV_ADDRESS = "PIPEPROC_ADDRESS"
 ENV_BUSY_POLL = "PIPEPROC_BUSY_POLL_US"
+ENV_REDIS = "PIPEPROC_REDIS"
 DEFAULT_LOCATION = "./pipeproc_data"
 CONNECT_TIMEOUT = 2.0
 COMMIT_BATCH = 1000
@@ -81,8 +82,34 @@ def busy_poll_setting() -> float:
     return max(0.0, min(us, 10_000.0)) / 1e6 if us == us else 0.0
 
 
+def redis_url(args: argparse.Namespace) -> Optional[str]:
+    """The Redis URL: from ``--redis-file`` or env ``PIPEPROC_REDIS`` (never argv, so the
+    password never shows in a process list), or ``None`` for a node."""
+    path = getattr(args, "redis_file", None)
+    if path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                url = f.read().strip()
+        except OSError as exc:
+            raise UsageError(f"--redis-file {path}: {exc.strerror}") from None
+        if not url:
+            raise UsageError(f"--redis-file {path} is empty")
+        return url
+    url = os.environ.get(ENV_REDIS, "").strip()
+    if url:
+        return url
+    if getattr(args, "namespace", None):
+        raise UsageError(f"--namespace is for Redis: set {ENV_REDIS} or pass --redis-file")
+    return None
+
+
 def connect(args: argparse.Namespace) -> Any:
-    """Connect to the node named by --location / --address (key read from the location)."""
+    """Connect to the node named by --location / --address (key read from the location),
+    or to a Redis namespace (``PIPEPROC_REDIS`` / ``--redis-file`` and ``--namespace``)."""
+    url = redis_url(args)
+    if url is not None:
+        return pipeproc.connect(redis=url, namespace=args.namespace or "pipeproc",
+                                timeout=args.timeout)
     if args.address:
         key = os.path.join(os.path.abspath(args.location), "node.key")
         if not os.path.exists(key):
@@ -128,6 +155,36 @@ def cmd_node(args: argparse.Namespace) -> int:
         log.info("stopping")
     finally:
         pp.shutdown()
+    log.info("stopped")
+    return RET_OK
+
+
+def cmd_workers(args: argparse.Namespace) -> int:
+    """``pipeproc workers``: a supervisor and its workers on a Redis namespace, in the
+    foreground."""
+    from . import _rworkers
+    from ._rbackend import redact
+    url = redis_url(args)
+    if url is None:
+        raise UsageError(f"workers runs on Redis: set {ENV_REDIS} or pass --redis-file "
+                         "(a node runs its own workers: pipeproc node --workers N)")
+    level = "DEBUG" if args.verbose else "INFO"
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s")
+    namespace = args.namespace or "pipeproc"
+    cfg = _rworkers.supervisor_cfg(url, namespace, workers=args.workers,
+                                   concurrency=args.concurrency,
+                                   restart_after=args.restart_after, gc=bool(args.gc),
+                                   durability=args.durability, allow=args.allow,
+                                   log_level=level)
+    sup = _rworkers.Supervisor(cfg)
+    if cfg["gc"]:
+        _rworkers.store_gc_settings(sup.backend, cfg["gc"])
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: sup.stop())
+    log.info("workers: %d on %s namespace %r, allow=%s; stop with Ctrl-C or SIGTERM",
+             args.workers, redact(url), namespace, cfg["allow"] or "(nothing)")
+    sup.run(lifeline=False)
     log.info("stopped")
     return RET_OK
 

@@ -215,14 +215,16 @@ class Supervisor:
         self.lock = threading.Lock()
         self.gc_next = 0.0
 
-    def run(self) -> None:
+    def run(self, lifeline: bool = True) -> None:
+        """Run until :meth:`stop` (or, with ``lifeline``, until stdin closes)."""
         cfg = self.cfg
         if cfg["workers"] and not cfg["allow"]:
             log.warning("workers started with no allow=: they run no system proc (give "
                         "allow=['your.module'] or --allow your.module; '*' trusts everything)")
         for slot in range(cfg["workers"]):
             self._start(slot)
-        threading.Thread(target=self._lifeline, daemon=True).start()
+        if lifeline:
+            threading.Thread(target=self._lifeline, daemon=True).start()
         while not self.stopping.is_set():
             try:
                 self._tick()

@@ -105,7 +105,31 @@ def procs_table(procs: Dict[str, dict]) -> str:
 
 def stats_text(st: dict) -> str:
     node = st.get("node", {})
-    lines = [
+    r = st.get("redis")
+    if r is not None and not node:  # the Redis backend: no node
+        lines = [
+            f"redis     {r.get('url')}  namespace {r.get('namespace')}  "
+            f"version {r.get('redis_version', '?')}  durability {r.get('durability', '?')}",
+            f"server    appendonly {r.get('appendonly', 'unknown')}  appendfsync "
+            f"{r.get('appendfsync', 'unknown')}  maxmemory-policy "
+            f"{r.get('maxmemory-policy', 'unknown')}",
+        ]
+    else:
+        lines = _node_lines(node)
+    workers = st.get("workers", [])
+    lines.append("")
+    if workers:
+        lines.append(table(["WORKER PID", "HOST", "EXECUTIONS", "FAILURES"],
+                           [[w.get("pid"), w.get("host", "-"), w.get("executions"),
+                             w.get("failures")] for w in workers],
+                           right=(2, 3)))
+    else:
+        lines.append("(no workers)")
+    return _stats_rest(st, lines)
+
+
+def _node_lines(node: dict) -> list:
+    return [
         f"node      pid {node.get('pid')}  up {node.get('uptime', 0):.0f} s  "
         f"durability {node.get('durability', '?')}  "
         f"store {human_bytes(node.get('store_bytes', 0))}"
@@ -113,14 +137,9 @@ def stats_text(st: dict) -> str:
         + f"  connections {node.get('connections', '?')}",
         f"location  {node.get('location')}",
     ]
-    workers = st.get("workers", [])
-    lines.append("")
-    if workers:
-        lines.append(table(["WORKER PID", "EXECUTIONS", "FAILURES"],
-                           [[w.get("pid"), w.get("executions"), w.get("failures")] for w in workers],
-                           right=(1, 2)))
-    else:
-        lines.append("(no workers)")
+
+
+def _stats_rest(st: dict, lines: list) -> str:
     topics = st.get("topics", {})
     if topics:
         lines.append("")

@@ -40,6 +40,7 @@ from ._cli_commands import (  # RET_*, UsageError and the address helpers: also 
     ENV_ADDRESS,
     ENV_BUSY_POLL,
     ENV_LOCATION,
+    ENV_REDIS,
     RET_CONNECT,
     RET_ERROR,
     RET_OK,
@@ -50,6 +51,7 @@ from ._cli_commands import (  # RET_*, UsageError and the address helpers: also 
     cmd_inspect,
     cmd_length,
     cmd_node,
+    cmd_workers,
     cmd_proc_action,
     cmd_procs,
     cmd_range,
@@ -179,6 +181,11 @@ def make_parser() -> argparse.ArgumentParser:
                        default=d(os.environ.get(ENV_ADDRESS) or None),
                        help=f"TCP HOST:PORT or Unix socket path of the node (env {ENV_ADDRESS}); "
                             "the key is still read from --location")
+        g.add_argument("--namespace", metavar="NS", default=d(None),
+                       help="with Redis: the namespace (default 'pipeproc'); the URL comes from "
+                            f"env {ENV_REDIS} or --redis-file, never from the command line")
+        g.add_argument("--redis-file", metavar="FILE", default=d(None),
+                       help="a file holding the Redis URL (instead of env PIPEPROC_REDIS)")
         g.add_argument("--timeout", type=float, metavar="SECONDS", default=d(CONNECT_TIMEOUT),
                        help=f"how long to try to connect (default {CONNECT_TIMEOUT})")
         g.add_argument("--json", action="store_true", default=d(False),
@@ -202,6 +209,23 @@ def make_parser() -> argparse.ArgumentParser:
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.set_defaults(fn=fn, parser=p)
         return p
+
+    p = add("workers", "with Redis: run a supervisor and its workers in the foreground "
+            "(until Ctrl-C / SIGTERM)", cmd_workers,
+            "  PIPEPROC_REDIS=redis://host:6379/0 pipeproc workers --namespace shop -n 8 "
+            "--allow shop.pipeline\n")
+    p.add_argument("-n", "--workers", dest="workers", type=_nonneg_int, default=1,
+                   help="worker processes (default 1)")
+    p.add_argument("--concurrency", type=_positive_int, default=1,
+                   help="processing loops per worker (default 1)")
+    p.add_argument("--restart-after", type=_nonneg_int, default=0,
+                   help="recycle a worker after N executions (default 0: never)")
+    p.add_argument("--allow", action="append", metavar="PREFIX", default=None,
+                   help="module prefix or directory of processors the workers may run "
+                        "(repeatable; '*' trusts everything; none given: nothing runs)")
+    p.add_argument("--gc", action="store_true", help="run the GC (defaults: 30 s / 30 s)")
+    p.add_argument("--durability", choices=("full", "replicated", "fast"), default="full",
+                   help="what a worker's write waits for (default full)")
 
     p = add("node", "run a node in the foreground until Ctrl-C / SIGTERM", cmd_node,
             "  pipeproc node --location ./data --workers 4 --gc\n"
@@ -316,7 +340,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line; returns the exit code (see the module docstring)."""
     parser = make_parser()
     args = parser.parse_args(argv)
-    if args.command != "node":  # the node command configures its own (INFO) logging
+    if args.command not in ("node", "workers"):  # these configure their own (INFO) logging
         logging.basicConfig(level="DEBUG" if args.verbose else "WARNING", stream=sys.stderr,
                             format="pipeproc: %(levelname)s %(message)s")
     try:
