@@ -139,7 +139,10 @@ def _key_args(key: Optional[list]) -> List[Any]:
     if key is None:
         return [""] * 7
     k = list(key) + [""] * (7 - len(key))
-    return [str(x) if x != "" else "" for x in k[:7]]
+    out = [str(x) if x != "" else "" for x in k[:7]]
+    if isinstance(k[5], int):  # the digest, as the scripts write it (16 hex digits)
+        out[5] = format(k[5], "016x")
+    return out
 
 
 def _bound_args(bound: Any) -> Tuple[str, str]:
@@ -296,11 +299,14 @@ class Backend:
         return InternalError(f"Redis error: {msg}")
 
     def _rid(self) -> Tuple[str, str]:
+        """This thread's request id: (a request stream id of its own, a number). Each
+        thread's requests are sequential, so the script remembering the last one of each
+        stream is enough to apply a resent request once."""
         tl = self._tl
         n = getattr(tl, "n", None)
         if n is None:
             n = tl.n = itertools.count(1)
-            tl.cid = f"{self._client_id}.{threading.get_ident()}"
+            tl.cid = uuid.uuid4().hex  # never derived from a thread id (ids are reused)
         return tl.cid, str(next(n))
 
     def script(self, name: str, *args: Any, rid: Optional[Tuple[str, str]] = None,
@@ -364,6 +370,14 @@ class Backend:
             raise self._error(exc) from None
 
     def close(self) -> None:
+        """Disconnect; this client's live procs' hidden procs go (a crashed client's go
+        when their lease runs out)."""
+        if self._live and not self._closed:
+            try:
+                self.script("drop_live", *sorted(self._live))
+            except PipeProcError:
+                pass
+            self._live.clear()
         self._closed = True
         try:
             self.pool.disconnect()

@@ -55,8 +55,10 @@ def record_ms(value: Any) -> int:
 
 
 def ids_digest(packed: Any) -> int:
-    """A 64-bit digest of a claim's ids, each given as ``ms (u64 BE) + seq (u64 BE)``."""
-    return int.from_bytes(hashlib.blake2b(b"".join(packed), digest_size=8).digest(), "big")
+    """A 64-bit digest of a claim's ids, each given as ``ms (u64 BE) + seq (u64 BE)``: the
+    first 8 bytes of their SHA-1 (the Redis backend's scripts compute the same with
+    ``redis.sha1hex``; a claim identity, not a security boundary)."""
+    return int.from_bytes(hashlib.sha1(b"".join(packed)).digest()[:8], "big")
 
 
 def claimed_key(ids: Sequence[Tuple[int, int]]) -> List[int]:

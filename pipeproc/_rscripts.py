@@ -270,6 +270,21 @@ local function create(name, r)
   putp(name, r)
 end
 
+local function be8(x)
+  local t = {}
+  for i = 8, 1, -1 do t[i] = string.char(x % 256); x = math.floor(x / 256) end
+  return table.concat(t)
+end
+-- the claim's digest (as _records.ids_digest: SHA-1 of the ids, 16 hex digits)
+local function digest(es)
+  local parts = {}
+  for i, e in ipairs(es) do
+    local ms, s = idparts(e[1])
+    parts[i] = be8(ms) .. be8(s)
+  end
+  return string.sub(redis.sha1hex(table.concat(parts)), 1, 16)
+end
+
 -- claim up to count logs (the proc is active with nothing pending); returns entries or nil
 local function claim(name, r, count)
   if r.status ~= 'active' or pending(r) then return nil end
@@ -282,7 +297,7 @@ local function claim(name, r, count)
   r.prev = r.claimed
   r.claimed = I(lms) .. ' ' .. I(lseq) .. ' ' .. I(hms) .. ' ' .. I(hseq)
   r.cnum = I(redis.call('INCR', P .. ':cnum'))
-  r.cdig = I(#es)
+  r.cdig = digest(es)
   r.last_claimed_at = I(NOW)
   r.tbase = I(NOW)
   putp(name, r)
@@ -297,6 +312,7 @@ local function check_claimed(r, c)
     local p = rng(r.claimed)
     ok = tonumber(c[1]) == p[1] and tonumber(c[2]) == p[2] and tonumber(c[3]) == p[3]
          and tonumber(c[4]) == p[4] and tonumber(c[5]) == p[4] - p[2] + 1
+         and c[6] == r.cdig
     if ok and c[7] ~= nil and c[7] ~= '' then ok = c[7] == r.cnum end
   end
   if not ok then
@@ -970,4 +986,21 @@ for _, t in ipairs(redis.call('SMEMBERS', P .. ':topics')) do
   end
 end
 return total
+"""
+
+# a closing client's live procs: ARGV 3.. = names (only hidden procs are touched)
+SCRIPTS["drop_live"] = r"""
+for i = 3, #ARGV do
+  local name = ARGV[i]
+  local r = getp(name)
+  if r and r.live == '1' then
+    redis.call('DEL', P .. ':p:' .. name)
+    redis.call('SREM', P .. ':procs', name)
+    redis.call('SREM', P .. ':tp:' .. r.topic, name)
+    redis.call('ZREM', P .. ':dl', name)
+    bell('sys', name)
+  end
+  redis.call('ZREM', P .. ':live', name)
+end
+return 1
 """

@@ -40,7 +40,8 @@ from typing import Any, Dict, List, Optional, Sequence
 import msgpack
 
 from ._processors import SCRIPT, load
-from ._rbackend import WORKER_DEAD_MS, Backend
+from ._records import claimed_key
+from ._rbackend import WORKER_DEAD_MS, Backend, _key_args
 from .errors import InvalidArgument, NoActiveNode, PipeProcError
 
 log = logging.getLogger("pipeproc.workers")
@@ -442,9 +443,11 @@ class Worker:
 
     @staticmethod
     def _claim_key(entries: Any, cnum: int) -> list:
-        lo = entries[0][0].decode().split("-")
-        hi = entries[-1][0].decode().split("-")
-        return [int(lo[0]), int(lo[1]), int(hi[0]), int(hi[1]), len(entries), "", cnum]
+        ids = []
+        for e in entries:
+            ms, _, seq = e[0].partition(b"-")
+            ids.append((int(ms), int(seq)))
+        return claimed_key(ids) + [cnum]
 
     def _work(self, done: Optional[list], names: List[str], rr: int) -> Any:
         kind, name, key, err, items = "", "", [""] * 7, b"", []
@@ -455,7 +458,7 @@ class Worker:
                     items += [t, b]
             elif kind == "reclaim":
                 err = msgpack.packb(data)
-            key = [str(x) for x in key]
+            key = _key_args(key)
         return self.backend.script("work", self.wid, kind, name, *key, err, rr, len(names),
                                    *names, *items)
 
