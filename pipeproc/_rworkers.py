@@ -420,6 +420,8 @@ class Worker:
                 return
             names = self.names()
             res = self._work(done, names, rr)
+            if done is not None and done[2] == "reclaim":
+                self._failed(done, res[-1])
             done = None
             kind = res[0].decode()
             if kind == "job":
@@ -440,6 +442,23 @@ class Worker:
             if wake:
                 wait = min(wait, max(0.0, (int(wake) - now) / 1000.0) + 0.002)
             self.backend.block(bell_id, wait)
+
+    def _failed(self, done: list, note: Any) -> None:
+        """Say that a processor failed (WARNING, with its traceback), and at ERROR when the
+        failure disabled its proc (a stage that stops never stops silently)."""
+        name, key, _, err = done
+        rng = f"{key[0]}-{key[1]}..{key[2]}-{key[3]}"
+        note = note.decode() if isinstance(note, bytes) else str(note)
+        if note == "dropped":
+            log.warning("system proc %s: the failure on logs %s came after its claim was "
+                        "reclaimed (timeout?): not counted", name, rng)
+            return
+        log.warning("system proc %s failed on logs %s: %s: %s\n%s", name, rng, err.get("type"),
+                    err.get("message"), err.get("traceback") or "")
+        if note == "disabled":
+            log.error("proc %r is DISABLED: its processor failed max_reclaims times in a row "
+                      "(last on logs %s: %s: %s); fix the cause, then resume_proc(%r)", name,
+                      rng, err.get("type"), err.get("message"), name)
 
     @staticmethod
     def _claim_key(entries: Any, cnum: int) -> list:
