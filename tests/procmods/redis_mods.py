@@ -1,0 +1,34 @@
+"""Processors of the Redis-only tests (tests/test_redis_only.py), run by workers started with
+``allow=["procmods.redis_mods"]`` as ``"procmods.redis_mods:<function>"``."""
+
+from __future__ import annotations
+
+import os
+import time
+
+
+def inc(log):
+    """``{"n": n + 1}``, with the pid of the worker that ran it."""
+    return {"n": log.body["n"] + 1, "pid": os.getpid()}
+
+
+def hold_first(log):
+    """The first delivery of a log with ``"dir"`` claims ``<dir>/first`` (exclusively), writes
+    the worker's pid to ``<dir>/holder`` and then hangs (a worker that will be killed holding
+    its claim); any later delivery returns at once (the reclaimed log processed elsewhere)."""
+    d = log.body.get("dir")
+    if d:
+        try:
+            fd = os.open(os.path.join(d, "first"), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        except FileExistsError:
+            pass
+        else:
+            os.close(fd)
+            tmp = os.path.join(d, "holder.tmp")
+            with open(tmp, "w") as f:
+                f.write(str(os.getpid()))
+            os.replace(tmp, os.path.join(d, "holder"))
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:  # until this worker is killed
+                time.sleep(0.05)
+    return {"n": log.body["n"], "pid": os.getpid()}
