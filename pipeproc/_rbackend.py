@@ -565,19 +565,19 @@ class Backend:
             self.block(bell_id, wait, conn)
 
     def op_stats(self) -> Dict[str, Any]:
-        topics_raw, procs_raw, workers_raw, now = self.script("stats", write=False)
+        topics_raw, procs_raw, workers_raw, now, sys_raw = self.script("stats", write=False)
         topics = {_s(t): {"length": int(n), "stored": int(stored),
                           "created_at": int(created or 0)}
                   for t, n, stored, created in topics_raw}
         procs = {}
-        sysprocs: Dict[str, List[str]] = {}
-        for st_raw, lag, pend, sysname in procs_raw:
+        for st_raw, lag, pend, sysname, left in procs_raw:
             st = _state(st_raw)
             procs[st[0]] = {"topic": st[1], "status": st[9], "pending": _s(pend),
                             "reclaims": st[10], "lag": int(lag),
-                            "last_acked_range": st[7], "last_error": st[14]}
-            if _s(sysname):
-                sysprocs.setdefault(_s(sysname), []).append(st[0])
+                            "last_acked_range": st[7], "last_error": st[14],
+                            "backoff_left": int(left) / 1000.0}
+        sysprocs = {_s(sys_raw[i]): msgpack.unpackb(sys_raw[i + 1], raw=False)
+                    for i in range(0, len(sys_raw), 2)}
         workers = []
         for wid, beat, info in workers_raw:
             d = {_s(info[i]): _s(info[i + 1]) for i in range(0, len(info), 2)}
@@ -587,7 +587,7 @@ class Backend:
                             "failures": int(d.get("failures", 0)),
                             "last_seen_ms": int(float(beat))})
         return {"workers": workers, "topics": topics, "procs": procs,
-                "system_procs": {n: {"procs": p} for n, p in sysprocs.items()},
+                "system_procs": sysprocs,
                 "redis": {"url": self.safe_url, "namespace": self.namespace,
                           "durability": self.durability, **self.server}}
 

@@ -765,7 +765,10 @@ for _, n in ipairs(redis.call('SMEMBERS', P .. ':procs')) do
     if m then lag = m.next - position(r, m); if lag < 0 then lag = 0 end end
     local pend = ''
     if pending(r) then pend = rstr(r.claimed) end
-    procs[#procs + 1] = {state(n, r), lag, pend, redis.call('HGET', P .. ':sysp', n) or ''}
+    local bo = tonumber(redis.call('ZSCORE', P .. ':bo', n) or '0')
+    local left = 0
+    if bo > NOW then left = bo - NOW end
+    procs[#procs + 1] = {state(n, r), lag, pend, redis.call('HGET', P .. ':sysp', n) or '', left}
   end
 end
 local workers = {}
@@ -773,7 +776,7 @@ local ws = redis.call('ZRANGE', P .. ':w', 0, -1, 'WITHSCORES')
 for i = 1, #ws, 2 do
   workers[#workers + 1] = {ws[i], ws[i + 1], redis.call('HGETALL', P .. ':wi:' .. ws[i])}
 end
-return {topics, procs, workers, I(NOW)}
+return {topics, procs, workers, I(NOW), redis.call('HGETALL', P .. ':sys')}
 """
 
 # ------------------------------------------------------------------ workers and supervisors
@@ -867,12 +870,14 @@ return {last and last[1] or '0-0', wake and I(wake) or '', I(NOW)}
 # ARGV 3 = wid, 4 = kind ('' | 'ack' | 'commit' | 'reclaim' | 'release'), 5 = proc,
 #      6..12 = claimed key, 13 = error (msgpack), 14 = round robin start, 15 = K,
 #      16..15+K = the system procs this worker may run, then topic, body, ... (commit)
-#   -> {'job', name, index, processor, to, many, cnum, entries}
+#   -> {'job', name, index, processor, to, many, cnum, entries, note}
 #    | {'wait', doorbell id, next wake ms or '', now, note}
+#    | {'gone'}: the worker was declared dead (late heartbeats; its claims reclaimed)
 SCRIPTS["work"] = r"""
 local wid, kind, name = ARGV[3], ARGV[4], ARGV[5]
 local K = tonumber(ARGV[15])
 local note = ''
+if not redis.call('ZSCORE', P .. ':w', wid) then return {'gone'} end
 expire_due()
 redis.call('ZADD', P .. ':w', NOW, wid)
 if kind ~= '' then

@@ -420,6 +420,10 @@ class Worker:
                 return
             names = self.names()
             res = self._work(done, names, rr)
+            if res[0] == b"gone":
+                log.error("worker %s was declared dead (heartbeats late by more than %d ms): "
+                          "its claims were reclaimed; exiting", self.wid, WORKER_DEAD_MS)
+                os._exit(4)
             if done is not None and done[2] == "reclaim":
                 self._failed(done, res[-1])
             done = None
