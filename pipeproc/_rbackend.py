@@ -325,12 +325,12 @@ class Backend:
             try:
                 if write and self.durability != "fast":
                     return self._durable(sha, argv)
-                return self.r.evalsha(sha, 1, self.P, *argv)
+                return self.r.evalsha(sha, 1, self.P + ":", *argv)
             except redis.exceptions.NoScriptError:
                 self._shas[name] = sha = self.r.script_load(self._texts[name])
                 if write and self.durability != "fast":
                     return self._durable(sha, argv)
-                return self.r.evalsha(sha, 1, self.P, *argv)
+                return self.r.evalsha(sha, 1, self.P + ":", *argv)
         except PipeProcError:
             raise
         except redis.RedisError as exc:
@@ -339,7 +339,7 @@ class Backend:
     def _durable(self, sha: str, argv: List[Any]) -> Any:
         """The script and the durability wait in one round trip (a pipeline)."""
         pipe = self.r.pipeline(transaction=False)
-        pipe.evalsha(sha, 1, self.P, *argv)
+        pipe.evalsha(sha, 1, self.P + ":", *argv)
         if self._waitaof:
             pipe.execute_command("WAITAOF", 1, 1 if self.durability == "replicated" else 0, 0)
         elif self.durability == "replicated":

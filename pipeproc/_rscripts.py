@@ -45,7 +45,7 @@ from __future__ import annotations
 from typing import Dict
 
 PRELUDE = r"""
-local P = KEYS[1]
+local P = string.sub(KEYS[1], 1, -2)  -- KEYS[1] is "{ns}:" (an ACL pattern ~{ns}:* covers it)
 local function I(x) return string.format('%d', x) end
 local function fail(code, msg) error({err = 'PP ' .. code .. ' ' .. msg}) end
 
