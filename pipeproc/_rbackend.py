@@ -286,7 +286,8 @@ class Backend:
             if _OOM.match(msg) or "OOM" in msg.split(" ", 1)[0]:
                 return StorageFull(f"Redis refused the write (out of memory, nothing of it "
                                    f"was written): {msg}")
-            if msg.startswith("NOPERM") or "NOPERM" in msg:
+            if (isinstance(exc, getattr(redis.exceptions, "NoPermissionError", ()))
+                    or "NOPERM" in msg or "no permissions" in msg):
                 return AuthFailed(f"the Redis user may not use namespace "
                                   f"{self.namespace!r}: {msg}")
             if msg.startswith("NOAUTH") or isinstance(exc, redis.AuthenticationError):
