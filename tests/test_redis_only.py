@@ -191,6 +191,7 @@ def test_full_durability_on_7_0_needs_appendfsync_always(private_server):
 def test_no_server_is_no_active_node_quickly_and_secret_free():
     from redis_server import free_port
 
+    pytest.importorskip("redis", reason="redis-py not installed: pip install 'pipeproc[redis]'")
     secret = "s3cret-" + secrets.token_hex(8)
     t0 = time.monotonic()
     with pytest.raises(pipeproc.PipeProcError) as e:
