@@ -90,10 +90,11 @@ def redis_url(args: argparse.Namespace) -> Optional[str]:
         try:
             with open(path, encoding="utf-8") as f:
                 url = f.read().strip()
-        except OSError as exc:
-            raise UsageError(f"--redis-file {path}: {exc.strerror}") from None
+        except (OSError, ValueError) as exc:  # the path is not echoed: it may be a URL
+            raise UsageError(f"--redis-file: cannot read the file given "
+                             f"({getattr(exc, 'strerror', None) or type(exc).__name__})") from None
         if not url:
-            raise UsageError(f"--redis-file {path} is empty")
+            raise UsageError("--redis-file: the file given is empty")
         return url
     url = os.environ.get(ENV_REDIS, "").strip()
     if url:
@@ -108,7 +109,7 @@ def connect(args: argparse.Namespace) -> Any:
     or to a Redis namespace (``PIPEPROC_REDIS`` / ``--redis-file`` and ``--namespace``)."""
     url = redis_url(args)
     if url is not None:
-        return pipeproc.connect(redis=url, namespace=args.namespace or "pipeproc",
+        return pipeproc.connect(redis=url, namespace="pipeproc" if args.namespace is None else args.namespace,
                                 timeout=args.timeout)
     if args.address:
         key = os.path.join(os.path.abspath(args.location), "node.key")
@@ -171,7 +172,7 @@ def cmd_workers(args: argparse.Namespace) -> int:
     level = "DEBUG" if args.verbose else "INFO"
     logging.basicConfig(level=level, stream=sys.stderr,
                         format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s")
-    namespace = args.namespace or "pipeproc"
+    namespace = "pipeproc" if args.namespace is None else args.namespace
     cfg = _rworkers.supervisor_cfg(url, namespace, workers=args.workers,
                                    concurrency=args.concurrency,
                                    restart_after=args.restart_after, gc=bool(args.gc),

@@ -380,7 +380,7 @@ def spawn(location: Any = None, *, memory: bool = False, workers: int = 1,
         _rclient.refuse_node_args(location=location, memory=memory, address=address,
                                   authkey=authkey)
         return _rclient.spawn_redis(
-            redis, namespace or _rclient.DEFAULT_NAMESPACE, workers=workers,
+            redis, _rclient.DEFAULT_NAMESPACE if namespace is None else namespace, workers=workers,
             worker_concurrency=worker_concurrency, worker_restart_after=worker_restart_after,
             gc=gc, durability=durability, allow=None if allow is None else list(allow),
             redis_options=redis_options, log_level=log_level, timeout=timeout)
@@ -423,7 +423,7 @@ def connect(location: Any = None, *, address: Any = None, authkey: Optional[byte
             from .errors import InvalidArgument
             raise InvalidArgument("namespace= and redis_options= go with redis=")
         _rclient.refuse_node_args(location=location, address=address, authkey=authkey)
-        return _rclient.connect_redis(redis, namespace or _rclient.DEFAULT_NAMESPACE,
+        return _rclient.connect_redis(redis, _rclient.DEFAULT_NAMESPACE if namespace is None else namespace,
                                       redis_options, durability, timeout)
     if durability != "full":
         from .errors import InvalidArgument

@@ -64,8 +64,11 @@ MAX_BLOCK = 30.0
 #: Redis' largest bulk string by default (proto-max-bulk-len).
 MAX_FRAME = 512 * 1024 * 1024
 #: Options of redis-py that would break the guarantees (SCALE.md §1).
-REFUSED_OPTIONS = {"retry", "retry_on_timeout", "retry_on_error", "socket_timeout",
+REFUSED_OPTIONS = {"retry", "retry_on_timeout", "retry_on_error",
                    "single_connection_client", "decode_responses", "protocol"}
+#: The socket timeout of every connection (s): longer than any blocking wait
+#: (``MAX_BLOCK``), so that a wait never times out, and a dead server is still noticed.
+SOCKET_TIMEOUT = MAX_BLOCK + 30.0
 #: The server-side write errors that mean "no room" (nothing of the script ran).
 _OOM = re.compile(r"^(OOM|-?OOM)\b")
 #: What Redis appends to an error raised in a script.
@@ -175,6 +178,10 @@ class Backend:
             raise InvalidArgument("durability is 'full', 'replicated' or 'fast'")
         options = dict(options or {})
         bad = sorted(set(options) & REFUSED_OPTIONS)
+        st = options.get("socket_timeout", SOCKET_TIMEOUT)
+        if st is not None and (not isinstance(st, (int, float)) or st < SOCKET_TIMEOUT):
+            bad.append(f"socket_timeout={st!r} (shorter than a blocking wait: use >= "
+                       f"{SOCKET_TIMEOUT:.0f} or None)")
         if bad:
             raise InvalidArgument(
                 f"redis_options {bad} would break pipeproc's guarantees (blocking waits, "
@@ -185,6 +192,10 @@ class Backend:
         self.P = "{" + namespace + "}"
         self._redis_mod = redis
         options.setdefault("socket_connect_timeout", timeout)
+        # redis-py 8 gives socket_timeout the connect timeout's value when it is not set:
+        # a blocking wait on the doorbell must outlive it
+        options.setdefault("socket_timeout", SOCKET_TIMEOUT)
+        options.setdefault("socket_keepalive", True)
         options.setdefault("health_check_interval", 0)
         try:
             self.pool = redis.ConnectionPool.from_url(url, **options)
@@ -221,7 +232,8 @@ class Backend:
             except self._redis_mod.AuthenticationError:
                 raise AuthFailed(f"Redis at {self.safe_url} refused the credentials") from None
             except self._redis_mod.ResponseError as exc:
-                if "NOPERM" in str(exc) or "NOAUTH" in str(exc):
+                if (isinstance(exc, getattr(self._redis_mod.exceptions, "NoPermissionError", ()))
+                        or "NOPERM" in str(exc) or "no permissions" in str(exc)):
                     # an ACL user without INFO: fine, the checks below are skipped
                     info = {}
                     break

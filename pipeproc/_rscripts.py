@@ -877,6 +877,7 @@ SCRIPTS["work"] = r"""
 local wid, kind, name = ARGV[3], ARGV[4], ARGV[5]
 local K = tonumber(ARGV[15])
 local note = ''
+local prev = replayed(); if prev then return prev end
 if not redis.call('ZSCORE', P .. ':w', wid) then return {'gone'} end
 expire_due()
 redis.call('ZADD', P .. ':w', NOW, wid)
@@ -940,7 +941,7 @@ if K > 0 then
           redis.call('HINCRBY', P .. ':wi:' .. wid, 'executions', 1)
           local many = 0
           if d.count > 1 then many = 1 end
-          return {'job', pn, idx + 1, d.processor, d.to, many, r.cnum, es, note}
+          return remember({'job', pn, idx + 1, d.processor, d.to, many, r.cnum, es, note})
         end
       end
     end

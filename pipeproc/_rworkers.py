@@ -42,7 +42,7 @@ import msgpack
 from ._processors import SCRIPT, load
 from ._records import claimed_key
 from ._rbackend import WORKER_DEAD_MS, Backend, _key_args
-from .errors import InvalidArgument, NoActiveNode, PipeProcError
+from .errors import ConnectionLost, InvalidArgument, NoActiveNode, PipeProcError
 
 log = logging.getLogger("pipeproc.workers")
 
@@ -353,7 +353,10 @@ class Worker:
 
     def names(self) -> List[str]:
         """The procs of system procs this worker may run (allowed and importable)."""
-        raw = self.backend.r.hgetall(self.backend.P + ":sys")
+        try:
+            raw = self.backend.r.hgetall(self.backend.P + ":sys")
+        except self.backend._redis_mod.RedisError as exc:
+            raise self.backend._error(exc) from None
         names = []
         for _, v in sorted(raw.items()):
             d = msgpack.unpackb(v, raw=False)
@@ -415,11 +418,10 @@ class Worker:
         while True:
             if limit and self.stats["executions"] >= limit:
                 if done is not None:
-                    self._work(done, [], 0)
+                    self._work_retrying(done, 0)
                 self.stopping.set()
                 return
-            names = self.names()
-            res = self._work(done, names, rr)
+            res = self._work_retrying(done, rr)
             if res[0] == b"gone":
                 log.error("worker %s was declared dead (heartbeats late by more than %d ms): "
                           "its claims were reclaimed; exiting", self.wid, WORKER_DEAD_MS)
@@ -445,7 +447,28 @@ class Worker:
             wait = 30.0
             if wake:
                 wait = min(wait, max(0.0, (int(wake) - now) / 1000.0) + 0.002)
-            self.backend.block(bell_id, wait)
+            try:
+                self.backend.block(bell_id, wait)
+            except PipeProcError as exc:  # transient: the next work request retries
+                log.warning("worker %s: waiting for work failed: %s", self.wid, exc)
+                self.stopping.wait(0.5)
+
+    def _work_retrying(self, done: Optional[list], rr: int) -> Any:
+        """The ``work`` script, sent again (same request id: applied once) while Redis is
+        unreachable; the outcome of the last claim is never lost in between."""
+        rid = self.backend._rid()
+        delay = 0.1
+        while True:
+            try:
+                return self._work(done, self.names(), rr, rid)
+            except (ConnectionLost, NoActiveNode) as exc:
+                log.warning("worker %s: Redis unreachable (%s); trying again in %.1f s",
+                            self.wid, exc, delay)
+            except PipeProcError as exc:
+                log.error("worker %s: the work request failed: %s; trying again in %.1f s",
+                          self.wid, exc, delay)
+            time.sleep(delay)
+            delay = min(5.0, delay * 2)
 
     def _failed(self, done: list, note: Any) -> None:
         """Say that a processor failed (WARNING, with its traceback), and at ERROR when the
@@ -472,7 +495,8 @@ class Worker:
             ids.append((int(ms), int(seq)))
         return claimed_key(ids) + [cnum]
 
-    def _work(self, done: Optional[list], names: List[str], rr: int) -> Any:
+    def _work(self, done: Optional[list], names: List[str], rr: int,
+              rid: Optional[Any] = None) -> Any:
         kind, name, key, err, items = "", "", [""] * 7, b"", []
         if done is not None:
             name, key, kind, data = done
@@ -483,7 +507,7 @@ class Worker:
                 err = msgpack.packb(data)
             key = _key_args(key)
         return self.backend.script("work", self.wid, kind, name, *key, err, rr, len(names),
-                                   *names, *items)
+                                   *names, *items, rid=rid)
 
 
 def worker_main() -> None:

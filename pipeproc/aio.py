@@ -427,7 +427,7 @@ async def spawn(location: Any = None, *, memory: bool = False, workers: int = 1,
         _rclient.refuse_node_args(location=location, memory=memory, address=address,
                                   authkey=authkey)
         return await _rclient.aio_spawn_redis(  # type: ignore[no-any-return]
-            redis, namespace or _rclient.DEFAULT_NAMESPACE, workers=workers,
+            redis, _rclient.DEFAULT_NAMESPACE if namespace is None else namespace, workers=workers,
             worker_concurrency=worker_concurrency, worker_restart_after=worker_restart_after,
             gc=gc, durability=durability, allow=None if allow is None else list(allow),
             redis_options=redis_options, log_level=log_level, timeout=timeout)
@@ -476,7 +476,7 @@ async def connect(location: Any = None, *, address: Any = None, authkey: Optiona
             raise InvalidArgument("namespace= and redis_options= go with redis=")
         _rclient.refuse_node_args(location=location, address=address, authkey=authkey)
         return await _rclient.aio_connect_redis(  # type: ignore[no-any-return]
-            redis, namespace or _rclient.DEFAULT_NAMESPACE, redis_options, durability, timeout)
+            redis, _rclient.DEFAULT_NAMESPACE if namespace is None else namespace, redis_options, durability, timeout)
     if durability != "full":
         raise InvalidArgument("connect(durability=...) is for redis=: a node's durability "
                               "is chosen by its spawn")

@@ -29,8 +29,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
-from typing import Callable, Optional, Sequence
+from typing import Callable, NoReturn, Optional, Sequence
 
 from . import __version__
 from ._cli_commands import (  # RET_*, UsageError and the address helpers: also cli's names
@@ -168,11 +169,22 @@ def _seconds(text: str) -> float:
     return v
 
 
+_CREDENTIALS = re.compile(r"(?i)\b((?:rediss?|unix)://)[^@\s'\"]*@")
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose error messages never echo a URL's credentials (a Redis URL
+    given on the command line by mistake: the URL belongs in PIPEPROC_REDIS)."""
+
+    def error(self, message: str) -> NoReturn:
+        super().error(_CREDENTIALS.sub(r"\1***@", message))
+
+
 def make_parser() -> argparse.ArgumentParser:
     """The argument parser (global options are accepted before or after the subcommand)."""
     def common(suppress: bool) -> argparse.ArgumentParser:
         d = (lambda v: argparse.SUPPRESS) if suppress else (lambda v: v)
-        p = argparse.ArgumentParser(add_help=False)
+        p = _Parser(add_help=False, allow_abbrev=False)
         g = p.add_argument_group("connection")
         g.add_argument("--location", "-l", metavar="DIR",
                        default=d(os.environ.get(ENV_LOCATION) or DEFAULT_LOCATION),
@@ -194,14 +206,15 @@ def make_parser() -> argparse.ArgumentParser:
                        help="debug logging on stderr")
         return p
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
+        allow_abbrev=False,
         prog="pipeproc", parents=[common(False)],
         description="pipeproc: an embedded, multi-process commit-log processor.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"pipeproc {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    parent = [common(True)]
+    parent: list = [common(True)]
 
     def add(name: str, help: str, fn: Callable, examples: str = "") -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help, parents=parent,
