@@ -227,3 +227,35 @@ def both_connect(request, both):
                 pp.close()
             except Exception:
                 pass
+
+
+@pytest.fixture(params=["node", "redis"])
+def both_spawner(request):
+    """``spawner`` on both backends: for "redis", ``make(**kw)`` is ``spawn(redis=...)`` on a
+    fresh namespace of the session server (workers=0 unless given, ``allow=["*"]``: a trusted
+    test server); a ``location`` or ``memory=True`` skips the test there (no such thing)."""
+    if request.param == "node":
+        yield request.getfixturevalue("spawner")
+        return
+    from redis_server import fresh_namespace
+
+    url = request.getfixturevalue("redis_url")
+    started = []
+
+    def make(location=None, **kw):
+        if location is not None or kw.pop("memory", False):
+            pytest.skip("a Redis namespace has no location and no memory=True")
+        kw.setdefault("workers", 0)
+        kw.setdefault("allow", ["*"])
+        pp = pipeproc.spawn(redis=url, namespace=fresh_namespace("spawn"), **kw)
+        started.append(pp)
+        return pp
+
+    try:
+        yield make
+    finally:
+        for pp in reversed(started):
+            try:
+                pp.shutdown()
+            except Exception:
+                pass

@@ -36,9 +36,12 @@ from redis_server import fresh_namespace
 import test_bad_input as tb
 import test_bounds_model as bm
 import test_commit_read as cr
+import test_gc as tg
 import test_live_procs as tl
 import test_procs as tp
 import test_sysproc_failures as tsf
+import test_sysproc_update as tsu
+import test_system_procs as tsp
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -539,3 +542,142 @@ def test_client_close_destroys_its_live_procs(both, both_connect):
     assert live.name in pp.stats()["procs"]
     other.close()
     wait_until(lambda: live.name not in pp.stats()["procs"], what="hidden proc destroyed")
+
+
+# ---------------------------------------------------------------------------------------------
+# SPEC §6 and §8: system procs, workers and the GC of a spawn (tests of test_system_procs,
+# test_sysproc_update, test_sysproc_failures and test_gc, with ``both_spawner``)
+# ---------------------------------------------------------------------------------------------
+
+SPAWNED = _cases(tsp, [
+    "test_pipeline_of_two_system_procs_keeps_order",
+    "test_multi_topic_to_gets_each_result_atomically_with_the_ack",
+    "test_list_result_is_one_log_per_element_per_topic",
+    "test_list_of_one_list_is_one_log_with_a_list_body",
+    "test_none_result_acks_and_commits_nothing",
+    "test_no_to_discards_results_and_acks",
+    "test_async_processor",
+    "test_count_hands_a_batch",
+    "test_raising_processor_reclaims_then_disables",
+    "test_from_list_creates_one_proc_per_topic",
+    "test_creating_again_keeps_the_proc_and_updates_the_definition",
+    "test_destroy_proc_removes_the_system_proc",
+    "test_destroy_one_proc_of_a_multi_topic_system_proc",
+    "test_system_proc_options",
+    "test_worker_concurrency_runs_loops_at_once",
+]) + _cases(tsu, [
+    "test_same_name_and_topic_updates_processor_to_and_count",
+    "test_same_name_on_another_topic_is_not_unique",
+    "test_updating_a_disabled_proc_does_not_resume_it",
+]) + _cases(tsf, [
+    "test_wait_for_procs_raises_over_a_dead_stage",
+]) + _cases(tg, [
+    "test_gc_keeps_working_after_ticks_with_no_topic",
+    "test_gc_two_positions_behind_the_claimed_range",
+    "test_gc_two_positions_behind_with_multi_log_claims",
+    "test_gc_proc_that_has_not_claimed_twice_protects_its_position",
+    "test_gc_disabled_proc_protects_its_position",
+    "test_gc_lagging_proc_protects_shared_topic",
+    "test_gc_after_destroy_proc_topic_is_proc_less",
+    "test_gc_respects_min_prune_time",
+    "test_gc_with_procs_still_waits_for_min_prune_time",
+]) + [pytest.param(functools.partial(tg.test_gc_prunes_topics_without_procs, memory=False),
+                   id="test_gc_prunes_topics_without_procs"),
+      pytest.param(functools.partial(tg.test_gc_off_by_default, gc=False),
+                   id="test_gc_off_by_default")]
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("case", SPAWNED)
+def test_spawned(both_spawner, case):
+    case(both_spawner)
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("how", ["import_string", "file_path", "file_path_func", "function"])
+def test_processor_references(both_spawner, how):
+    tsp.test_processor_references(both_spawner, how)
+
+
+@pytest.mark.timeout(90)
+def test_raising_processor_gets_the_same_log_again(both_spawner, tmp_path):
+    tsp.test_raising_processor_gets_the_same_log_again(both_spawner, tmp_path)
+
+
+# workers that die: test_system_procs' tests without the node's per-slot "restarts" counter
+
+
+def _worker_pids(pp) -> set:
+    return {w["pid"] for w in pp.stats()["workers"]}
+
+
+@pytest.mark.timeout(60)
+def test_worker_dying_mid_log_is_restarted_and_the_log_redone(both_spawner, tmp_path):
+    pp = both_spawner(workers=1)
+    (pid0,) = _worker_pids(pp)
+    pp.system_proc(name="crashy", from_="in", processor=f"{tsp.M}:die_once", to="out",
+                   reclaim_timeout=60)
+    flag = tmp_path / "died"
+    t0 = time.monotonic()
+    pp.commit([{"topic": "in", "body": {"n": 1, "flag": str(flag)}},
+               {"topic": "in", "body": {"n": 2}}])
+    logs = tsp.wait_len(pp, "out", 2, timeout=10)
+    assert time.monotonic() - t0 < 10  # the dead worker's claim was reclaimed at once
+    assert flag.exists() and int(flag.read_text()) == pid0
+    assert [lg.body["n"] for lg in logs] == [1, 2]
+    assert all(lg.body["pid"] != pid0 for lg in logs)
+    wait_until(lambda: _worker_pids(pp) == {logs[0].body["pid"]}, what="the new worker listed")
+    st = pp.inspect_proc("crashy")
+    assert st.status == "active" and st.reclaims == 0
+
+
+@pytest.mark.timeout(60)
+def test_log_that_kills_its_worker_every_time_disables_the_proc(both_spawner):
+    pp = both_spawner(workers=1)
+    pp.system_proc(name="killer", from_="in", processor=f"{tsp.M}:die_always", to="out",
+                   max_reclaims=2, reclaim_timeout=60)
+    pp.system_proc(name="fine", from_="ok", processor=f"{tsp.M}:double", to="ok_out")
+    tsp.commit_ns(pp, "in", [1])
+    wait_until(lambda: pp.inspect_proc("killer").status == "disabled", timeout=15,
+               what="killer proc disabled")
+    assert pp.inspect_proc("killer").reclaims == 2
+    assert pp.inspect_proc("killer").last_error is not None
+    tsp.commit_ns(pp, "ok", [5])
+    assert [lg.body for lg in tsp.wait_len(pp, "ok_out", 1, timeout=10)] == [{"n": 10}]
+    pp.wait_for_procs(["fine"], timeout=10)
+    with pytest.raises(pipeproc.PipeProcError) as e:  # a dead stage is not a finished one
+        pp.wait_for_procs(timeout=10)
+    assert e.value.code == "proc_is_disabled" and "killer" in e.value.message
+    assert "out" not in pp.topics()
+
+
+@pytest.mark.timeout(60)
+def test_worker_killed_while_idle_is_restarted(both_spawner):
+    import os
+    import signal
+
+    pp = both_spawner(workers=1)
+    (pid0,) = _worker_pids(pp)
+    os.kill(pid0, signal.SIGKILL)
+    (pid1,) = wait_until(lambda: (p := _worker_pids(pp)) and pid0 not in p and p,
+                         what="worker restarted")
+    pp.system_proc(name="after", from_="in", processor=f"{tsp.M}:tag_pid", to="out")
+    tsp.commit_ns(pp, "in", [1])
+    assert tsp.wait_len(pp, "out", 1)[0].body["pid"] == pid1
+
+
+@pytest.mark.timeout(60)
+def test_timed_out_worker_claim_is_redone_once(both_spawner, tmp_path):
+    pp = both_spawner(workers=1, worker_concurrency=2)
+    pp.system_proc(name="slow", from_="in", processor=f"{tsp.M}:slow_once", to="out",
+                   reclaim_timeout=0.5)
+    ids = pp.commit([{"topic": "in", "body": {"n": 1, "flag": str(tmp_path / "f"),
+                                              "sleep": 2.0}}])
+    logs = tsp.wait_len(pp, "out", 1, timeout=10)
+    assert logs[0].body == {"n": 1, "slow": False}
+    pp.wait_for_procs(["slow"], timeout=10)
+    time.sleep(2.0)  # the slow first execution has ended by now: its late result is dropped
+    assert [lg.body for lg in pp.range("out")] == [{"n": 1, "slow": False}]
+    st = pp.inspect_proc("slow")
+    assert st.last_acked_range == f"{ids[0]}..{ids[0]}" and st.status == "active"
+    assert st.last_error["type"] == "TimeLimitExceeded"
