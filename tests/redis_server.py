@@ -153,9 +153,10 @@ class RedisServer:
     def __init__(self, exe: Optional[str] = None, *, password: Optional[str] = None,
                  require_password: bool = False, directory: Optional[str] = None,
                  extra_args: Sequence[str] = ()) -> None:
-        self.exe = exe or find_redis_server()
-        if self.exe is None:
+        found = exe or find_redis_server()
+        if found is None:
             raise RuntimeError(SKIP_REASON)
+        self.exe: str = found
         if password is None and require_password:
             password = secrets.token_hex(16)
         self.password = password

@@ -270,6 +270,7 @@ def test_acl_user_works_in_its_namespace_and_is_refused_outside(redis_server, ac
         log = pp.proc("orders", name="billing")
         assert pp.ack("billing", claimed=log) == f"{ids[0]}..{ids[0]}"
         assert pp.stats()["topics"]["orders"]["length"] == 3
+        assert _find(pp.stats(), "appendfsync") == "unknown"  # no CONFIG for this user
         pp.wait_for_procs(["nothing"], timeout=5)
     finally:
         pp.close()
@@ -541,6 +542,69 @@ def test_spawn_shutdown_stops_local_workers_only_the_data_stays(spawns, redis_ur
         assert "sp" in other.stats()["procs"]
     finally:
         other.close()
+
+
+@pytest.mark.timeout(90)
+def test_two_hosts_workers_share_a_system_proc(spawns, tmp_path):
+    """Workers of two spawns (two hosts) run one system proc's procs at the same time: each
+    processor waits until it has met the other host's worker."""
+    a = spawns(workers=1, allow=[M])
+    b = spawns(workers=1, allow=[M])
+    a.system_proc(name="sp", from_=["x", "y"], processor=f"{M}:rendezvous", to="out")
+    b.commit([{"topic": t, "body": {"n": n, "dir": str(tmp_path), "hosts": 2}}
+              for n, t in enumerate(["x", "y"])])
+    b.wait_for_procs(timeout=40)
+    out = a.range("out")
+    assert sorted(log.body["n"] for log in out) == [0, 1]
+    assert all(log.body["met"] == 2 for log in out), out
+    assert {_ppid_or(log.body["pid"]) for log in out} == {a._process.pid, b._process.pid}
+
+
+def test_a_processor_a_host_cannot_import_is_skipped_not_counted(spawns, tmp_path, capfd):
+    err = Stderr(capfd)
+    mod = tmp_path / "gone.py"
+    mod.write_text("def process(log):\n    return log.body\n")
+    pp = spawns(workers=1, allow=[str(tmp_path) + os.sep, M])
+    pp.system_proc(name="imp", from_="in", processor=str(mod), to="out", max_reclaims=1)
+    pp.system_proc(name="mine", from_="in", processor=f"{M}:inc", to="mine_out")
+    mod.unlink()  # registered, then gone before a worker imports it
+    pp.commit({"topic": "in", "body": {"n": 1}})
+    pp.wait_for_procs(["mine"], timeout=30)
+    err.wait_for("gone.py", "import")
+    st = pp.inspect_proc("imp")
+    assert st.status == "active" and st.reclaims == 0 and st.last_error is None
+    assert st.last_claimed_range == ""
+    assert "out" not in pp.topics()
+
+
+def _find(d: Any, key: str) -> Any:
+    """The value of ``key`` anywhere in nested dicts (None when absent)."""
+    if isinstance(d, dict):
+        if key in d:
+            return d[key]
+        for v in d.values():
+            found = _find(v, key)
+            if found is not None:
+                return found
+    return None
+
+
+def test_stats_report_the_servers_persistence_settings(rpp):
+    stats = rpp.stats()
+    assert _find(stats, "appendfsync") == "always"
+    assert _find(stats, "maxmemory-policy") == "noeviction"
+
+
+@pytest.mark.timeout(60)
+def test_replicated_durability_without_a_replica_is_timeout(redis_url, rpp_namespace):
+    pp = pipeproc.connect(redis=redis_url, namespace=rpp_namespace, durability="replicated")
+    try:
+        with pytest.raises(pipeproc.PipeProcError) as e:
+            pp.commit({"topic": "t", "body": {"n": 1}})
+        assert e.value.code == "timeout"
+        assert pp.length("t") == 1  # on the primary: only the replica's copy is missing
+    finally:
+        pp.close()
 
 
 #: Longer than the socket timeouts of every connection pipeproc opens (5 s, workers 10 s).

@@ -32,3 +32,14 @@ def hold_first(log):
             while time.monotonic() < deadline:  # until this worker is killed
                 time.sleep(0.05)
     return {"n": log.body["n"], "pid": os.getpid()}
+
+
+def rendezvous(log):
+    """Waits (up to 20 s) until ``hosts`` different workers run this processor at once (each
+    leaves its pid in the directory ``dir``); returns how many it met."""
+    d = log.body["dir"]
+    open(os.path.join(d, str(os.getpid())), "w").close()
+    deadline = time.monotonic() + 20
+    while len(os.listdir(d)) < log.body["hosts"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return {"n": log.body["n"], "pid": os.getpid(), "met": len(os.listdir(d))}
