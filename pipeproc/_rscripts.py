@@ -140,9 +140,14 @@ local function expire_due()
   for _, name in ipairs(due) do
     local r = getp(name)
     if r and deadline(r) and deadline(r) <= NOW then
-      local e = errinfo('ClaimTimeout', 'the claim was not acked within reclaim_timeout ('
-                        .. r.reclaim_timeout .. ' s)', r)
-      putp(name, reclaimed(r, r.live == '1' and nil or e))
+      local e = nil
+      if redis.call('HEXISTS', P .. ':sysp', name) == 1 then
+        -- a system proc's time limit: say so; the worker running it is recycled
+        e = errinfo('TimeLimitExceeded', 'the processor ran longer than reclaim_timeout='
+                    .. r.reclaim_timeout .. ' s (a system proc\'s time limit); its worker was recycled', r)
+        if r.holder and r.holder ~= '' then redis.call('SADD', P .. ':recycle', r.holder) end
+      end
+      putp(name, reclaimed(r, e))
       bell('reclaim', name)
     else
       redis.call('ZREM', P .. ':dl', name)
@@ -286,7 +291,7 @@ local function digest(es)
 end
 
 -- claim up to count logs (the proc is active with nothing pending); returns entries or nil
-local function claim(name, r, count)
+local function claim(name, r, count, holder)
   if r.status ~= 'active' or pending(r) then return nil end
   local st = claim_start(r)
   if st == nil then return nil end
@@ -300,7 +305,13 @@ local function claim(name, r, count)
   r.cdig = digest(es)
   r.last_claimed_at = I(NOW)
   r.tbase = I(NOW)
+  r.holder = holder or ''
+  local first = redis.call('ZRANGE', P .. ':dl', 0, 0, 'WITHSCORES')[2]
   putp(name, r)
+  local d = deadline(r)
+  if d and (first == nil or d < tonumber(first)) then
+    bell('deadline', name)  -- waiters computed their wake before this deadline existed
+  end
   return es
 end
 
@@ -827,8 +838,8 @@ return 1
 """
 
 # a supervisor's tick: due claim timeouts, workers whose heartbeats stopped (any host),
-# live procs whose lease ran out. ARGV 3 = dead after (ms)
-#   -> {doorbell id, next wake (ms, '' for none), now}
+# live procs whose lease ran out. ARGV 3 = dead after (ms), 4 = the supervisor's id
+#   -> {doorbell id, next wake (ms, '' for none), now, this supervisor's workers to recycle}
 SCRIPTS["tick"] = REAP + r"""
 local dead_ms = tonumber(ARGV[3])
 for _ = 1, 20 do
@@ -862,8 +873,18 @@ end
 at(P .. ':dl', 0)
 at(P .. ':w', dead_ms + 1)
 at(P .. ':live', 1)
+local recycle = {}
+local prefix = ARGV[4] .. '/'
+for _, wid in ipairs(redis.call('SMEMBERS', P .. ':recycle')) do
+  if string.sub(wid, 1, #prefix) == prefix then
+    recycle[#recycle + 1] = wid
+    redis.call('SREM', P .. ':recycle', wid)
+  elseif not redis.call('ZSCORE', P .. ':w', wid) then
+    redis.call('SREM', P .. ':recycle', wid)
+  end
+end
 local last = redis.call('XREVRANGE', P .. ':bell', '+', '-', 'COUNT', 1)[1]
-return {last and last[1] or '0-0', wake and I(wake) or '', I(NOW)}
+return {last and last[1] or '0-0', wake and I(wake) or '', I(NOW), recycle}
 """
 
 # a worker: the outcome of its last claim, then its next claim.
@@ -935,7 +956,7 @@ if K > 0 then
       local r = d and getp(pn)
       if r then
         d = cmsgpack.unpack(d)
-        local es = claim(pn, r, d.count)
+        local es = claim(pn, r, d.count, wid)
         if es then
           redis.call('HSET', P .. ':wc:' .. wid, pn, r.cnum)
           redis.call('HINCRBY', P .. ':wi:' .. wid, 'executions', 1)

@@ -215,6 +215,7 @@ class Supervisor:
         self.procs: Dict[int, subprocess.Popen] = {}
         self.lock = threading.Lock()
         self.gc_next = 0.0
+        self.recycling: set = set()  # pids of workers killed for a time limit
 
     def run(self, lifeline: bool = True) -> None:
         """Run until :meth:`stop` (or, with ``lifeline``, until stdin closes)."""
@@ -252,7 +253,9 @@ class Supervisor:
 
     def _tick(self) -> None:
         b = self.backend
-        bell_id, wake, now = b.script("tick", WORKER_DEAD_MS)
+        bell_id, wake, now, recycle = b.script("tick", WORKER_DEAD_MS, self.cfg["id"])
+        for wid in recycle:
+            self._recycle(wid.decode() if isinstance(wid, bytes) else str(wid))
         wait = 30.0
         if wake:
             wait = min(wait, max(0.0, (int(wake) - int(now)) / 1000.0) + 0.002)
@@ -268,6 +271,21 @@ class Supervisor:
             wait = min(wait, max(0.0, self.gc_next - time.monotonic()))
         if not self.stopping.is_set():
             b.block(bell_id.decode() if isinstance(bell_id, bytes) else str(bell_id), wait)
+
+    def _recycle(self, wid: str) -> None:
+        """A processor of this worker ran past its time limit: stop the worker (kill: it
+        is stuck in user code); it is restarted, and its other claims are reclaimed."""
+        try:
+            _, slot, pid = wid.rsplit("/", 2)
+        except ValueError:
+            return
+        with self.lock:
+            proc = self.procs.get(int(slot))
+        if proc is not None and proc.pid == int(pid) and proc.poll() is None:
+            log.warning("worker %s ran a processor past its proc's reclaim_timeout: "
+                        "recycling it", wid)
+            self.recycling.add(proc.pid)
+            proc.kill()
 
     def _wid(self, slot: int, pid: int) -> str:
         return f"{self.cfg['id']}/{slot}/{pid}"
@@ -287,7 +305,10 @@ class Supervisor:
     def _watch(self, slot: int, proc: subprocess.Popen, started: float, delay: float) -> None:
         code = proc.wait()
         wid = self._wid(slot, proc.pid)
-        recycled = code == 0 or self.stopping.is_set()
+        # recycled (restart_after, a time limit) or stopping: its other claims are not
+        # the processor's failures; they are released, not counted
+        recycled = code == 0 or self.stopping.is_set() or proc.pid in self.recycling
+        self.recycling.discard(proc.pid)
         try:
             self.backend.script(
                 "reap1", wid,
