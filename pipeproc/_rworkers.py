@@ -259,7 +259,7 @@ class Supervisor:
         wait = 30.0
         if wake:
             wait = min(wait, max(0.0, (int(wake) - int(now)) / 1000.0) + 0.002)
-        gc = self.cfg.get("gc")
+        gc = self._gc_settings()
         if gc is not None:
             mono = time.monotonic()
             if mono >= self.gc_next:
@@ -271,6 +271,26 @@ class Supervisor:
             wait = min(wait, max(0.0, self.gc_next - time.monotonic()))
         if not self.stopping.is_set():
             b.block(bell_id.decode() if isinstance(bell_id, bytes) else str(bell_id), wait)
+
+    def _gc_settings(self) -> Optional[Dict[str, float]]:
+        """The namespace's GC settings (stored by whoever enabled the GC: any supervisor of
+        the namespace runs it, one at a time under the lease), or ``None``: no GC."""
+        b = self.backend
+        try:
+            raw = b.r.hgetall(b.P + ":gc")
+        except b._redis_mod.RedisError as exc:
+            raise b._error(exc) from None
+        if not raw:
+            return None
+        out = dict(GC_DEFAULTS)
+        for k, v in raw.items():
+            key = k.decode() if isinstance(k, bytes) else str(k)
+            try:
+                out[key] = float(v)
+            except ValueError:
+                pass
+        out["interval"] = max(out["interval"], 0.01)
+        return out
 
     def _recycle(self, wid: str) -> None:
         """A processor of this worker ran past its time limit: stop the worker (kill: it
