@@ -160,36 +160,6 @@ def cmd_node(args: argparse.Namespace) -> int:
     return RET_OK
 
 
-def cmd_workers(args: argparse.Namespace) -> int:
-    """``pipeproc workers``: a supervisor and its workers on a Redis namespace, in the
-    foreground."""
-    from . import _rworkers
-    from ._rbackend import redact
-    url = redis_url(args)
-    if url is None:
-        raise UsageError(f"workers runs on Redis: set {ENV_REDIS} or pass --redis-file "
-                         "(a node runs its own workers: pipeproc node --workers N)")
-    level = "DEBUG" if args.verbose else "INFO"
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s")
-    namespace = "pipeproc" if args.namespace is None else args.namespace
-    cfg = _rworkers.supervisor_cfg(url, namespace, workers=args.workers,
-                                   concurrency=args.concurrency,
-                                   restart_after=args.restart_after, gc=bool(args.gc),
-                                   durability=args.durability, allow=args.allow,
-                                   log_level=level)
-    sup = _rworkers.Supervisor(cfg)
-    if cfg["gc"]:
-        _rworkers.store_gc_settings(sup.backend, cfg["gc"])
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: sup.stop())
-    log.info("workers: %d on %s namespace %r, allow=%s; stop with Ctrl-C or SIGTERM",
-             args.workers, redact(url), namespace, cfg["allow"] or "(nothing)")
-    sup.run(lifeline=False)
-    log.info("stopped")
-    return RET_OK
-
-
 # --------------------------------------------------------------------------- commit
 
 def _parse_body(text: str, where: str) -> Any:

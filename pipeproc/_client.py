@@ -20,7 +20,7 @@ import threading
 import time
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
-from . import _calls, _docs, _spawn
+from . import _calls, _docs, _rclient, _spawn
 from ._calls import (
     DEFAULT_BACKOFF,
     DEFAULT_PAGE,
@@ -42,7 +42,8 @@ from ._calls import _ClaimedList, _ClaimedLog  # noqa: F401 - their pickles name
 from ._live import LiveProc
 from ._protocol import BUSY_POLL, ERR, REPLY_LIMIT, Channel, decode, open_connection, pack
 from ._spawn import HANDSHAKE_TIMEOUT
-from .errors import ConnectionLost, NoActiveNode, PipeProcError, Timeout, from_code
+from ._rops import Ops
+from .errors import ConnectionLost, InvalidArgument, NoActiveNode, PipeProcError, Timeout, from_code
 
 __all__ = ["PipeProc", "spawn", "connect", "Log", "ProcState", "AckCommit", "open_connection"]
 
@@ -62,7 +63,11 @@ class PipeProc(_NodeRef):
     """
 
     def __init__(self, address: Any, authkey: bytes, *, process: Optional[subprocess.Popen] = None,
-                 location: Optional[str] = None, busy_poll: float = BUSY_POLL) -> None:
+                 location: Optional[str] = None, busy_poll: float = BUSY_POLL,
+                 backend: Optional[Ops] = None) -> None:
+        #: the Redis transport (``connect(redis=...)``), or None: a node over a socket
+        self._backend = backend
+        self._leases = _rclient.Leases(backend) if backend is not None else None
         self._address = address
         self._authkey = authkey
         self._process = process
@@ -78,7 +83,18 @@ class PipeProc(_NodeRef):
 
     # ------------------------------------------------------------------ connection
 
-    def _connect(self, timeout: float = HANDSHAKE_TIMEOUT) -> Channel:
+    @property
+    def namespace(self) -> Optional[str]:
+        """The Redis namespace of a client opened with ``redis=`` (``None`` for a node)."""
+        return None if self._backend is None else self._backend.namespace
+
+    def _connect(self, timeout: float = HANDSHAKE_TIMEOUT) -> Any:
+        if self._backend is not None:  # a live proc's channel: a Redis connection of its own
+            if self._closed:
+                raise NoActiveNode("this client is closed")
+            assert self._leases is not None
+            self._leases.start()
+            return _rclient.Channel(self._backend)
         c = open_connection(self._address, self._authkey, timeout, self._busy_poll)
         with self._lock:
             self._conns.add(c)
@@ -100,6 +116,10 @@ class PipeProc(_NodeRef):
         conns, self._conns, self._idle = self._conns, set(), []
         self._lock = threading.Lock()
         self._process = None
+        if self._backend is not None:  # the pool's sockets are the parent's: a new one
+            b = self._backend
+            self._backend = b.reopen()
+            self._leases = _rclient.Leases(self._backend)
         for c in conns:
             try:
                 c.sock.close()
@@ -121,11 +141,17 @@ class PipeProc(_NodeRef):
             pass
 
     def _frame_limit(self) -> int:
+        if self._backend is not None:
+            return 1 << 62  # Redis' own limit applies (proto-max-bulk-len)
         if self._max_frame is None:
             self._max_frame = int(self._call("limits")["max_frame_size"])
         return self._max_frame
 
     def _call(self, op: Optional[str], *args: Any) -> Any:
+        if self._backend is not None:
+            if self._closed:
+                raise NoActiveNode("this client is closed")
+            return self._backend.handle(op or "", args)
         rid = next(self._rids)
         data = pack([rid, op, *args])
         if len(data) > MIN_FRAME:
@@ -168,6 +194,8 @@ class PipeProc(_NodeRef):
         Raises:
             Timeout: no reply in time (the connection is dropped: it is out of step).
         """
+        if self._backend is not None:  # the backend's waits end by themselves
+            return self._call(op, *args)
         rid = next(self._rids)
         data = pack([rid, op, *args])
         deadline = time.monotonic() + timeout
@@ -206,6 +234,10 @@ class PipeProc(_NodeRef):
 
     @documented
     def close(self) -> None:
+        if self._backend is not None:
+            if self._leases is not None:
+                self._leases.stop.set()
+            self._backend.close()
         self._closed = True
         with self._lock:
             conns = list(self._conns)
@@ -219,6 +251,12 @@ class PipeProc(_NodeRef):
 
     @documented
     def shutdown(self, timeout: float = 30.0) -> None:
+        if self._backend is not None:  # the local supervisor and its workers; data stays
+            proc, self._process = self._process, None
+            if proc is not None:
+                _rclient.stop_supervisor(proc, timeout)
+            self.close()
+            return
         deadline = time.monotonic() + timeout
         if not self._closed:
             try:
@@ -251,6 +289,9 @@ class PipeProc(_NodeRef):
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "connected"
+        if self._backend is not None:
+            return (f"<PipeProc {state} to Redis {self._backend.safe_url} namespace "
+                    f"{self.namespace!r}>")
         return f"<PipeProc {state} to {self._address!r}>"
 
     # ------------------------------------------------------------------ commit and read
@@ -373,17 +414,15 @@ def spawn(location: Any = None, *, memory: bool = False, workers: int = 1,
           namespace: Optional[str] = None, allow: Optional[Sequence[str]] = None,
           redis_options: Optional[Dict[str, Any]] = None) -> PipeProc:
     if redis is not None or namespace is not None or allow is not None or redis_options is not None:
-        from . import _rclient
-        if redis is None:
-            from .errors import InvalidArgument
-            raise InvalidArgument("namespace=, allow= and redis_options= go with redis=")
-        _rclient.refuse_node_args(location=location, memory=memory, address=address,
-                                  authkey=authkey)
-        return _rclient.spawn_redis(
-            redis, _rclient.DEFAULT_NAMESPACE if namespace is None else namespace, workers=workers,
-            worker_concurrency=worker_concurrency, worker_restart_after=worker_restart_after,
-            gc=gc, durability=durability, allow=None if allow is None else list(allow),
-            redis_options=redis_options, log_level=log_level, timeout=timeout)
+        ns = _rclient.check_redis_args(redis, namespace, location=location, memory=memory,
+                                       address=address, authkey=authkey)
+        assert redis is not None
+        backend, proc = _rclient.start_local(
+            redis, ns, workers=workers, worker_concurrency=worker_concurrency,
+            worker_restart_after=worker_restart_after, gc=gc, durability=durability,
+            allow=None if allow is None else list(allow), redis_options=redis_options,
+            log_level=log_level, timeout=timeout)
+        return PipeProc(backend.safe_url, b"", process=proc, backend=backend)
     cfg = _spawn.node_cfg(
         location, memory=memory, workers=workers, worker_concurrency=worker_concurrency,
         worker_restart_after=worker_restart_after, gc=gc, durability=durability,
@@ -418,15 +457,12 @@ def connect(location: Any = None, *, address: Any = None, authkey: Optional[byte
             namespace: Optional[str] = None, redis_options: Optional[Dict[str, Any]] = None,
             durability: str = "full") -> PipeProc:
     if redis is not None or namespace is not None or redis_options is not None:
-        from . import _rclient
-        if redis is None:
-            from .errors import InvalidArgument
-            raise InvalidArgument("namespace= and redis_options= go with redis=")
-        _rclient.refuse_node_args(location=location, address=address, authkey=authkey)
-        return _rclient.connect_redis(redis, _rclient.DEFAULT_NAMESPACE if namespace is None else namespace,
-                                      redis_options, durability, timeout)
+        ns = _rclient.check_redis_args(redis, namespace, location=location, address=address,
+                                       authkey=authkey)
+        assert redis is not None
+        backend = _rclient.open_backend(redis, ns, redis_options, durability, timeout)
+        return PipeProc(backend.safe_url, b"", backend=backend)
     if durability != "full":
-        from .errors import InvalidArgument
         raise InvalidArgument("connect(durability=...) is for redis=: a node's durability "
                               "is chosen by its spawn")
     spin = _spawn.check_busy_poll(busy_poll)

@@ -20,7 +20,7 @@ Durability (SCALE.md §3): ``"full"`` waits until the write is on the primary's 
 connect), ``"replicated"`` also waits for one replica (``WAITAOF 1 1`` or ``WAIT 1``),
 ``"fast"`` waits for nothing.
 
-Client side: imports ``_rscripts``, ``_ids``, ``errors``, msgpack and redis-py (the extra
+Client side: imports ``_rlua``, ``_rscripts``, ``errors``, msgpack and redis-py (the extra
 ``pipeproc[redis]``).
 """
 
@@ -32,12 +32,12 @@ import re
 import threading
 import time
 import uuid
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import msgpack
 
-from . import _ids, _rscripts
+from . import _rlua, _rscripts
 from .errors import (
     AuthFailed,
     ConnectionLost,
@@ -75,6 +75,10 @@ _OOM = re.compile(r"^(OOM|-?OOM)\b")
 _SCRIPT_AT = re.compile(r"\s*script: \w+, on @user_script:\d+\.?$")
 
 
+def _s(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
 def _require_redis() -> Any:
     try:
         import redis  # noqa: F401
@@ -108,53 +112,7 @@ def check_namespace(namespace: Any) -> str:
     return namespace
 
 
-def _s(v: Any) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
-
-
-def _rows(entries: Any) -> list:
-    """Stream entries ``[[id, [b"b", body]], ...]`` as the node's rows ``[ms, seq, body]``."""
-    out = []
-    for eid, fields in entries:
-        ms, _, seq = eid.partition(b"-")
-        body = fields[1] if len(fields) > 1 else b"\xc0"
-        out.append([int(ms), int(seq), msgpack.unpackb(body, raw=False, strict_map_key=False)])
-    return out
-
-
-_STATE_INT = (3, 4, 5, 10, 11)
-
-
-def _state(raw: Sequence[Any]) -> list:
-    """A script's proc state as the node's wire ``ProcState`` values."""
-    out: list = [_s(x) for x in raw[:14]]
-    for i in _STATE_INT:
-        out[i] = int(out[i])
-    rt = float(out[12])
-    out[12] = rt
-    err = raw[14] if len(raw) > 14 else b""
-    out.append(msgpack.unpackb(err, raw=False) if err else None)
-    return out
-
-
-def _key_args(key: Optional[list]) -> List[Any]:
-    """``claimed=``'s wire key as 7 script arguments (``""`` for none)."""
-    if key is None:
-        return [""] * 7
-    k = list(key) + [""] * (7 - len(key))
-    out = [str(x) if x != "" else "" for x in k[:7]]
-    if isinstance(k[5], int):  # the digest, as the scripts write it (16 hex digits)
-        out[5] = format(k[5], "016x")
-    return out
-
-
-def _bound_args(bound: Any) -> Tuple[str, str]:
-    if bound is None:
-        return "", ""
-    b: Any = _ids.parse_bound(bound)
-    if b[0] == "id":
-        return "id", f"{b[1]}-{b[2]}"
-    return b[0], str(b[1])
+_B = TypeVar("_B", bound="Backend")
 
 
 class Backend:
@@ -176,6 +134,7 @@ class Backend:
         self.namespace = check_namespace(namespace)
         if durability not in ("full", "replicated", "fast"):
             raise InvalidArgument("durability is 'full', 'replicated' or 'fast'")
+        self._given = dict(options or {})
         options = dict(options or {})
         bad = sorted(set(options) & REFUSED_OPTIONS)
         st = options.get("socket_timeout", SOCKET_TIMEOUT)
@@ -209,7 +168,7 @@ class Backend:
             if body.startswith("#!lua"):
                 head, _, body = body.partition("\n")
                 head += "\n"
-            self._texts[name] = head + _rscripts.PRELUDE + body
+            self._texts[name] = head + _rlua.PRELUDE + body
         self._tl = threading.local()
         self._client_id = uuid.uuid4().hex
         self._rr = 0
@@ -382,6 +341,11 @@ class Backend:
         except self._redis_mod.RedisError as exc:
             raise self._error(exc) from None
 
+    def reopen(self: _B) -> _B:
+        """The same backend on new connections (a child after ``os.fork()``: the pool's
+        sockets are the parent's, never to be used or closed here)."""
+        return type(self)(self.url, self.namespace, self._given, self.durability)
+
     def close(self) -> None:
         """Disconnect; this client's live procs' hidden procs go (a crashed client's go
         when their lease runs out)."""
@@ -397,224 +361,6 @@ class Backend:
         except Exception:  # noqa: BLE001
             pass
 
-    # ------------------------------------------------------------------ the ops
-
-    def handle(self, op: str, args: Sequence[Any], within: Optional[float] = None,
-               conn: Any = None, cancelled: Optional[Callable[[], bool]] = None) -> Any:
-        """Answer ``op`` as the node would (same reply shape)."""
-        fn = getattr(self, "op_" + op, None)
-        if fn is None:
-            raise InvalidArgument(f"{op!r} is not available on the Redis backend")
-        if op in ("wait_idle", "live"):
-            return fn(*args, conn=conn, cancelled=cancelled)
-        return fn(*args)
-
-    def op_limits(self) -> Dict[str, int]:
-        return {"max_frame_size": MAX_FRAME}
-
-    def op_ping(self, *args: Any) -> list:
-        self.r.ping()
-        return list(args)
-
-    def op_c1(self, topic: str, body: bytes) -> list:
-        ms, seqs = self.script("commit", topic, body)
-        return [ms, seqs[0]]
-
-    def op_c(self, items: list) -> list:
-        flat: List[Any] = []
-        for t, b in items:
-            flat += [t, b]
-        ms, seqs = self.script("commit", *flat)
-        return [ms, list(seqs)]
-
-    def op_length(self, topic: str) -> int:
-        _ids.check_topic(topic)
-        return int(self.script("length", topic, write=False))
-
-    def op_topics(self) -> List[str]:
-        return sorted(_s(t) for t in self.script("topics", write=False))
-
-    def _page(self, topic: str, lo: Tuple[str, str], hi: Tuple[str, str], exclusive: bool,
-              reverse: bool, left: int, page_size: int) -> list:
-        n = min(page_size, 10_000)
-        if left > 0:
-            n = min(n, left)
-        es, lo_raw, hi_raw = self.script("range", topic, lo[0], lo[1], hi[0], hi[1],
-                                         "1" if exclusive else "0", "1" if reverse else "0",
-                                         n, write=False)
-        rows = _rows(es)
-        tail = None
-        if len(rows) == n and es:
-            more = left - len(rows) if left > 0 else 0
-            if left <= 0 or more > 0:
-                last = _s(es[-1][0])
-                if reverse:
-                    tail = [_s(lo_raw), "(" + last, more]
-                else:
-                    tail = ["(" + last, _s(hi_raw), more]
-        return [rows, tail]
-
-    def op_range(self, topic: str, start: Any, end: Any, limit: int, exclusive: bool,
-                 reverse: bool, page_size: int) -> list:
-        _ids.check_topic(topic)
-        lower, upper = (end, start) if reverse else (start, end)
-        return self._page(topic, _bound_args(lower), _bound_args(upper), bool(exclusive),
-                          bool(reverse), int(limit), int(page_size))
-
-    def op_page(self, topic: str, lo: str, hi: str, left: int, reverse: bool,
-                page_size: int) -> list:
-        return self._page(topic, ("raw", lo), ("raw", hi), False, bool(reverse), int(left),
-                          int(page_size))
-
-    def op_proc(self, topic: str, name: str, offset: str, count: int, max_reclaims: int,
-                reclaim_timeout: float, on_max: str) -> Any:
-        res = self.script("proc", topic, name, offset, count, max_reclaims,
-                          repr(float(reclaim_timeout)), on_max)
-        if not res:
-            return None
-        return [_rows(res[1]), int(res[0])]
-
-    def op_ack(self, name: str, key: Optional[list]) -> str:
-        return _s(self.script("ack", name, *_key_args(key)))
-
-    def op_ackc(self, name: str, items: list, key: Optional[list]) -> list:
-        flat: List[Any] = []
-        for t, b in items:
-            flat += [t, b]
-        acked, ms, seqs = self.script("ackc", name, *_key_args(key), *flat)
-        return [_s(acked), ms, list(seqs)]
-
-    def op_reclaim(self, name: str, key: Optional[list]) -> str:
-        return _s(self.script("reclaim", name, *_key_args(key)))
-
-    def op_inspect(self, name: str) -> list:
-        return _state(self.script("inspect", name))
-
-    def op_disable(self, name: str) -> list:
-        return _state(self.script("disable", name))
-
-    def op_resume(self, name: str) -> list:
-        return _state(self.script("resume", name))
-
-    def op_destroy(self, name: str) -> list:
-        return _state(self.script("destroy", name))
-
-    def op_avail(self, specs: list) -> Any:
-        flat: List[Any] = []
-        for topic, name, offset, count, mr, rt, on_max in specs:
-            flat += [topic, name, offset, count, mr, repr(float(rt)), on_max]
-        res = self.script("avail", self._rr, *flat)
-        if not res:
-            return None
-        name, pos, cnum, es = res
-        self._rr = int(pos)
-        count = int(specs[int(pos) - 1][3]) if int(pos) >= 1 else 1
-        return [_s(name), count > 1, [_rows(es), int(cnum)]]
-
-    def op_sysproc(self, name: str, topics: list, multi: bool, ref: str, tos: list,
-                   offset: str, count: int, max_reclaims: int, reclaim_timeout: float,
-                   on_max: str, backoff: Optional[list] = None) -> list:
-        names = [f"{name}__{t}" for t in topics] if multi else [name]
-        for pn in names:
-            _ids.check_proc_name(pn)
-        d = {"procs": names, "topics": list(topics), "processor": ref, "to": list(tos),
-             "count": int(count), "multi": bool(multi),
-             "backoff": [float(x) for x in (backoff or [0.1, 30.0])]}
-        states = self.script("sysproc", name, msgpack.packb(d), offset, max_reclaims,
-                             repr(float(reclaim_timeout)), on_max)
-        return [_state(s) for s in states]
-
-    def op_create_live(self, topic: str, name: str, offset: str) -> list:
-        st = _state(self.script("create_live", topic, name, offset, LIVE_LEASE_MS))
-        self._live.add(name)
-        return st
-
-    def renew_leases(self) -> None:
-        """Renew the leases of this client's live procs (a client alive keeps them)."""
-        if self._live:
-            self.script("lease", LIVE_LEASE_MS, *sorted(self._live))
-
-    def op_live(self, topic: str, name: str, offset: str, count: int, timeout: Any,
-                held: Optional[int], conn: Any = None,
-                cancelled: Optional[Callable[[], bool]] = None) -> Any:
-        """A live proc's next delivery: claim now, or block on the doorbell until one
-        can be made (``None``: the hidden proc is gone, the end)."""
-        end = None if timeout is None else time.monotonic() + float(timeout)
-        while True:
-            res = self.script("live", topic, name, count, "" if held is None else str(held),
-                              LIVE_LEASE_MS)
-            kind = _s(res[0])
-            if kind == "end":
-                self._live.discard(name)
-                return None
-            if kind == "claim":
-                return [_rows(res[2]), int(res[1])]
-            if cancelled is not None and cancelled():
-                return None
-            wait = MAX_BLOCK if end is None else end - time.monotonic()
-            if wait <= 0:
-                return None
-            self.block(_s(res[1]), min(wait, LIVE_LEASE_MS / 3000), conn)
-
-    def op_wait_idle(self, names: Optional[list], timeout: Optional[float], conn: Any = None,
-                     cancelled: Optional[Callable[[], bool]] = None) -> None:
-        end = None if timeout is None else time.monotonic() + float(timeout)
-        while True:
-            res = self.script("idle", "1" if names is not None else "0", *(names or []))
-            kind = _s(res[0])
-            if kind == "idle":
-                return None
-            if kind == "dead":
-                raise dead_error(_s(res[1]), _state(res[2]))
-            bell_id, next_dl, now = _s(res[1]), _s(res[2]), int(res[3])
-            wait = MAX_BLOCK
-            if next_dl:
-                wait = min(wait, max(0.0, (float(next_dl) - now) / 1000.0) + 0.002)
-            if end is not None:
-                left = end - time.monotonic()
-                if left <= 0:
-                    raise Timeout(f"procs still busy after {timeout} s")
-                wait = min(wait, left)
-            self.block(bell_id, wait, conn)
-
-    def op_stats(self) -> Dict[str, Any]:
-        topics_raw, procs_raw, workers_raw, now, sys_raw = self.script("stats", write=False)
-        topics = {_s(t): {"length": int(n), "stored": int(stored),
-                          "created_at": int(created or 0)}
-                  for t, n, stored, created in topics_raw}
-        procs = {}
-        for st_raw, lag, pend, sysname, left in procs_raw:
-            st = _state(st_raw)
-            procs[st[0]] = {"topic": st[1], "status": st[9], "pending": _s(pend),
-                            "reclaims": st[10], "lag": int(lag),
-                            "last_acked_range": st[7], "last_error": st[14],
-                            "backoff_left": int(left) / 1000.0}
-        sysprocs = {_s(sys_raw[i]): msgpack.unpackb(sys_raw[i + 1], raw=False)
-                    for i in range(0, len(sys_raw), 2)}
-        workers = []
-        for wid, beat, info in workers_raw:
-            d = {_s(info[i]): _s(info[i + 1]) for i in range(0, len(info), 2)}
-            workers.append({"id": _s(wid), "pid": int(d.get("pid", 0)),
-                            "host": d.get("host", ""),
-                            "executions": int(d.get("executions", 0)),
-                            "failures": int(d.get("failures", 0)),
-                            "last_seen_ms": int(float(beat))})
-        return {"workers": workers, "topics": topics, "procs": procs,
-                "system_procs": sysprocs,
-                "redis": {"url": self.safe_url, "namespace": self.namespace,
-                          "durability": self.durability, **self.server}}
-
-
-def dead_error(name: str, st: list) -> PipeProcError:
-    """``proc_is_disabled`` for ``wait_for_procs`` over a dead stage (as the node says it)."""
-    err = st[14]
-    last = (f"; last error on logs {err.get('range')}: {err.get('type')}: "
-            f"{err.get('message')}" if err else "")
-    return ProcIsDisabled(
-        f"proc {name!r} was disabled after {st[10]} failed attempts in a row "
-        f"(max_reclaims={st[11]}) with work left{last}. Fix the cause, "
-        f"then resume_proc({name!r}) (pipeproc resume {name})")
-
 
 def _no_secret(text: str, url: str) -> str:
     """``text`` with the URL's password removed, wherever it appears."""
@@ -627,4 +373,3 @@ def _no_secret(text: str, url: str) -> str:
     return text.replace(url, redact(url))
 
 
-__all__ = ["Backend", "redact", "check_namespace", "DEFAULT_NAMESPACE"]

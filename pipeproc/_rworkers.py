@@ -35,13 +35,15 @@ import sys
 import threading
 import time
 import uuid
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import msgpack
 
 from ._processors import SCRIPT, load
 from ._records import claimed_key
-from ._rbackend import WORKER_DEAD_MS, Backend, _key_args
+from ._execute import Runner, new_stats
+from ._rbackend import WORKER_DEAD_MS
+from ._rops import Ops, _key_args, _rows
 from .errors import ConnectionLost, InvalidArgument, NoActiveNode, PipeProcError
 
 log = logging.getLogger("pipeproc.workers")
@@ -123,7 +125,7 @@ def supervisor_cfg(url: str, namespace: str, *, workers: int = 1, concurrency: i
     }
 
 
-def store_gc_settings(backend: Backend, gc: Dict[str, float]) -> None:
+def store_gc_settings(backend: Ops, gc: Dict[str, float]) -> None:
     """The namespace's GC settings (any supervisor of the namespace runs the GC with them)."""
     try:
         backend.r.hset(backend.P + ":gc", mapping={k: repr(v) for k, v in gc.items()})
@@ -139,7 +141,10 @@ def _send_cfg(proc: subprocess.Popen, cfg: Dict[str, Any]) -> None:
 
 
 def _child(kind: str, cfg: Dict[str, Any]) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "pipeproc._rworkers", kind],
+    # -c, not -m: the package (imported first) already imports this module
+    proc = subprocess.Popen([sys.executable, "-c",
+                             "import sys; from pipeproc._rworkers import main; main(sys.argv[1])",
+                             kind],
                             stdin=subprocess.PIPE, cwd=cfg.get("cwd") or None,
                             start_new_session=(kind == "supervisor"))
     _send_cfg(proc, cfg)
@@ -151,7 +156,7 @@ def start_supervisor(cfg: Dict[str, Any]) -> subprocess.Popen:
     return _child("supervisor", cfg)
 
 
-def wait_ready(backend: Backend, proc: subprocess.Popen, sup_id: str, workers: int,
+def wait_ready(backend: Ops, proc: subprocess.Popen, sup_id: str, workers: int,
                timeout: float) -> None:
     """Return once ``workers`` workers of supervisor ``sup_id`` said hello."""
     deadline = time.monotonic() + timeout
@@ -193,12 +198,12 @@ def _setup(cfg: Dict[str, Any], who: str) -> None:
             sys.path.insert(0, p)
 
 
-def _backend(cfg: Dict[str, Any]) -> Backend:
-    return Backend(cfg["url"], cfg["namespace"], cfg.get("redis_options"), cfg["durability"],
+def _backend(cfg: Dict[str, Any]) -> Ops:
+    return Ops(cfg["url"], cfg["namespace"], cfg.get("redis_options"), cfg["durability"],
                    timeout=10.0)
 
 
-def _bell(backend: Backend) -> str:
+def _bell(backend: Ops) -> str:
     last = backend.r.xrevrange(backend.P + ":bell", count=1)
     return last[0][0].decode() if last else "0-0"
 
@@ -216,6 +221,7 @@ class Supervisor:
         self.lock = threading.Lock()
         self.gc_next = 0.0
         self.recycling: set = set()  # pids of workers killed for a time limit
+        self.restarts: Dict[int, int] = {}  # slot -> times its worker was started again
 
     def run(self, lifeline: bool = True) -> None:
         """Run until :meth:`stop` (or, with ``lifeline``, until stdin closes)."""
@@ -315,6 +321,7 @@ class Supervisor:
             return
         wcfg = dict(self.cfg)
         wcfg["slot"] = slot
+        wcfg["restarts"] = self.restarts.get(slot, 0)
         proc = _child("worker", wcfg)
         with self.lock:
             self.procs[slot] = proc
@@ -346,6 +353,7 @@ class Supervisor:
         delay = 0.0 if recycled or lived > 10 else min(5.0, max(0.1, delay * 2))
         if delay and self.stopping.wait(delay):
             return
+        self.restarts[slot] = self.restarts.get(slot, 0) + 1
         self._start(slot, delay)
 
     def _stop_all(self) -> None:
@@ -386,15 +394,18 @@ class Worker:
         self.backend = _backend(cfg)
         self.wid = f"{cfg['id']}/{cfg['slot']}/{os.getpid()}"
         self.allow = list(cfg.get("allow") or [])
-        self.stats = {"executions": 0, "failures": 0}
+        self.stats = new_stats()
         self.stopping = threading.Event()
         self._defs: Dict[str, dict] = {}
         self._refused: Dict[str, str] = {}  # processor ref -> why this worker skips it
         self._lock = threading.Lock()
 
-    def names(self) -> List[str]:
-        """The procs of system procs this worker may run (allowed and importable)."""
+    def names(self) -> Tuple[List[str], str]:
+        """The procs of system procs this worker may run (allowed and importable), and the
+        version of the system procs they were listed from (read first: a change after it
+        makes the ``work`` script answer ``again``, never a missed wake-up)."""
         try:
+            ver = self.backend.r.get(self.backend.P + ":sysver")
             raw = self.backend.r.hgetall(self.backend.P + ":sys")
         except self.backend._redis_mod.RedisError as exc:
             raise self.backend._error(exc) from None
@@ -405,7 +416,7 @@ class Worker:
             if not self.can_run(ref, d):
                 continue
             names += d["procs"]
-        return names
+        return names, (ver.decode() if ver else "0")
 
     def can_run(self, ref: str, d: dict) -> bool:
         why = self._refused.get(ref)
@@ -429,7 +440,7 @@ class Worker:
     def run(self) -> None:
         cfg = self.cfg
         info = ["pid", os.getpid(), "host", socket.gethostname(), "slot", cfg["slot"],
-                "supervisor", cfg["id"]]
+                "supervisor", cfg["id"], "restarts", cfg.get("restarts", 0)]
         self.backend.script("hello", self.wid, *info)
         threading.Thread(target=self._heartbeat, daemon=True).start()
         loops = [threading.Thread(target=self._loop, name=f"loop-{i}", daemon=True)
@@ -451,8 +462,7 @@ class Worker:
                 log.warning("heartbeat failed: %s", exc)
 
     def _loop(self) -> None:
-        from ._workers import _Loop  # the processor call, shared with the node's workers
-        runner = _Loop(self.cfg, 0, self.stats)
+        runner = Runner(self.stats)  # the processor call, shared with the node's workers
         done: Optional[list] = None
         rr = 0
         limit = self.cfg.get("restart_after") or 0
@@ -471,6 +481,8 @@ class Worker:
                 self._failed(done, res[-1])
             done = None
             kind = res[0].decode()
+            if kind == "again":  # the system procs changed: list them again at once
+                continue
             if kind == "job":
                 _, pn, idx, ref, tos, many, cnum, es, _note = res
                 rr = int(idx)
@@ -480,7 +492,6 @@ class Worker:
                 if not self.can_run(ref, {"procs": [name]}):
                     done = [name, claim, "release", None]
                     continue
-                from ._rbackend import _rows
                 job = [name, ref, tos, bool(int(many)), _rows(es), claim]
                 done = runner.execute(job)
                 continue
@@ -518,10 +529,10 @@ class Worker:
         rng = f"{key[0]}-{key[1]}..{key[2]}-{key[3]}"
         note = note.decode() if isinstance(note, bytes) else str(note)
         if note == "dropped":
-            log.warning("system proc %s: the failure on logs %s came after its claim was "
+            log.warning("system proc %r: the failure on logs %s came after its claim was "
                         "reclaimed (timeout?): not counted", name, rng)
             return
-        log.warning("system proc %s failed on logs %s: %s: %s\n%s", name, rng, err.get("type"),
+        log.warning("system proc %r failed on logs %s: %s: %s\n%s", name, rng, err.get("type"),
                     err.get("message"), err.get("traceback") or "")
         if note == "disabled":
             log.error("proc %r is DISABLED: its processor failed max_reclaims times in a row "
@@ -536,8 +547,9 @@ class Worker:
             ids.append((int(ms), int(seq)))
         return claimed_key(ids) + [cnum]
 
-    def _work(self, done: Optional[list], names: List[str], rr: int,
+    def _work(self, done: Optional[list], listed: Tuple[List[str], str], rr: int,
               rid: Optional[Any] = None) -> Any:
+        names, ver = listed
         kind, name, key, err, items = "", "", [""] * 7, b"", []
         if done is not None:
             name, key, kind, data = done
@@ -547,8 +559,8 @@ class Worker:
             elif kind == "reclaim":
                 err = msgpack.packb(data)
             key = _key_args(key)
-        return self.backend.script("work", self.wid, kind, name, *key, err, rr, len(names),
-                                   *names, *items, rid=rid)
+        return self.backend.script("work", self.wid, kind, name, *key, err, rr, ver,
+                                   len(names), *names, *items, rid=rid)
 
 
 def worker_main() -> None:
@@ -573,5 +585,6 @@ def worker_main() -> None:
     os._exit(0)
 
 
-if __name__ == "__main__":
-    {"supervisor": supervisor_main, "worker": worker_main}[sys.argv[1]]()
+def main(kind: str) -> None:
+    """Entry point of a supervisor or worker process (``kind``)."""
+    {"supervisor": supervisor_main, "worker": worker_main}[kind]()

@@ -6,26 +6,22 @@ ack + commit, or reclaim) and ask for the next claim in the same round trip; the
 when it has a claim for it (the wait is a parked request, not a polling loop), or tells it to
 exit. Processors are loaded by :mod:`pipeproc._processors`.
 
-Client side: imports ``_processors``, ``_calls``, ``_protocol`` and ``errors``.
+Client side: imports ``_execute`` (the processor call), ``flow._exec``, ``_protocol`` and ``errors``.
 """
 
 from __future__ import annotations
 
-import asyncio
-import inspect
 import logging
 import os
 import sys
 import threading
-import traceback
-from typing import Any, Optional
+from typing import Any
 
 import msgpack
 
-from ._calls import Log
-from ._processors import load
+from ._execute import Runner, stats_lock
 from .flow._exec import execute as execute_flow
-from ._protocol import ERR, PUSH, REPLY_LIMIT, decode, encode_body, open_connection, pack
+from ._protocol import ERR, PUSH, REPLY_LIMIT, decode, open_connection, pack
 from .errors import PipeProcError, from_code
 
 log = logging.getLogger("pipeproc.worker")
@@ -40,10 +36,10 @@ class _Loop:
         self.cfg = cfg
         self.index = index
         self.stats = stats
-        self.loop: Optional[asyncio.AbstractEventLoop] = None
         self.conn: Any = None
         self.rid = 0
         self.pushed: set = set()  # (run, token) of attempts whose run was cancelled
+        self.runner = Runner(stats)
 
     def run(self) -> None:
         cfg = self.cfg
@@ -76,7 +72,7 @@ class _Loop:
                 if job is None or job == "exit":
                     return
                 if type(job) is dict:  # a workflow run's attempt (pipeproc.flow)
-                    with _stats_lock:
+                    with stats_lock:
                         self.stats["executions"] += 1
                     self.pushed.clear()
                     done = execute_flow(job["flow"], self.call, self.cancelled)
@@ -86,8 +82,7 @@ class _Loop:
             return  # the node went away
         finally:
             c.close()
-            if self.loop is not None:
-                self.loop.close()
+            self.runner.close()
 
     def call(self, op: str, *args: Any) -> Any:
         """A request on this loop's connection, for a run's attempt (``frec``, ``fresult``)."""
@@ -121,34 +116,9 @@ class _Loop:
         return (run, token) in self.pushed
 
     def execute(self, job: list) -> list:
-        name, ref, tos, many, rows, key = job
-        logs = [Log(f"{ms}-{seq}", body) for ms, seq, body in rows]
-        with _stats_lock:
-            self.stats["executions"] += 1
-        try:
-            fn = load(ref)
-            result = fn(logs if many else logs[0])
-            if inspect.isawaitable(result):
-                if self.loop is None:
-                    self.loop = asyncio.new_event_loop()
-                result = self.loop.run_until_complete(result)
-            if result is None or not tos:
-                return [name, key, "ack", None]
-            bodies = result if isinstance(result, list) else [result]
-            items = [[t, encode_body(b)] for t in tos for b in bodies]
-            return [name, key, "commit", items]
-        except Exception as exc:
-            with _stats_lock:
-                self.stats["failures"] += 1
-            # the node logs it (WARNING, ERROR when it disables the proc), naming the proc
-            # and the logs, and keeps it as the proc's last_error
-            log.debug("processor %s failed on %s: %s: %s", ref,
-                      logs[0].id if logs else "?", type(exc).__name__, exc)
-            return [name, key, "reclaim", {"type": type(exc).__name__, "message": str(exc),
-                                           "traceback": traceback.format_exc()}]
+        return self.runner.execute(job)
 
 
-_stats_lock = threading.Lock()
 
 
 def _lifeline(stdin: Any) -> None:

@@ -55,6 +55,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import subprocess
+import threading
 import time
 from typing import (
     Any,
@@ -69,7 +70,7 @@ from typing import (
     Union,
 )
 
-from . import _calls, _docs, _spawn
+from . import _calls, _docs, _rclient, _spawn
 from ._calls import (
     DEFAULT_BACKOFF,
     DEFAULT_PAGE,
@@ -91,6 +92,7 @@ from ._calls import (
 from ._aio_live import AsyncLiveProc
 from ._aio_conn import _Conn, _response  # noqa: F401 - _response: tests import it from here
 from ._protocol import BUSY_POLL, ERR, pack
+from ._rops import Ops
 from .errors import (
     ConnectionLost,
     InvalidArgument,
@@ -130,7 +132,11 @@ class AsyncPipeProc(_NodeRef):
 
     def __init__(self, address: Any, authkey: bytes, *,
                  process: Optional[subprocess.Popen] = None,
-                 location: Optional[str] = None, busy_poll: float = BUSY_POLL) -> None:
+                 location: Optional[str] = None, busy_poll: float = BUSY_POLL,
+                 backend: Optional[Ops] = None) -> None:
+        #: the Redis transport (``connect(redis=...)``): each call runs on a worker thread
+        #: (redis-py's blocking client), so the event loop never blocks; or None: a node
+        self._backend = backend
         self._address = address
         self._authkey = bytes(authkey)
         self._process = process
@@ -147,6 +153,11 @@ class AsyncPipeProc(_NodeRef):
 
     # ------------------------------------------------------------------ connection
 
+    @property
+    def namespace(self) -> Optional[str]:
+        """The Redis namespace of a client opened with ``redis=`` (``None`` for a node)."""
+        return None if self._backend is None else self._backend.namespace
+
     def _forked(self) -> None:
         """In a child after ``os.fork()``: the connection (and its event loop) are the
         parent's. Forget them — kept referenced, never closed or shut down, so nothing of
@@ -157,6 +168,8 @@ class AsyncPipeProc(_NodeRef):
         self._conn = None
         self._conn_lock = None
         self._process = None
+        if self._backend is not None:
+            self._backend = self._backend.reopen()
 
     async def _connection(self) -> _Conn:
         if self._closed:
@@ -182,6 +195,8 @@ class AsyncPipeProc(_NodeRef):
 
         ``orphan`` handles a reply that comes back after the caller was cancelled.
         """
+        if self._backend is not None:
+            return await self._call_backend(op or "", args, orphan)
         rid = next(self._rids)
         data = pack([rid, op, *args])
         if len(data) > MIN_FRAME:
@@ -214,8 +229,41 @@ class AsyncPipeProc(_NodeRef):
             raise from_code(code, message)
         return reply[2]
 
+    async def _call_backend(self, op: str, args: tuple,
+                            orphan: Optional[Callable[[list], None]]) -> Any:
+        """An op on the Redis backend, run on a worker thread. A call cancelled while its
+        script runs may still have happened (as with a node); a claim that arrives for a
+        cancelled live proc wait goes to ``orphan`` (handed back: reclaimed)."""
+        if self._closed:
+            raise NoActiveNode("this client is closed")
+        backend = self._backend
+        assert backend is not None
+        gone = threading.Event()
+        fut = asyncio.get_running_loop().run_in_executor(
+            None, lambda: backend.handle(op, args, cancelled=gone.is_set))
+        try:
+            return await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            gone.set()
+            if orphan is not None:
+                def handed(f: Any) -> None:
+                    if not f.cancelled() and f.exception() is None and f.result() is not None:
+                        orphan([0, 0, f.result()])
+                fut.add_done_callback(handed)
+            raise
+
     def _send_quietly(self, op: str, *args: Any) -> None:
         """Fire a request whose reply nobody waits for (it is discarded on arrival)."""
+        if self._backend is not None:
+            backend = self._backend
+
+            def run() -> None:
+                try:
+                    backend.handle(op, args)
+                except PipeProcError:
+                    pass
+            threading.Thread(target=run, daemon=True).start()
+            return
         c = self._conn
         if c is not None and c.alive and not self._closed:
             try:
@@ -240,6 +288,8 @@ class AsyncPipeProc(_NodeRef):
 
     @documented
     async def close(self) -> None:
+        if self._backend is not None:
+            await asyncio.to_thread(self._backend.close)
         self._closed = True
         c, self._conn = self._conn, None
         if c is not None:
@@ -247,6 +297,12 @@ class AsyncPipeProc(_NodeRef):
 
     @documented
     async def shutdown(self, timeout: float = 30.0) -> None:
+        if self._backend is not None:  # the local supervisor and its workers; data stays
+            proc, self._process = self._process, None
+            if proc is not None:
+                await asyncio.to_thread(_rclient.stop_supervisor, proc, timeout)
+            await self.close()
+            return
         deadline = time.monotonic() + timeout
         if not self._closed:
             try:
@@ -421,16 +477,16 @@ async def spawn(location: Any = None, *, memory: bool = False, workers: int = 1,
                 namespace: Optional[str] = None, allow: Optional[Sequence[str]] = None,
                 redis_options: Optional[Dict[str, Any]] = None) -> AsyncPipeProc:
     if redis is not None or namespace is not None or allow is not None or redis_options is not None:
-        from . import _rclient
-        if redis is None:
-            raise InvalidArgument("namespace=, allow= and redis_options= go with redis=")
-        _rclient.refuse_node_args(location=location, memory=memory, address=address,
-                                  authkey=authkey)
-        return await _rclient.aio_spawn_redis(  # type: ignore[no-any-return]
-            redis, _rclient.DEFAULT_NAMESPACE if namespace is None else namespace, workers=workers,
-            worker_concurrency=worker_concurrency, worker_restart_after=worker_restart_after,
-            gc=gc, durability=durability, allow=None if allow is None else list(allow),
-            redis_options=redis_options, log_level=log_level, timeout=timeout)
+        ns = _rclient.check_redis_args(redis, namespace, location=location, memory=memory,
+                                       address=address, authkey=authkey)
+        assert redis is not None
+        backend, proc = await asyncio.to_thread(
+            lambda: _rclient.start_local(
+                redis, ns, workers=workers, worker_concurrency=worker_concurrency,
+                worker_restart_after=worker_restart_after, gc=gc, durability=durability,
+                allow=None if allow is None else list(allow), redis_options=redis_options,
+                log_level=log_level, timeout=timeout))
+        return AsyncPipeProc(backend.safe_url, b"", process=proc, backend=backend)
     cfg = _spawn.node_cfg(
         location, memory=memory, workers=workers, worker_concurrency=worker_concurrency,
         worker_restart_after=worker_restart_after, gc=gc, durability=durability,
@@ -471,12 +527,12 @@ async def connect(location: Any = None, *, address: Any = None, authkey: Optiona
                   redis_options: Optional[Dict[str, Any]] = None,
                   durability: str = "full") -> AsyncPipeProc:
     if redis is not None or namespace is not None or redis_options is not None:
-        from . import _rclient
-        if redis is None:
-            raise InvalidArgument("namespace= and redis_options= go with redis=")
-        _rclient.refuse_node_args(location=location, address=address, authkey=authkey)
-        return await _rclient.aio_connect_redis(  # type: ignore[no-any-return]
-            redis, _rclient.DEFAULT_NAMESPACE if namespace is None else namespace, redis_options, durability, timeout)
+        ns = _rclient.check_redis_args(redis, namespace, location=location, address=address,
+                                       authkey=authkey)
+        assert redis is not None
+        backend = await asyncio.to_thread(_rclient.open_backend, redis, ns, redis_options,
+                                          durability, timeout)
+        return AsyncPipeProc(backend.safe_url, b"", backend=backend)
     if durability != "full":
         raise InvalidArgument("connect(durability=...) is for redis=: a node's durability "
                               "is chosen by its spawn")

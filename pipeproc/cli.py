@@ -52,7 +52,6 @@ from ._cli_commands import (  # RET_*, UsageError and the address helpers: also 
     cmd_inspect,
     cmd_length,
     cmd_node,
-    cmd_workers,
     cmd_proc_action,
     cmd_procs,
     cmd_range,
@@ -64,6 +63,7 @@ from ._cli_commands import (  # RET_*, UsageError and the address helpers: also 
     report_error,
 )
 from ._cli_commands import busy_poll_setting as _busy_poll_setting
+from ._cli_redis import cmd_workers
 from .errors import AuthFailed, ConnectionLost, NoActiveNode, PipeProcError
 
 __all__ = ["main", "make_parser", "parse_address", "format_address", "UsageError", "RET_OK",

@@ -26,7 +26,10 @@ NODE = {"_node", "_conn", "_handlers", "_syshandlers", "_writer", "_waits", "_gc
         "_supervisor", "_check", "_damage", "_procs", "_layout", "_txn", "_flows", "_flowops"}
 CLIENT = {"__init__", "__main__", "_client", "aio", "_aio_conn", "_aio_live", "_live", "_calls",
           "_docs", "_spawn", "_processors", "_workers", "_text", "cli", "_cli_commands", "_demo",
-          "demo_processors", "flow", "_cli_flow", "_demo_flow", "demo_flows"}
+          "demo_processors", "flow", "_cli_flow", "_demo_flow", "demo_flows", "_execute",
+          # the Redis backend (SCALE.md): a transport of the clients, no node
+          "_rlua", "_rscripts", "_rsupscripts", "_rbackend", "_rops", "_rclient", "_rworkers",
+          "_cli_redis"}
 #: what the pure core must not import (standard library modules that do I/O, run threads or
 #: read a clock)
 IMPURE = {"socket", "threading", "subprocess", "lmdb", "selectors", "multiprocessing",

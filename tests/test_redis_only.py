@@ -291,9 +291,9 @@ def test_acl_user_works_in_its_namespace_and_is_refused_outside(redis_server, ac
 
 
 def _key_args(claimed: Any = None) -> List[str]:
-    from pipeproc import _rbackend
+    from pipeproc import _rops
 
-    return _rbackend._key_args(claimed)
+    return _rops._key_args(claimed)
 
 
 def test_a_commit_sent_twice_is_applied_once(rpp):
