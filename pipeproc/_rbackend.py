@@ -154,7 +154,8 @@ class Backend:
         # redis-py 8 gives socket_timeout the connect timeout's value when it is not set:
         # a blocking wait on the doorbell must outlive it
         options.setdefault("socket_timeout", SOCKET_TIMEOUT)
-        options.setdefault("socket_keepalive", True)
+        if not url.startswith("unix://"):  # a Unix socket connection takes no keepalive
+            options.setdefault("socket_keepalive", True)
         options.setdefault("health_check_interval", 0)
         try:
             self.pool = redis.ConnectionPool.from_url(url, **options)
@@ -294,13 +295,15 @@ class Backend:
         try:
             if sha is None:
                 sha = self._shas[name] = self.r.script_load(self._texts[name])
+            wait = write and (self._waitaof and self.durability != "fast"
+                              or self.durability == "replicated")
             try:
-                if write and self.durability != "fast":
+                if wait:
                     return self._durable(sha, argv)
                 return self.r.evalsha(sha, 1, self.P + ":", *argv)
             except redis.exceptions.NoScriptError:
                 self._shas[name] = sha = self.r.script_load(self._texts[name])
-                if write and self.durability != "fast":
+                if wait:
                     return self._durable(sha, argv)
                 return self.r.evalsha(sha, 1, self.P + ":", *argv)
         except PipeProcError:

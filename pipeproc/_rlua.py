@@ -80,11 +80,14 @@ local function rstr(s)
   return I(r[1]) .. '-' .. I(r[2]) .. '..' .. I(r[3]) .. '-' .. I(r[4])
 end
 
+-- what each proc record was when read (putp writes only the fields that changed)
+local SEEN = {}
 local function getp(name)
   local h = redis.call('HGETALL', P .. ':p:' .. name)
-  if #h == 0 then return nil end
-  local r = {}
-  for i = 1, #h, 2 do r[h[i]] = h[i + 1] end
+  if #h == 0 then SEEN[name] = nil; return nil end
+  local r, seen = {}, {}
+  for i = 1, #h, 2 do r[h[i]] = h[i + 1]; seen[h[i]] = h[i + 1] end
+  SEEN[name] = seen
   return r
 end
 local function pending(r) return r.claimed ~= '' and r.claimed ~= r.acked end
@@ -98,8 +101,12 @@ end
 
 local function putp(name, r)
   local args = {}
-  for k, v in pairs(r) do args[#args + 1] = k; args[#args + 1] = v end
-  redis.call('HSET', P .. ':p:' .. name, unpack(args))
+  local seen = SEEN[name] or {}
+  for k, v in pairs(r) do
+    if seen[k] ~= v then args[#args + 1] = k; args[#args + 1] = v; seen[k] = v end
+  end
+  SEEN[name] = seen
+  if #args > 0 then redis.call('HSET', P .. ':p:' .. name, unpack(args)) end
   local d = deadline(r)
   if d then redis.call('ZADD', P .. ':dl', d, name) else redis.call('ZREM', P .. ':dl', name) end
 end

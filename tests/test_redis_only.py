@@ -563,11 +563,13 @@ def test_two_hosts_workers_share_a_system_proc(spawns, tmp_path):
 def test_a_processor_a_host_cannot_import_is_skipped_not_counted(spawns, tmp_path, capfd):
     err = Stderr(capfd)
     mod = tmp_path / "gone.py"
-    mod.write_text("def process(log):\n    return log.body\n")
+    # importable in this process only (where system_proc checks it), never in a worker
+    mod.write_text(f"import os\nif os.getpid() != {os.getpid()}:\n"
+                   "    raise ImportError('gone.py is not on this host')\n"
+                   "def process(log):\n    return log.body\n")
     pp = spawns(workers=1, allow=[str(tmp_path) + os.sep, M])
     pp.system_proc(name="imp", from_="in", processor=str(mod), to="out", max_reclaims=1)
     pp.system_proc(name="mine", from_="in", processor=f"{M}:inc", to="mine_out")
-    mod.unlink()  # registered, then gone before a worker imports it
     pp.commit({"topic": "in", "body": {"n": 1}})
     pp.wait_for_procs(["mine"], timeout=30)
     err.wait_for("gone.py", "import")
