@@ -32,6 +32,7 @@ import re
 import threading
 import time
 import uuid
+import weakref
 from typing import Any, Dict, List, Optional, Tuple, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -171,6 +172,8 @@ class Backend:
                 head += "\n"
             self._texts[name] = head + _rlua.PRELUDE + body
         self._tl = threading.local()
+        #: the connections held by threads for scripts (see _exec), closed by close()
+        self._held: "weakref.WeakSet[Any]" = weakref.WeakSet()
         self._client_id = uuid.uuid4().hex
         self._rr = 0
         self.server: Dict[str, Any] = {}
@@ -300,26 +303,57 @@ class Backend:
             try:
                 if wait:
                     return self._durable(sha, argv)
-                return self.r.evalsha(sha, 1, self.P + ":", *argv)
+                return self._exec(("EVALSHA", sha, 1, self.P + ":", *argv))[0]
             except redis.exceptions.NoScriptError:
                 self._shas[name] = sha = self.r.script_load(self._texts[name])
                 if wait:
                     return self._durable(sha, argv)
-                return self.r.evalsha(sha, 1, self.P + ":", *argv)
+                return self._exec(("EVALSHA", sha, 1, self.P + ":", *argv))[0]
         except PipeProcError:
             raise
         except redis.RedisError as exc:
             raise self._error(exc) from None
 
+    def _exec(self, *commands: tuple) -> List[Any]:
+        """Send ``commands`` at once on this thread's own connection and read their
+        replies (an error reply is raised after every reply was read, so the connection
+        stays in step). The lean path: redis-py's ``execute_command`` and its pool cost
+        ~9 µs of CPU per call more than this (measured: 17.5 against 8.0 µs per EVALSHA)."""
+        tl = self._tl
+        c = getattr(tl, "conn", None)
+        if c is None:
+            # a connection of the pool's kind, owned by this thread (not taken from the
+            # pool: a thread that ends takes it along, closed when collected)
+            c = tl.conn = self.pool.make_connection()
+            self._held.add(c)
+        try:
+            if len(commands) == 1:
+                c.send_command(*commands[0])
+            else:
+                c.send_packed_command(c.pack_commands(commands))
+            out: List[Any] = []
+            error: Optional[BaseException] = None
+            for _ in commands:
+                try:
+                    out.append(c.read_response())
+                except self._redis_mod.ResponseError as exc:
+                    out.append(exc)
+                    error = error or exc
+        except BaseException:
+            c.disconnect()  # out of step (or gone): the next call reconnects
+            raise
+        if error is not None and len(commands) == 1:
+            raise error
+        return out
+
     def _durable(self, sha: str, argv: List[Any]) -> Any:
-        """The script and the durability wait in one round trip (a pipeline)."""
-        pipe = self.r.pipeline(transaction=False)
-        pipe.evalsha(sha, 1, self.P + ":", *argv)
+        """The script and the durability wait in one round trip."""
+        cmds: List[tuple] = [("EVALSHA", sha, 1, self.P + ":", *argv)]
         if self._waitaof:
-            pipe.execute_command("WAITAOF", 1, 1 if self.durability == "replicated" else 0, 0)
+            cmds.append(("WAITAOF", 1, 1 if self.durability == "replicated" else 0, 0))
         elif self.durability == "replicated":
-            pipe.execute_command("WAIT", 1, 5000)
-        res = pipe.execute(raise_on_error=False)
+            cmds.append(("WAIT", 1, 5000))
+        res = self._exec(*cmds)
         if isinstance(res[0], Exception):
             raise res[0]
         if len(res) > 1:
@@ -359,6 +393,11 @@ class Backend:
                 pass
             self._live.clear()
         self._closed = True
+        for c in list(self._held):
+            try:
+                c.disconnect()
+            except Exception:  # noqa: BLE001 - closing anyway
+                pass
         try:
             self.pool.disconnect()
         except Exception:  # noqa: BLE001
