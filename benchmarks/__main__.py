@@ -413,6 +413,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             json.dump({"command": cmd, "machine": info, "baselines": b,
                        "rows": rows, "nodes": suite.nodes, "seconds": elapsed, "load": load}, f, indent=2,
                       default=str)
+    if not a.only: __import__("benchmarks.redis_backend").redis_backend.suite(a.quick)  # issue 18: Redis backend beside raw Redis Streams (skipped without Redis)
     if not a.only and not a.no_flow:  # the flow benchmarks F1–F6, with their own report
         from . import flow as flow_bench
         print()
