@@ -4,8 +4,11 @@
 ``proc``, ``ack``...) with the same reply shapes, so that everything in
 :mod:`pipeproc._calls` (argument checks, reply shaping) and both clients work over Redis
 unchanged. Each op that the node runs as one write transaction is one script of
-:mod:`pipeproc._rscripts`, run with ``EVALSHA`` (loaded with ``SCRIPT LOAD`` once, loaded
-again after ``NOSCRIPT``). Waits (``wait_for_procs``, live procs, idle workers) ask a script
+:mod:`pipeproc._rscripts`. The scripts form one Redis function library
+(:func:`pipeproc._rlua.library`), loaded with ``FUNCTION LOAD`` once per server (again when
+a call finds it missing) and run with ``FCALL``: the shared Lua runs once at load, not at
+every call as it would with ``EVALSHA`` (measured: 13 against 21–23 µs of server time per
+commit). Waits (``wait_for_procs``, live procs, idle workers) ask a script
 first; when there is nothing to do the script answers with the doorbell's last id and the
 client blocks on the doorbell (``XREAD BLOCK``, outside any script) until the next change
 or the next deadline.
@@ -163,14 +166,10 @@ class Backend:
         except (ValueError, TypeError) as exc:
             raise InvalidArgument(f"bad Redis URL or option for {self.safe_url}: {exc}") from None
         self.r = redis.Redis(connection_pool=self.pool)
-        self._shas: Dict[str, str] = {}
-        self._texts: Dict[str, str] = {}
-        for name, body in _rscripts.SCRIPTS.items():
-            head = "#!lua\n"
-            if body.startswith("#!lua"):
-                head, _, body = body.partition("\n")
-                head += "\n"
-            self._texts[name] = head + _rlua.PRELUDE + body
+        #: the scripts as one Redis function library (loaded once per server, and again
+        #: when a call finds it missing), each script's function name, the read-only ones
+        self._lib, self._fnames, self._readonly = _rlua.library(_rscripts.SCRIPTS)
+        self._loaded = False
         self._tl = threading.local()
         #: the connections held by threads for scripts (see _exec), closed by close()
         self._held: "weakref.WeakSet[Any]" = weakref.WeakSet()
@@ -293,32 +292,46 @@ class Backend:
             raise NoActiveNode("this client is closed")
         head: List[Any] = list(rid if rid is not None else (self._rid() if write else ("", "")))
         argv = head + list(args)
-        sha = self._shas.get(name)
+        cmd = ("FCALL_RO" if name in self._readonly else "FCALL", self._fnames[name], 1,
+               self.P + ":", *argv)
+        wait = write and (self._waitaof and self.durability != "fast"
+                          or self.durability == "replicated")
         redis = self._redis_mod
         try:
-            if sha is None:
-                sha = self._shas[name] = self.r.script_load(self._texts[name])
-            wait = write and (self._waitaof and self.durability != "fast"
-                              or self.durability == "replicated")
-            try:
-                if wait:
-                    return self._durable(sha, argv)
-                return self._exec(("EVALSHA", sha, 1, self.P + ":", *argv))[0]
-            except redis.exceptions.NoScriptError:
-                self._shas[name] = sha = self.r.script_load(self._texts[name])
-                if wait:
-                    return self._durable(sha, argv)
-                return self._exec(("EVALSHA", sha, 1, self.P + ":", *argv))[0]
+            for attempt in (0, 1):
+                try:
+                    if not self._loaded:
+                        self._load()
+                    if wait:
+                        return self._durable(cmd)
+                    return self._exec(cmd)[0]
+                except redis.ResponseError as exc:
+                    # the library is gone (FUNCTION FLUSH, a new server): nothing ran; load
+                    # it again and call once more
+                    if attempt or "function not found" not in str(exc).lower():
+                        raise
+                    self._loaded = False
         except PipeProcError:
             raise
         except redis.RedisError as exc:
             raise self._error(exc) from None
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _load(self) -> None:
+        """Load the function library (once per server; a library of this very code that is
+        already there is fine)."""
+        try:
+            self._exec(("FUNCTION", "LOAD", self._lib))
+        except self._redis_mod.ResponseError as exc:
+            if "already exists" not in str(exc):
+                raise
+        self._loaded = True
 
     def _exec(self, *commands: tuple) -> List[Any]:
         """Send ``commands`` at once on this thread's own connection and read their
         replies (an error reply is raised after every reply was read, so the connection
         stays in step). The lean path: redis-py's ``execute_command`` and its pool cost
-        ~9 µs of CPU per call more than this (measured: 17.5 against 8.0 µs per EVALSHA)."""
+        ~9 µs of CPU per call more than this (measured: 17.5 against 8.0 µs per call)."""
         tl = self._tl
         c = getattr(tl, "conn", None)
         if c is None:
@@ -346,9 +359,9 @@ class Backend:
             raise error
         return out
 
-    def _durable(self, sha: str, argv: List[Any]) -> Any:
+    def _durable(self, cmd: tuple) -> Any:
         """The script and the durability wait in one round trip."""
-        cmds: List[tuple] = [("EVALSHA", sha, 1, self.P + ":", *argv)]
+        cmds: List[tuple] = [cmd]
         if self._waitaof:
             cmds.append(("WAITAOF", 1, 1 if self.durability == "replicated" else 0, 0))
         elif self.durability == "replicated":

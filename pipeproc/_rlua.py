@@ -46,8 +46,13 @@ Client side (no node module, no import of the package).
 
 from __future__ import annotations
 
+import hashlib
+from typing import Dict, Set, Tuple
+
 PRELUDE = r"""
-local P = string.sub(KEYS[1], 1, -2)  -- KEYS[1] is "{ns}:" (an ACL pattern ~{ns}:* covers it)
+-- per call, set by begin(): the call's keys and arguments, the namespace's key prefix
+-- (KEYS[1] is "{ns}:", which an ACL pattern ~{ns}:* covers), the time, the records read
+local KEYS, ARGV, P, NOW, SEEN
 local function I(x) return string.format('%d', x) end
 local function fail(code, msg) error({err = 'PP ' .. code .. ' ' .. msg}) end
 
@@ -58,7 +63,6 @@ local function clock()
   if ms < last then ms = last end
   return ms
 end
-local NOW = clock()
 
 local function bell(kind, what)
   redis.call('XADD', P .. ':bell', 'MAXLEN', '~', 1000, '*', 'e', kind, 'w', what)
@@ -81,7 +85,6 @@ local function rstr(s)
 end
 
 -- what each proc record was when read (putp writes only the fields that changed)
-local SEEN = {}
 local function getp(name)
   local h = redis.call('HGETALL', P .. ':p:' .. name)
   if #h == 0 then SEEN[name] = nil; return nil end
@@ -436,4 +439,39 @@ local function replay_claim(prev)
   return {r.cnum, redis.call('XRANGE', P .. ':s:' .. r.topic, I(c[1]) .. '-' .. I(c[2]),
                              I(c[3]) .. '-' .. I(c[4]))}
 end
+
+local function begin(keys, args)
+  KEYS, ARGV = keys, args
+  P = string.sub(keys[1], 1, -2)
+  SEEN = {}
+  NOW = clock()
+end
 """
+
+
+def library(scripts: Dict[str, str]) -> Tuple[str, Dict[str, str], Set[str]]:
+    """The Redis function library of ``scripts`` (Redis 7 ``FUNCTION LOAD``): its code,
+    the function name of each script, and the names of the read-only ones.
+
+    :data:`PRELUDE` runs once, when the library loads; each script's body becomes the
+    callback of one function, which starts with ``begin`` (the per-call state). Library and
+    function names carry a digest of the code, so that clients of two versions of pipeproc
+    can share a server (each calls its own functions)."""
+    bodies: Dict[str, str] = {}
+    readonly: Set[str] = set()
+    for name, body in sorted(scripts.items()):
+        if body.startswith("#!lua"):
+            head, _, body = body.partition("\n")
+            if "no-writes" in head:
+                readonly.add(name)
+        bodies[name] = body
+    digest = hashlib.sha1((PRELUDE + repr(sorted(bodies.items()))).encode()).hexdigest()[:12]
+    names = {name: f"pp_{digest}_{name}" for name in bodies}
+    parts = [f"#!lua name=pipeproc_{digest}\n", PRELUDE]
+    for name, body in bodies.items():
+        flags = "{'no-writes'}" if name in readonly else "{}"
+        parts.append(f"redis.register_function{{function_name='{names[name]}', "
+                     f"callback=function(keys, args)\nbegin(keys, args)\n{body}\nend, "
+                     f"flags={flags}}}\n")
+    return "".join(parts), names, readonly
+
