@@ -382,12 +382,14 @@ class Backend:
                               "(WAITAOF): is appendonly on?")
         return res[0]
 
-    def block(self, bell_id: str, timeout: float, conn: Any = None) -> None:
-        """Block until the doorbell rings after ``bell_id`` or ``timeout`` seconds pass."""
+    def block(self, bell_id: str, timeout: float, conn: Any = None,
+              stream: str = "bell") -> None:
+        """Block until the doorbell (``stream``: ``"bell"``, or the supervisors' ``"tbell"``)
+        rings after ``bell_id``, or ``timeout`` seconds pass."""
         ms = max(1, int(min(timeout, MAX_BLOCK) * 1000))
         client = conn if conn is not None else self.r
         try:
-            client.xread({self.P + ":bell": bell_id}, count=1, block=ms)
+            client.xread({self.P + ":" + stream: bell_id}, count=1, block=ms)
         except self._redis_mod.RedisError as exc:
             raise self._error(exc) from None
 

@@ -67,6 +67,12 @@ end
 local function bell(kind, what)
   redis.call('XADD', P .. ':bell', 'MAXLEN', '~', 1000, '*', 'e', kind, 'w', what)
 end
+-- the supervisors' own doorbell: only what can make a timer of theirs earlier (a new
+-- earliest claim deadline, a new worker, a new live proc, a worker to recycle, a stop);
+-- commits and acks never wake them
+local function tbell(kind, what)
+  redis.call('XADD', P .. ':tbell', 'MAXLEN', '~', 100, '*', 'e', kind, 'w', what)
+end
 
 local function idparts(id)
   local ms, seq = string.match(id, '^(%d+)-(%d+)$')
@@ -111,7 +117,17 @@ local function putp(name, r)
   SEEN[name] = seen
   if #args > 0 then redis.call('HSET', P .. ':p:' .. name, unpack(args)) end
   local d = deadline(r)
-  if d then redis.call('ZADD', P .. ':dl', d, name) else redis.call('ZREM', P .. ':dl', name) end
+  if d then
+    local first = redis.call('ZRANGE', P .. ':dl', 0, 0, 'WITHSCORES')
+    redis.call('ZADD', P .. ':dl', d, name)
+    if first[2] == nil or (d < tonumber(first[2]) and first[1] ~= name) then
+      -- waiters and supervisors computed their wake before this deadline existed
+      bell('deadline', name)
+      tbell('deadline', name)
+    end
+  else
+    redis.call('ZREM', P .. ':dl', name)
+  end
 end
 
 local function state(name, r)
@@ -157,7 +173,10 @@ local function expire_due()
         -- a system proc's time limit: say so; the worker running it is recycled
         e = errinfo('TimeLimitExceeded', 'the processor ran longer than reclaim_timeout='
                     .. r.reclaim_timeout .. ' s (a system proc\'s time limit); its worker was recycled', r)
-        if r.holder and r.holder ~= '' then redis.call('SADD', P .. ':recycle', r.holder) end
+        if r.holder and r.holder ~= '' then
+          redis.call('SADD', P .. ':recycle', r.holder)
+          tbell('recycle', r.holder)
+        end
       end
       putp(name, reclaimed(r, e))
       bell('reclaim', name)
@@ -318,12 +337,7 @@ local function claim(name, r, count, holder)
   r.last_claimed_at = I(NOW)
   r.tbase = I(NOW)
   r.holder = holder or ''
-  local first = redis.call('ZRANGE', P .. ':dl', 0, 0, 'WITHSCORES')[2]
   putp(name, r)
-  local d = deadline(r)
-  if d and (first == nil or d < tonumber(first)) then
-    bell('deadline', name)  -- waiters computed their wake before this deadline existed
-  end
   return es
 end
 

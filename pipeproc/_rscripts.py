@@ -264,6 +264,7 @@ elseif r.topic ~= topic then
   fail('proc_name_not_unique', "proc '" .. name .. "' already exists on topic '" .. r.topic .. "'")
 end
 redis.call('ZADD', P .. ':live', NOW + tonumber(ARGV[6]), name)
+tbell('live', name)
 return state(name, r)
 """
 

@@ -19,6 +19,7 @@ local args = {}
 for i = 4, #ARGV do args[#args + 1] = ARGV[i] end
 redis.call('HSET', P .. ':wi:' .. ARGV[3], 'executions', 0, 'failures', 0, unpack(args))
 bell('worker', ARGV[3])
+tbell('worker', ARGV[3])
 return NOW
 """
 
@@ -59,7 +60,8 @@ return 1
 
 # a supervisor's tick: due claim timeouts, workers whose heartbeats stopped (any host),
 # live procs whose lease ran out. ARGV 3 = dead after (ms), 4 = the supervisor's id
-#   -> {doorbell id, next wake (ms, '' for none), now, this supervisor's workers to recycle}
+#   -> {the supervisors' doorbell (P:tbell) id, next wake (ms, '' for none), now, this
+#       supervisor's workers to recycle}
 SUPERVISION["tick"] = REAP + r"""
 local dead_ms = tonumber(ARGV[3])
 for _ = 1, 20 do
@@ -103,7 +105,7 @@ for _, wid in ipairs(redis.call('SMEMBERS', P .. ':recycle')) do
     redis.call('SREM', P .. ':recycle', wid)
   end
 end
-local last = redis.call('XREVRANGE', P .. ':bell', '+', '-', 'COUNT', 1)[1]
+local last = redis.call('XREVRANGE', P .. ':tbell', '+', '-', 'COUNT', 1)[1]
 return {last and last[1] or '0-0', wake and I(wake) or '', I(NOW), recycle}
 """
 

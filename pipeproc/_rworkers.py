@@ -252,8 +252,8 @@ class Supervisor:
     def stop(self) -> None:
         self.stopping.set()
         try:  # wake the tick's block
-            self.backend.r.xadd(self.backend.P + ":bell", {"e": "stop", "w": self.cfg["id"]},
-                                maxlen=1000, approximate=True)
+            self.backend.r.xadd(self.backend.P + ":tbell", {"e": "stop", "w": self.cfg["id"]},
+                                maxlen=100, approximate=True)
         except Exception:  # noqa: BLE001
             pass
 
@@ -276,7 +276,8 @@ class Supervisor:
                     log.info("gc: %d logs deleted", int(n))
             wait = min(wait, max(0.0, self.gc_next - time.monotonic()))
         if not self.stopping.is_set():
-            b.block(bell_id.decode() if isinstance(bell_id, bytes) else str(bell_id), wait)
+            b.block(bell_id.decode() if isinstance(bell_id, bytes) else str(bell_id), wait,
+                    stream="tbell")
 
     def _gc_settings(self) -> Optional[Dict[str, float]]:
         """The namespace's GC settings (stored by whoever enabled the GC: any supervisor of
@@ -398,6 +399,7 @@ class Worker:
         self.stopping = threading.Event()
         self._defs: Dict[str, dict] = {}
         self._refused: Dict[str, str] = {}  # processor ref -> why this worker skips it
+        self._listed: Optional[Tuple[List[str], str]] = None  # (procs it may run, version)
         self._lock = threading.Lock()
 
     def names(self) -> Tuple[List[str], str]:
@@ -482,6 +484,7 @@ class Worker:
             done = None
             kind = res[0].decode()
             if kind == "again":  # the system procs changed: list them again at once
+                self._listed = None
                 continue
             if kind == "job":
                 _, pn, idx, ref, tos, many, cnum, es, _note = res
@@ -505,6 +508,13 @@ class Worker:
                 log.warning("worker %s: waiting for work failed: %s", self.wid, exc)
                 self.stopping.wait(0.5)
 
+    def listed(self) -> Tuple[List[str], str]:
+        """The system procs this worker may run, listed again only after the ``work``
+        script said they changed (``again``): no round trip per claim."""
+        if self._listed is None:
+            self._listed = self.names()
+        return self._listed
+
     def _work_retrying(self, done: Optional[list], rr: int) -> Any:
         """The ``work`` script, sent again (same request id: applied once) while Redis is
         unreachable; the outcome of the last claim is never lost in between."""
@@ -512,7 +522,7 @@ class Worker:
         delay = 0.1
         while True:
             try:
-                return self._work(done, self.names(), rr, rid)
+                return self._work(done, self.listed(), rr, rid)
             except (ConnectionLost, NoActiveNode) as exc:
                 log.warning("worker %s: Redis unreachable (%s); trying again in %.1f s",
                             self.wid, exc, delay)
