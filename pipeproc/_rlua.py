@@ -56,11 +56,12 @@ local KEYS, ARGV, P, NOW, SEEN
 local function I(x) return string.format('%d', x) end
 local function fail(code, msg) error({err = 'PP ' .. code .. ' ' .. msg}) end
 
+local CLOCK  -- the namespace's clock as read by begin() (the last ms given to a commit)
 local function clock()
   local t = redis.call('TIME')
   local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  local last = tonumber(redis.call('GET', P .. ':clock') or '0')
-  if ms < last then ms = last end
+  CLOCK = tonumber(redis.call('GET', P .. ':clock') or '0')
+  if ms < CLOCK then ms = CLOCK end
   return ms
 end
 
@@ -415,8 +416,9 @@ local function commit_write(i, metas, ms)
     redis.call('HSET', P .. ':t:' .. t, 'next', I(m.next), 'last', m.last)
     bell('commit', t)
   end
-  if ms > tonumber(redis.call('GET', P .. ':clock') or '0') then
+  if ms > CLOCK then
     redis.call('SET', P .. ':clock', I(ms))
+    CLOCK = ms
   end
   return seqs
 end
