@@ -1,14 +1,15 @@
-"""The Redis backend: the node's ops answered by server-side scripts (SCALE.md).
+"""The Redis backend's plumbing (SCALE.md): :class:`Backend`.
 
-:class:`Backend` answers the same wire ops as the embedded node (``c1``, ``range``,
-``proc``, ``ack``...) with the same reply shapes, so that everything in
-:mod:`pipeproc._calls` (argument checks, reply shaping) and both clients work over Redis
-unchanged. Each op that the node runs as one write transaction is one script of
-:mod:`pipeproc._rscripts`. The scripts form one Redis function library
-(:func:`pipeproc._rlua.library`), loaded with ``FUNCTION LOAD`` once per server (again when
-a call finds it missing) and run with ``FCALL``: the shared Lua runs once at load, not at
-every call as it would with ``EVALSHA`` (measured: 13 against 21–23 µs of server time per
-commit). Waits (``wait_for_procs``, live procs, idle workers) ask a script
+It connects and checks the server (version, memory policy, persistence against the
+durability asked for), runs scripts, waits for durability, turns Redis errors into the
+node's error classes and blocks on the doorbell. :class:`pipeproc._rops.Ops`, a
+``Backend``, answers the node's wire ops with the node's reply shapes, so that
+:mod:`pipeproc._calls` and both clients work over Redis unchanged. Each op that the node
+runs as one write transaction is one script of :mod:`pipeproc._rscripts`. The scripts form
+one Redis function library (:func:`pipeproc._rlua.library`), loaded with ``FUNCTION LOAD``
+once per server (again when a call finds it missing) and run with ``FCALL``: the shared Lua
+runs once at load, not at every call as it would with ``EVALSHA`` (measured: 13 against
+21–23 µs of server time per commit). Waits (``wait_for_procs``, live procs, idle workers) ask a script
 first; when there is nothing to do the script answers with the doorbell's last id and the
 client blocks on the doorbell (``XREAD BLOCK``, outside any script) until the next change
 or the next deadline.
@@ -23,7 +24,7 @@ Durability (SCALE.md §3): ``"full"`` waits until the write is on the primary's 
 connect), ``"replicated"`` also waits for one replica (``WAITAOF 1 1`` or ``WAIT 1``),
 ``"fast"`` waits for nothing.
 
-Client side: imports ``_rlua``, ``_rscripts``, ``errors``, msgpack and redis-py (the extra
+Client side: imports ``_rlua``, ``_rscripts``, ``errors`` and redis-py (the extra
 ``pipeproc[redis]``).
 """
 
@@ -39,8 +40,6 @@ import weakref
 from typing import Any, Dict, List, Optional, Tuple, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
-import msgpack
-
 from . import _rlua, _rscripts
 from .errors import (
     AuthFailed,
@@ -49,7 +48,6 @@ from .errors import (
     InvalidArgument,
     NoActiveNode,
     PipeProcError,
-    ProcIsDisabled,
     StorageFull,
     Timeout,
     from_code,
