@@ -279,7 +279,10 @@ PROCS = _cases(tp, [
     tp, "test_bad_proc_names", "name", tp.BAD_NAMES, ids=lambda i, v: repr(v)[:20],
 ) + _with(tp, "test_huge_options_fail_cleanly_or_work", "opts",
           [{"count": 2**70}, {"max_reclaims": 2**70}, {"reclaim_timeout": 1e300},
-           {"count": 2**40}], ids=lambda i, v: repr(v))
+           {"count": 2**40}], ids=lambda i, v: repr(v)) + _with(
+    tsp, "test_invalid_processor_refused_and_nothing_created", "kind",
+    ["lambda", "closure", "nested", "missing_module", "missing_function", "missing_file",
+     "missing_file_func", "file_missing_function", "not_callable"], ids=lambda i, v: v)
 
 
 @pytest.mark.parametrize("case", PROCS)
@@ -565,6 +568,8 @@ SPAWNED = _cases(tsp, [
     "test_destroy_one_proc_of_a_multi_topic_system_proc",
     "test_system_proc_options",
     "test_worker_concurrency_runs_loops_at_once",
+    "test_log_that_kills_its_worker_every_time_disables_the_proc",
+    "test_worker_restart_after_recycles_workers",
 ]) + _cases(tsu, [
     "test_same_name_and_topic_updates_processor_to_and_count",
     "test_same_name_on_another_topic_is_not_unique",
