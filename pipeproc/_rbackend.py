@@ -386,6 +386,8 @@ class Backend:
         rings after ``bell_id``, or ``timeout`` seconds pass."""
         ms = max(1, int(min(timeout, MAX_BLOCK) * 1000))
         client = conn if conn is not None else self.r
+        if getattr(client, "pp_closed", False):  # a channel closed to end this very wait
+            raise ConnectionLost("the wait was ended (its client or channel closed)")
         try:
             client.xread({self.P + ":" + stream: bell_id}, count=1, block=ms)
         except self._redis_mod.RedisError as exc:

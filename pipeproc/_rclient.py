@@ -20,8 +20,10 @@ Client side: imports ``_rops``, ``_rbackend``, ``_rworkers``, ``_protocol`` and 
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, List, Optional, Tuple
 
 from . import _rworkers
@@ -30,7 +32,7 @@ from ._rbackend import DEFAULT_NAMESPACE, LIVE_LEASE_MS
 from ._rops import Ops
 from .errors import InvalidArgument, NoActiveNode, PipeProcError
 
-__all__ = ["Channel", "Leases", "open_backend", "start_local", "stop_supervisor",
+__all__ = ["AsyncCalls", "Channel", "Leases", "open_backend", "start_local", "stop_supervisor",
            "refuse_node_args", "DEFAULT_NAMESPACE"]
 
 
@@ -69,6 +71,7 @@ class Channel:
 
     def close(self) -> None:
         self.closed = True
+        self.conn.pp_closed = True  # Backend.block refuses to start a wait on it
         try:
             self.conn.connection_pool.disconnect()
         except Exception:  # noqa: BLE001 - closing anyway
@@ -170,3 +173,112 @@ def stop_supervisor(proc: subprocess.Popen, timeout: float) -> None:
 
 def closed_error() -> NoActiveNode:
     return NoActiveNode("this client is closed")
+
+
+class AsyncCalls:
+    """How an asyncio client (:class:`pipeproc.aio.AsyncPipeProc`) calls the backend.
+
+    * An ordinary op runs on a thread of this client's own executor (never the event
+      loop's default one, which a few long waits could fill: SPEC §3, a blocking call never
+      holds up the client's other calls).
+    * A blocking op (``wait_for_procs``, a live proc's wait) runs on a thread of its own with
+      a Redis connection of its own; cancelling it closes that connection, which ends the
+      wait at once. A claim that arrives for a cancelled live wait goes to ``orphan``
+      (handed back: reclaimed).
+    * After ``close()``, every call, also one in flight, ends with ``no_active_node``.
+    """
+
+    BLOCKING = frozenset({"live", "wait_idle"})
+
+    def __init__(self, backend: Ops) -> None:
+        self.backend = backend
+        self.closed = False
+        self._executor: Optional[ThreadPoolExecutor] = None
+        self._waiting: "set[Channel]" = set()  # the blocking calls' own connections
+
+    async def call(self, op: str, args: tuple, orphan: Optional[Any] = None) -> Any:
+        if self.closed:
+            raise closed_error()
+        loop = asyncio.get_running_loop()
+        gone = threading.Event()
+        conn: Optional[Channel] = None
+        if op in self.BLOCKING:
+            conn = Channel(self.backend)
+            self._waiting.add(conn)
+            fut: Any = loop.create_future()
+            channel = conn
+
+            def stop() -> bool:
+                return gone.is_set() or self.closed or channel.closed
+
+            def run() -> None:
+                ok: bool
+                out: Any
+                try:
+                    value = self.backend.handle(op, args, conn=channel.conn, cancelled=stop)
+                    ok, out = True, value
+                except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
+                    ok, out = False, exc
+                finally:
+                    channel.close()
+                    self._waiting.discard(channel)
+
+                def settle() -> None:
+                    if fut.done():
+                        return
+                    if ok:
+                        fut.set_result(out)
+                    else:
+                        fut.set_exception(out)
+                try:
+                    loop.call_soon_threadsafe(settle)
+                except RuntimeError:  # the event loop is closed: nobody waits any more
+                    pass
+            threading.Thread(target=run, name=f"pipeproc-{op}", daemon=True).start()
+        else:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=32,
+                                                    thread_name_prefix="pipeproc-redis")
+            fut = loop.run_in_executor(self._executor, lambda: self.backend.handle(op, args))
+        # an outcome nobody awaits any more is still retrieved (no "never retrieved" warning)
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+        try:
+            result = await asyncio.shield(fut)
+            if self.closed and conn is not None:
+                raise closed_error()  # a wait cut short by close()
+            return result
+        except asyncio.CancelledError:
+            gone.set()
+            if conn is not None:
+                conn.close()  # ends a blocked wait now
+            if orphan is not None:
+                def handed(f: Any) -> None:
+                    if not f.cancelled() and f.exception() is None and f.result() is not None:
+                        orphan([0, 0, f.result()])
+                fut.add_done_callback(handed)
+            raise
+        except PipeProcError:
+            if self.closed:
+                raise closed_error() from None
+            raise
+        except Exception as exc:  # noqa: BLE001 - redis-py after a close, for instance
+            if self.closed:
+                raise closed_error() from None
+            raise PipeProcError(f"the Redis backend failed during {op}: {exc}") from exc
+
+    def send_quietly(self, op: str, args: tuple) -> None:
+        """Fire an op whose result nobody waits for (a live proc's hand-back)."""
+        def run() -> None:
+            try:
+                self.backend.handle(op, args)
+            except PipeProcError:
+                pass
+        threading.Thread(target=run, daemon=True).start()
+
+    def close(self) -> None:
+        self.closed = True
+        for channel in list(self._waiting):  # ends the parked waits now
+            channel.close()
+        self.backend.close()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)

@@ -288,6 +288,8 @@ class Ops(Backend):
                 if left <= 0:
                     raise Timeout(f"procs still busy after {timeout} s")
                 wait = min(wait, left)
+            if cancelled is not None and cancelled():
+                return None  # nobody waits for the answer any more
             self.block(bell_id, wait, conn)
 
     def op_stats(self) -> Dict[str, Any]:
@@ -313,7 +315,8 @@ class Ops(Backend):
                             "failures": int(d.get("failures", 0)),
                             "restarts": int(d.get("restarts", 0)),
                             "slot": int(d.get("slot", 0)),
-                            "alive": int(now) - int(float(beat)) <= WORKER_DEAD_MS,
+                            "alive": (d.get("alive", "1") == "1"
+                                      and int(now) - int(float(beat)) <= WORKER_DEAD_MS),
                             "last_seen_ms": int(float(beat))})
         return {"workers": workers, "topics": topics, "procs": procs,
                 "system_procs": sysprocs,

@@ -12,12 +12,15 @@ from typing import Dict
 
 SUPERVISION: Dict[str, str] = {}
 
-# a worker's (or supervisor's) registration: ARGV 3 = wid, 4.. = field, value, ...
+# Workers are registered by slot (wid = "<supervisor id>/<slot>": a slot stays listed, not
+# alive, while its worker is restarted); a claim's holder is "<wid>/<pid>", the process.
+# a worker's registration: ARGV 3 = wid, 4.. = field, value, ...
 SUPERVISION["hello"] = r"""
 redis.call('ZADD', P .. ':w', NOW, ARGV[3])
 local args = {}
 for i = 4, #ARGV do args[#args + 1] = ARGV[i] end
-redis.call('HSET', P .. ':wi:' .. ARGV[3], 'executions', 0, 'failures', 0, unpack(args))
+redis.call('HSET', P .. ':wi:' .. ARGV[3], 'executions', 0, 'failures', 0, 'alive', 1,
+           unpack(args))
 bell('worker', ARGV[3])
 tbell('worker', ARGV[3])
 return NOW
@@ -32,10 +35,11 @@ return 1
 
 
 # the claims of a worker that is gone (its process died, or its heartbeats stopped): reclaimed
-# (counted) with a WorkerDied error, or released without counting (ARGV 5 = '0': recycled).
+# (counted) with a WorkerDied error, or released without counting (ARGV 5 = '0': recycled);
+# ARGV 6 = '1': the slot stays listed, not alive (its supervisor restarts it).
 # ARGV 3 = wid, 4 = message
 REAP = r"""
-local function reap(wid, msg, count)
+local function reap(wid, msg, count, keep)
   local held = redis.call('HGETALL', P .. ':wc:' .. wid)
   for i = 1, #held, 2 do
     local name, cnum = held[i], held[i + 1]
@@ -47,13 +51,18 @@ local function reap(wid, msg, count)
       bell('reclaim', name)
     end
   end
-  redis.call('DEL', P .. ':wc:' .. wid, P .. ':wi:' .. wid)
-  redis.call('ZREM', P .. ':w', wid)
+  if keep then
+    redis.call('DEL', P .. ':wc:' .. wid)
+    redis.call('HSET', P .. ':wi:' .. wid, 'alive', 0)
+  else
+    redis.call('DEL', P .. ':wc:' .. wid, P .. ':wi:' .. wid)
+    redis.call('ZREM', P .. ':w', wid)
+  end
 end
 """
 
 SUPERVISION["reap1"] = REAP + r"""
-reap(ARGV[3], ARGV[4], ARGV[5] ~= '0')
+reap(ARGV[3], ARGV[4], ARGV[5] ~= '0', ARGV[6] == '1')
 bell('worker', ARGV[3])
 return 1
 """
@@ -97,12 +106,12 @@ at(P .. ':w', dead_ms + 1)
 at(P .. ':live', 1)
 local recycle = {}
 local prefix = ARGV[4] .. '/'
-for _, wid in ipairs(redis.call('SMEMBERS', P .. ':recycle')) do
-  if string.sub(wid, 1, #prefix) == prefix then
-    recycle[#recycle + 1] = wid
-    redis.call('SREM', P .. ':recycle', wid)
-  elseif not redis.call('ZSCORE', P .. ':w', wid) then
-    redis.call('SREM', P .. ':recycle', wid)
+for _, holder in ipairs(redis.call('SMEMBERS', P .. ':recycle')) do
+  if string.sub(holder, 1, #prefix) == prefix then
+    recycle[#recycle + 1] = holder
+    redis.call('SREM', P .. ':recycle', holder)
+  elseif not redis.call('ZSCORE', P .. ':w', string.match(holder, '^(.*)/%d+$') or holder) then
+    redis.call('SREM', P .. ':recycle', holder)
   end
 end
 local last = redis.call('XREVRANGE', P .. ':tbell', '+', '-', 'COUNT', 1)[1]
@@ -119,7 +128,8 @@ return {last and last[1] or '0-0', wake and I(wake) or '', I(NOW), recycle}
 #    | {'again', note}: the system procs changed since the list was made
 #    | {'gone'}: the worker was declared dead (late heartbeats; its claims reclaimed)
 SUPERVISION["work"] = r"""
-local wid, kind, name = ARGV[3], ARGV[4], ARGV[5]
+local holder, kind, name = ARGV[3], ARGV[4], ARGV[5]
+local wid = string.match(holder, '^(.*)/%d+$') or holder
 local K = tonumber(ARGV[16])
 local note = ''
 local prev = replayed(); if prev then return prev end
@@ -165,7 +175,10 @@ if kind ~= '' then
       redis.call('ZADD', P .. ':bo', NOW + math.floor(delay * 1000), name)
     end
     redis.call('HINCRBY', P .. ':wi:' .. wid, 'failures', 1)
-    note = r.status
+    -- what the worker says of it (as the node does): status, failures in a row, max, delay
+    local left = tonumber(redis.call('ZSCORE', P .. ':bo', name) or NOW) - NOW
+    if left < 0 then left = 0 end
+    note = r.status .. ' ' .. r.reclaims .. ' ' .. r.max_reclaims .. ' ' .. I(math.floor(left))
   end
 end
 if (redis.call('GET', P .. ':sysver') or '0') ~= ARGV[15] then
@@ -184,7 +197,7 @@ if K > 0 then
       local r = d and getp(pn)
       if r then
         d = cmsgpack.unpack(d)
-        local es = claim(pn, r, d.count, wid)
+        local es = claim(pn, r, d.count, holder)
         if es then
           redis.call('HSET', P .. ':wc:' .. wid, pn, r.cnum)
           redis.call('HINCRBY', P .. ':wi:' .. wid, 'executions', 1)

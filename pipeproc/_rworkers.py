@@ -314,8 +314,8 @@ class Supervisor:
             self.recycling.add(proc.pid)
             proc.kill()
 
-    def _wid(self, slot: int, pid: int) -> str:
-        return f"{self.cfg['id']}/{slot}/{pid}"
+    def _wid(self, slot: int) -> str:
+        return f"{self.cfg['id']}/{slot}"
 
     def _start(self, slot: int, delay: float = 0.0) -> None:
         if self.stopping.is_set():
@@ -332,7 +332,7 @@ class Supervisor:
 
     def _watch(self, slot: int, proc: subprocess.Popen, started: float, delay: float) -> None:
         code = proc.wait()
-        wid = self._wid(slot, proc.pid)
+        wid = self._wid(slot)
         # recycled (restart_after, a time limit) or stopping: its other claims are not
         # the processor's failures; they are released, not counted
         recycled = code == 0 or self.stopping.is_set() or proc.pid in self.recycling
@@ -341,7 +341,7 @@ class Supervisor:
             self.backend.script(
                 "reap1", wid,
                 f"worker {slot} (pid {proc.pid}) died while processing these logs",
-                "0" if recycled else "1")
+                "0" if recycled else "1", "0" if self.stopping.is_set() else "1")
         except PipeProcError as exc:
             log.warning("the claims of worker %s could not be reclaimed now (%s); the "
                         "heartbeat check will", wid, exc)
@@ -393,7 +393,9 @@ class Worker:
     def __init__(self, cfg: Dict[str, Any]) -> None:
         self.cfg = cfg
         self.backend = _backend(cfg)
-        self.wid = f"{cfg['id']}/{cfg['slot']}/{os.getpid()}"
+        #: the slot's registration, and this process as the holder of its claims
+        self.reg = f"{cfg['id']}/{cfg['slot']}"
+        self.wid = f"{self.reg}/{os.getpid()}"
         self.allow = list(cfg.get("allow") or [])
         self.stats = new_stats()
         self.stopping = threading.Event()
@@ -443,7 +445,7 @@ class Worker:
         cfg = self.cfg
         info = ["pid", os.getpid(), "host", socket.gethostname(), "slot", cfg["slot"],
                 "supervisor", cfg["id"], "restarts", cfg.get("restarts", 0)]
-        self.backend.script("hello", self.wid, *info)
+        self.backend.script("hello", self.reg, *info)
         threading.Thread(target=self._heartbeat, daemon=True).start()
         loops = [threading.Thread(target=self._loop, name=f"loop-{i}", daemon=True)
                  for i in range(max(1, cfg.get("concurrency", 1)))]
@@ -455,7 +457,7 @@ class Worker:
     def _heartbeat(self) -> None:
         while not self.stopping.wait(HEARTBEAT):
             try:
-                if not self.backend.script("beat", self.wid, write=False):
+                if not self.backend.script("beat", self.reg, write=False):
                     log.error("worker %s was declared dead (heartbeats late by more than "
                               "%d ms): its claims were reclaimed; exiting", self.wid,
                               WORKER_DEAD_MS)
@@ -542,12 +544,21 @@ class Worker:
             log.warning("system proc %r: the failure on logs %s came after its claim was "
                         "reclaimed (timeout?): not counted", name, rng)
             return
-        log.warning("system proc %r failed on logs %s: %s: %s\n%s", name, rng, err.get("type"),
-                    err.get("message"), err.get("traceback") or "")
-        if note == "disabled":
-            log.error("proc %r is DISABLED: its processor failed max_reclaims times in a row "
-                      "(last on logs %s: %s: %s); fix the cause, then resume_proc(%r)", name,
-                      rng, err.get("type"), err.get("message"), name)
+        status, fails, most, delay_ms = (note.split() + ["active", "1", "10", "0"])[:4]
+        detail = f"{err.get('type')}: {err.get('message')}"
+        tb = (err.get("traceback") or "").rstrip()
+        if status == "disabled":
+            log.error("system proc %r failed on logs %s: %s\nsystem proc %r is DISABLED: %s "
+                      "failure(s) in a row reached max_reclaims=%s; its logs wait until "
+                      "resume_proc(%r)%s", name, rng, detail, name, fails, most, name,
+                      ("\n" + tb) if tb else "")
+            return
+        limit = "unlimited" if most == "-1" else most
+        log.warning("system proc %r failed on logs %s (failure %s in a row, max_reclaims=%s): "
+                    "%s; delivered again in %.1f s%s", name, rng, fails, limit, detail,
+                    int(delay_ms) / 1000.0, ("\n" + tb) if tb and fails in ("0", "1") else "")
+        if tb and fails not in ("0", "1"):
+            log.debug("traceback of %r's failure on %s:\n%s", name, rng, tb)
 
     @staticmethod
     def _claim_key(entries: Any, cnum: int) -> list:

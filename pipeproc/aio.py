@@ -55,7 +55,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import subprocess
-import threading
 import time
 from typing import (
     Any,
@@ -137,6 +136,7 @@ class AsyncPipeProc(_NodeRef):
         #: the Redis transport (``connect(redis=...)``): each call runs on a worker thread
         #: (redis-py's blocking client), so the event loop never blocks; or None: a node
         self._backend = backend
+        self._rcalls = _rclient.AsyncCalls(backend) if backend is not None else None
         self._address = address
         self._authkey = bytes(authkey)
         self._process = process
@@ -170,6 +170,7 @@ class AsyncPipeProc(_NodeRef):
         self._process = None
         if self._backend is not None:
             self._backend = self._backend.reopen()
+            self._rcalls = _rclient.AsyncCalls(self._backend)
 
     async def _connection(self) -> _Conn:
         if self._closed:
@@ -196,7 +197,8 @@ class AsyncPipeProc(_NodeRef):
         ``orphan`` handles a reply that comes back after the caller was cancelled.
         """
         if self._backend is not None:
-            return await self._call_backend(op or "", args, orphan)
+            assert self._rcalls is not None
+            return await self._rcalls.call(op or "", args, orphan)
         rid = next(self._rids)
         data = pack([rid, op, *args])
         if len(data) > MIN_FRAME:
@@ -229,40 +231,10 @@ class AsyncPipeProc(_NodeRef):
             raise from_code(code, message)
         return reply[2]
 
-    async def _call_backend(self, op: str, args: tuple,
-                            orphan: Optional[Callable[[list], None]]) -> Any:
-        """An op on the Redis backend, run on a worker thread. A call cancelled while its
-        script runs may still have happened (as with a node); a claim that arrives for a
-        cancelled live proc wait goes to ``orphan`` (handed back: reclaimed)."""
-        if self._closed:
-            raise NoActiveNode("this client is closed")
-        backend = self._backend
-        assert backend is not None
-        gone = threading.Event()
-        fut = asyncio.get_running_loop().run_in_executor(
-            None, lambda: backend.handle(op, args, cancelled=gone.is_set))
-        try:
-            return await asyncio.shield(fut)
-        except asyncio.CancelledError:
-            gone.set()
-            if orphan is not None:
-                def handed(f: Any) -> None:
-                    if not f.cancelled() and f.exception() is None and f.result() is not None:
-                        orphan([0, 0, f.result()])
-                fut.add_done_callback(handed)
-            raise
-
     def _send_quietly(self, op: str, *args: Any) -> None:
         """Fire a request whose reply nobody waits for (it is discarded on arrival)."""
-        if self._backend is not None:
-            backend = self._backend
-
-            def run() -> None:
-                try:
-                    backend.handle(op, args)
-                except PipeProcError:
-                    pass
-            threading.Thread(target=run, daemon=True).start()
+        if self._rcalls is not None:
+            self._rcalls.send_quietly(op, args)
             return
         c = self._conn
         if c is not None and c.alive and not self._closed:
@@ -288,9 +260,9 @@ class AsyncPipeProc(_NodeRef):
 
     @documented
     async def close(self) -> None:
-        if self._backend is not None:
-            await asyncio.to_thread(self._backend.close)
         self._closed = True
+        if self._rcalls is not None:
+            await asyncio.to_thread(self._rcalls.close)
         c, self._conn = self._conn, None
         if c is not None:
             await c.close()
