@@ -170,17 +170,21 @@ local function expire_due()
     local r = getp(name)
     if r and deadline(r) and deadline(r) <= NOW then
       local e = nil
-      if redis.call('HEXISTS', P .. ':sysp', name) == 1 then
+      local sys = redis.call('HEXISTS', P .. ':sysp', name) == 1
+      local claimed = rstr(r.claimed)
+      if sys then
         -- a system proc's time limit: say so; the worker running it is recycled
         e = errinfo('TimeLimitExceeded', 'the processor ran longer than reclaim_timeout='
                     .. r.reclaim_timeout .. ' s (a system proc\'s time limit); its worker was recycled', r)
-        if r.holder and r.holder ~= '' then
-          redis.call('SADD', P .. ':recycle', r.holder)
-          tbell('recycle', r.holder)
-        end
       end
       putp(name, reclaimed(r, e))
       bell('reclaim', name)
+      if sys and r.holder and r.holder ~= '' then
+        -- for the holder's supervisor: recycle it, and say what happened (one line each)
+        redis.call('SADD', P .. ':recycle', table.concat({r.holder, name, r.status, claimed,
+                   r.reclaims, r.max_reclaims, r.reclaim_timeout}, '\t'))
+        tbell('recycle', r.holder)
+      end
     else
       redis.call('ZREM', P .. ':dl', name)
     end

@@ -106,12 +106,13 @@ at(P .. ':w', dead_ms + 1)
 at(P .. ':live', 1)
 local recycle = {}
 local prefix = ARGV[4] .. '/'
-for _, holder in ipairs(redis.call('SMEMBERS', P .. ':recycle')) do
+for _, item in ipairs(redis.call('SMEMBERS', P .. ':recycle')) do
+  local holder = string.match(item, '^([^\t]*)')
   if string.sub(holder, 1, #prefix) == prefix then
-    recycle[#recycle + 1] = holder
-    redis.call('SREM', P .. ':recycle', holder)
+    recycle[#recycle + 1] = item
+    redis.call('SREM', P .. ':recycle', item)
   elseif not redis.call('ZSCORE', P .. ':w', string.match(holder, '^(.*)/%d+$') or holder) then
-    redis.call('SREM', P .. ':recycle', holder)
+    redis.call('SREM', P .. ':recycle', item)
   end
 end
 local last = redis.call('XREVRANGE', P .. ':tbell', '+', '-', 'COUNT', 1)[1]

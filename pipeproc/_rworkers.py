@@ -299,9 +299,21 @@ class Supervisor:
         out["interval"] = max(out["interval"], 0.01)
         return out
 
-    def _recycle(self, wid: str) -> None:
-        """A processor of this worker ran past its time limit: stop the worker (kill: it
-        is stuck in user code); it is restarted, and its other claims are reclaimed."""
+    def _recycle(self, item: str) -> None:
+        """A processor of this worker ran past its time limit: say so (ERROR when that
+        disabled its proc), and stop the worker (kill: it is stuck in user code); it is
+        restarted, and its other claims are released."""
+        wid, name, status, rng, fails, most, limit = (item.split("\t") + [""] * 7)[:7]
+        if status == "disabled":
+            log.error("system proc %r failed on logs %s: TimeLimitExceeded: its processor ran "
+                      "longer than reclaim_timeout=%s s\nsystem proc %r is DISABLED: %s "
+                      "failure(s) in a row reached max_reclaims=%s; its logs wait until "
+                      "resume_proc(%r)", name, rng, limit, name, fails, most, name)
+        elif name:
+            log.warning("system proc %r failed on logs %s (failure %s in a row, "
+                        "max_reclaims=%s): TimeLimitExceeded: its processor ran longer than "
+                        "reclaim_timeout=%s s; its worker is recycled", name, rng, fails,
+                        "unlimited" if most == "-1" else most, limit)
         try:
             _, slot, pid = wid.rsplit("/", 2)
         except ValueError:

@@ -686,3 +686,43 @@ def test_timed_out_worker_claim_is_redone_once(both_spawner, tmp_path):
     st = pp.inspect_proc("slow")
     assert st.last_acked_range == f"{ids[0]}..{ids[0]}" and st.status == "active"
     assert st.last_error["type"] == "TimeLimitExceeded"
+
+
+# worker and failure tests of the node that now hold on Redis too (per-slot worker records,
+# the node's failure log lines): the originals, run with both backends' spawns
+
+
+@pytest.mark.timeout(90)
+def test_worker_killed_while_idle_is_restarted_on_both(both_spawner):
+    tsp.test_worker_killed_while_idle_is_restarted(both_spawner)
+
+
+@pytest.mark.timeout(90)
+def test_worker_dying_mid_log_original_on_both(both_spawner, tmp_path):
+    tsp.test_worker_dying_mid_log_is_restarted_and_the_log_redone(both_spawner, tmp_path)
+
+
+@pytest.mark.timeout(90)
+def test_relative_file_path_on_both(both_spawner, tmp_path, monkeypatch):
+    tsp.test_relative_file_path_against_callers_cwd(both_spawner, tmp_path, monkeypatch)
+
+
+@pytest.mark.timeout(90)
+def test_file_processor_that_cannot_be_imported_on_both(both, tmp_path):
+    tsp.test_file_processor_that_cannot_be_imported_is_refused(both, tmp_path)
+
+
+@pytest.mark.timeout(90)
+def test_failing_processor_backs_off_and_logs_on_both(both_spawner, capfd):
+    tsf.test_failing_processor_backs_off_records_last_error_and_logs(both_spawner, capfd)
+
+
+@pytest.mark.timeout(90)
+def test_always_slower_than_its_time_limit_on_both(both_spawner, tmp_path, capfd):
+    tsf.test_processor_always_slower_than_its_time_limit_ends_disabled(both_spawner, tmp_path,
+                                                                      capfd)
+
+
+@pytest.mark.timeout(90)
+def test_time_limit_recycle_other_claims_on_both(both_spawner, tmp_path):
+    tsf.test_time_limit_recycle_does_not_count_the_workers_other_claims(both_spawner, tmp_path)
