@@ -29,7 +29,7 @@ CLIENT = {"__init__", "__main__", "_client", "aio", "_aio_conn", "_aio_live", "_
           "demo_processors", "flow", "_cli_flow", "_demo_flow", "demo_flows", "_execute",
           # the Redis backend (SCALE.md): a transport of the clients, no node
           "_rlua", "_rscripts", "_rsupscripts", "_rbackend", "_rops", "_rclient", "_rworkers",
-          "_cli_redis"}
+          "_cli_redis", "_rworker"}
 #: what the pure core must not import (standard library modules that do I/O, run threads or
 #: read a clock)
 IMPURE = {"socket", "threading", "subprocess", "lmdb", "selectors", "multiprocessing",
