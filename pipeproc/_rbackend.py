@@ -38,7 +38,7 @@ import time
 import uuid
 import weakref
 from typing import Any, Dict, List, Optional, Tuple, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from . import _rlua, _rscripts
 from .errors import (
@@ -74,7 +74,7 @@ SOCKET_TIMEOUT = MAX_BLOCK + 30.0
 #: The server-side write errors that mean "no room" (nothing of the script ran).
 _OOM = re.compile(r"^(OOM|-?OOM)\b")
 #: What Redis appends to an error raised in a script.
-_SCRIPT_AT = re.compile(r"\s*script: \w+, on @user_script:\d+\.?$")
+_SCRIPT_AT = re.compile(r"\s*script: \w+, on @user_(script|function):\d+\.?$")
 
 
 def _s(v: Any) -> str:
@@ -90,20 +90,41 @@ def _require_redis() -> Any:
     return redis
 
 
+def _secrets(url: str) -> List[str]:
+    """The secrets a URL carries: the password of ``user:pass@`` and any ``password=`` of its
+    query (redis-py's form for ``unix://``)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return []
+    out = [parts.password] if parts.password else []
+    for k, v in parse_qsl(parts.query, keep_blank_values=True):
+        if k.lower() == "password" and v:
+            out.append(v)
+    return out
+
+
 def redact(url: str) -> str:
     """``url`` without its password (for logs, errors, repr and stats)."""
     try:
         parts = urlsplit(url)
     except ValueError:
         return "<redis url>"
-    if parts.password is None:
+    if not _secrets(url):
         return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    netloc = f"{user}:***@{host}" if user else f"***@{host}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    netloc = parts.netloc
+    if parts.password is not None:
+        user = parts.username or ""
+        host = parts.hostname or ""
+        if parts.port:
+            host = f"{host}:{parts.port}"
+        netloc = f"{user}:***@{host}" if user else f"***@{host}"
+    query = "&".join(f"{k}=***" if k.lower() == "password" else f"{k}={v}"
+                     for k, v in parse_qsl(parts.query, keep_blank_values=True))
+    out = urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    if not netloc and url.startswith(parts.scheme + "://"):  # unix:///path keeps its slashes
+        out = out.replace(parts.scheme + ":", parts.scheme + "://", 1)
+    return out
 
 
 def check_namespace(namespace: Any) -> str:
@@ -255,7 +276,8 @@ class Backend:
             m = re.search(r"PP (\w+) (.*)", msg)
             if m:
                 return from_code(m.group(1), m.group(2))
-            if _OOM.match(msg) or "OOM" in msg.split(" ", 1)[0]:
+            if (isinstance(exc, getattr(redis.exceptions, "OutOfMemoryError", ()))
+                    or _OOM.match(msg) or "used memory > 'maxmemory'" in msg):
                 return StorageFull(f"Redis refused the write (out of memory, nothing of it "
                                    f"was written): {msg}")
             if (isinstance(exc, getattr(redis.exceptions, "NoPermissionError", ()))
@@ -420,13 +442,10 @@ class Backend:
 
 
 def _no_secret(text: str, url: str) -> str:
-    """``text`` with the URL's password removed, wherever it appears."""
-    try:
-        pw = urlsplit(url).password
-    except ValueError:
-        pw = None
-    if pw:
+    """``text`` with the URL's password(s) removed, wherever they appear."""
+    text = text.replace(url, redact(url))
+    for pw in _secrets(url):
         text = text.replace(pw, "***")
-    return text.replace(url, redact(url))
+    return text
 
 

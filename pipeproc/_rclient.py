@@ -195,10 +195,13 @@ class AsyncCalls:
         self.closed = False
         self._executor: Optional[ThreadPoolExecutor] = None
         self._waiting: "set[Channel]" = set()  # the blocking calls' own connections
+        self.leases = Leases(backend)  # started with the first live proc
 
     async def call(self, op: str, args: tuple, orphan: Optional[Any] = None) -> Any:
         if self.closed:
             raise closed_error()
+        if op == "create_live":
+            self.leases.start()
         loop = asyncio.get_running_loop()
         gone = threading.Event()
         conn: Optional[Channel] = None
@@ -277,6 +280,7 @@ class AsyncCalls:
 
     def close(self) -> None:
         self.closed = True
+        self.leases.stop.set()
         for channel in list(self._waiting):  # ends the parked waits now
             channel.close()
         self.backend.close()

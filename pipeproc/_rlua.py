@@ -164,8 +164,10 @@ local function errinfo(kind, message, r, tb)
 end
 
 -- apply every due claim timeout (the node's timers, kept in P:dl)
-local function expire_due()
+-- (``target``: a proc this call is about, checked first whatever the batch holds)
+local function expire_due(target)
   local due = redis.call('ZRANGEBYSCORE', P .. ':dl', '-inf', NOW, 'LIMIT', 0, 100)
+  if target then table.insert(due, 1, target) end
   for _, name in ipairs(due) do
     local r = getp(name)
     if r and deadline(r) and deadline(r) <= NOW then
@@ -185,8 +187,8 @@ local function expire_due()
                    r.reclaims, r.max_reclaims, r.reclaim_timeout}, '\t'))
         tbell('recycle', r.holder)
       end
-    else
-      redis.call('ZREM', P .. ':dl', name)
+    elseif not (r and deadline(r)) then
+      redis.call('ZREM', P .. ':dl', name)  -- a stale timer (the proc is gone or not pending)
     end
   end
 end

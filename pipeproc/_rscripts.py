@@ -30,9 +30,9 @@ local prev = replayed(); if prev then return replay_claim(prev) end
 local topic, name, offset, count = ARGV[3], ARGV[4], ARGV[5], tonumber(ARGV[6])
 local r, new = ensure(name, topic, offset, ARGV[7], ARGV[8], ARGV[9])
 if new then create(name, r) end
-if r.status ~= 'active' then fail('proc_is_disabled', "proc '" .. name .. "' is disabled") end
-expire_due()
+expire_due(name)  -- a due timeout first: it may disable the proc (as the node's timer would)
 r = getp(name)
+if r.status ~= 'active' then fail('proc_is_disabled', "proc '" .. name .. "' is disabled") end
 local es = claim(name, r, count)
 if es == nil then return remember(false) end
 return remember_claim(name, r, {r.cnum, es})
@@ -41,7 +41,7 @@ return remember_claim(name, r, {r.cnum, es})
 # ack: ARGV 3 = name, 4..10 = claimed
 SCRIPTS["ack"] = r"""
 local prev = replayed(); if prev then return prev end
-expire_due()
+expire_due(ARGV[3])
 local name = ARGV[3]
 local r = getproc(name)
 local out, changed = ack(name, r, claimed_at(4))
@@ -52,7 +52,7 @@ return remember(out)
 # ack_commit: ARGV 3 = name, 4..10 = claimed, 11.. = topic, body, ...
 SCRIPTS["ackc"] = r"""
 local prev = replayed(); if prev then return prev end
-expire_due()
+expire_due(ARGV[3])
 local name = ARGV[3]
 local r = getproc(name)
 if not pending(r) then fail('invalid_ack', "proc '" .. name .. "' has no pending claim to ack") end
@@ -70,7 +70,7 @@ return remember({out, ms, seqs})
 # reclaim: ARGV 3 = name, 4..10 = claimed
 SCRIPTS["reclaim"] = r"""
 local prev = replayed(); if prev then return prev end
-expire_due()
+expire_due(ARGV[3])
 local name = ARGV[3]
 local r = getproc(name)
 if r.status ~= 'active' then fail('proc_is_disabled', "proc '" .. name .. "' is disabled") end
@@ -83,13 +83,13 @@ return remember(rstr(r.acked))
 
 # inspect / disable / resume / destroy: ARGV 3 = name
 SCRIPTS["inspect"] = r"""
-expire_due()
+expire_due(ARGV[3])
 local name = ARGV[3]
 return state(name, getproc(name))
 """
 
 SCRIPTS["disable"] = r"""
-expire_due()
+expire_due(ARGV[3])
 local name = ARGV[3]
 local r = getproc(name)
 if r.status == 'disabled' then fail('proc_already_disabled', "proc '" .. name .. "' is already disabled") end
@@ -101,7 +101,7 @@ return state(name, r)
 """
 
 SCRIPTS["resume"] = r"""
-expire_due()
+expire_due(ARGV[3])
 local name = ARGV[3]
 local r = getproc(name)
 if r.status == 'active' then fail('proc_already_active', "proc '" .. name .. "' is already active") end
@@ -116,7 +116,7 @@ return state(name, r)
 """
 
 SCRIPTS["destroy"] = r"""
-expire_due()
+expire_due(ARGV[3])
 local name = ARGV[3]
 local r = getproc(name)
 local function drop(n, rec)
@@ -216,7 +216,7 @@ for idx, s in ipairs(order) do
     if es then
       local pos = 0
       for j, x in ipairs(specs) do if x == s then pos = j end end
-      return remember_claim(s[2], r, {s[2], pos, r.cnum, es})
+      return remember({s[2], pos, r.cnum, es})  -- the whole reply: a replay has its shape
     end
   end
 end
@@ -276,12 +276,12 @@ local last = redis.call('XREVRANGE', P .. ':bell', '+', '-', 'COUNT', 1)[1]
 local bid = last and last[1] or '0-0'
 local r = getp(name)
 if r == nil or r.topic ~= topic then return {'end'} end
-redis.call('ZADD', P .. ':live', NOW + tonumber(ARGV[7]), name)
-if r.status ~= 'active' then return {'wait', bid} end
-if held ~= '' and pending(r) and r.cnum == held then
+if r.status == 'active' and held ~= '' and pending(r) and r.cnum == held then
   fail('invalid_ack', "live proc '" .. name .. "' still holds its last delivery (" .. rstr(r.claimed)
        .. '): call ack() (or reclaim() to have it delivered again) before asking for more')
 end
+redis.call('ZADD', P .. ':live', NOW + tonumber(ARGV[7]), name)
+if r.status ~= 'active' then return {'wait', bid} end
 local es = claim(name, r, count)
 if es == nil then return {'wait', bid} end
 return {'claim', r.cnum, es}

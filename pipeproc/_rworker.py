@@ -29,7 +29,7 @@ from ._processors import load
 from ._rbackend import WORKER_DEAD_MS
 from ._records import claimed_key
 from ._rops import _key_args, _rows
-from ._rworkers import HEARTBEAT, _backend, _read_cfg, _setup, allowed, supervisor_main
+from ._rworkers import RECYCLED, HEARTBEAT, _backend, _read_cfg, _setup, allowed, supervisor_main
 from .errors import ConnectionLost, NoActiveNode, PipeProcError
 
 log = logging.getLogger("pipeproc.workers")
@@ -120,8 +120,8 @@ class Worker:
         limit = self.cfg.get("restart_after") or 0
         while True:
             if limit and self.stats["executions"] >= limit:
-                if done is not None:
-                    self._work_retrying(done, 0)
+                if done is not None:  # the last outcome, and no new claim
+                    self._work_retrying(done, 0, take=False)
                 self.stopping.set()
                 return
             res = self._work_retrying(done, rr)
@@ -165,14 +165,16 @@ class Worker:
             self._listed = self.names()
         return self._listed
 
-    def _work_retrying(self, done: Optional[list], rr: int) -> Any:
+    def _work_retrying(self, done: Optional[list], rr: int, take: bool = True) -> Any:
         """The ``work`` script, sent again (same request id: applied once) while Redis is
-        unreachable; the outcome of the last claim is never lost in between."""
+        unreachable; the outcome of the last claim is never lost in between. ``take=False``:
+        report the outcome only (a recycling worker takes no new work)."""
         rid = self.backend._rid()
         delay = 0.1
         while True:
             try:
-                return self._work(done, self.listed(), rr, rid)
+                listed = self.listed()
+                return self._work(done, listed if take else ([], listed[1]), rr, rid)
             except (ConnectionLost, NoActiveNode) as exc:
                 log.warning("worker %s: Redis unreachable (%s); trying again in %.1f s",
                             self.wid, exc, delay)
@@ -251,7 +253,10 @@ def worker_main() -> None:
         logging.shutdown()
         os._exit(2)
     logging.shutdown()
-    os._exit(0)
+    # only a worker that ran out its worker_restart_after exits this way: its supervisor
+    # releases what it still holds (not counted); any other exit, 0 included (a processor
+    # calling sys.exit), is a death that counts
+    os._exit(RECYCLED)
 
 
 def main(kind: str) -> None:

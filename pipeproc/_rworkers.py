@@ -44,6 +44,9 @@ log = logging.getLogger("pipeproc.workers")
 
 #: Seconds between a worker's heartbeats (a worker is dead after ``WORKER_DEAD_MS``).
 HEARTBEAT = 1.0
+#: The exit status of a worker recycled by ``worker_restart_after`` (EX_TEMPFAIL; any
+#: other exit, 0 included, is a death whose claims count).
+RECYCLED = 75
 #: Default GC settings (seconds), as the node's.
 GC_DEFAULTS = {"min_prune_time": 30.0, "interval": 30.0}
 
@@ -341,7 +344,7 @@ class Supervisor:
         wid = self._wid(slot)
         # recycled (restart_after, a time limit) or stopping: its other claims are not
         # the processor's failures; they are released, not counted
-        recycled = code == 0 or self.stopping.is_set() or proc.pid in self.recycling
+        recycled = code == RECYCLED or self.stopping.is_set() or proc.pid in self.recycling
         self.recycling.discard(proc.pid)
         try:
             self.backend.script(
