@@ -356,8 +356,9 @@ class Backend:
         c = getattr(tl, "conn", None)
         if c is None:
             # a connection of the pool's kind, owned by this thread (not taken from the
-            # pool: a thread that ends takes it along, closed when collected)
-            c = tl.conn = self.pool.make_connection()
+            # pool, nor counted by it: redis-py's pools stop at 100 connections made; a
+            # thread that ends takes its connection along, closed when collected)
+            c = tl.conn = self.pool.connection_class(**self.pool.connection_kwargs)
             self._held.add(c)
         try:
             if len(commands) == 1:
@@ -414,6 +415,15 @@ class Backend:
             client.xread({self.P + ":" + stream: bell_id}, count=1, block=ms)
         except self._redis_mod.RedisError as exc:
             raise self._error(exc) from None
+
+    def wake(self) -> None:
+        """Ring the doorbell: every wait blocked on it looks again (a cancelled or closing
+        wait then ends; the others find nothing new and block again)."""
+        try:
+            self._exec(("XADD", self.P + ":bell", "MAXLEN", "~", 1000, "*", "e", "wake",
+                        "w", ""))
+        except Exception:  # noqa: BLE001 - best effort: the wait also ends at its deadline
+            pass
 
     def reopen(self: _B) -> _B:
         """The same backend on new connections (a child after ``os.fork()``: the pool's

@@ -70,10 +70,14 @@ class Channel:
         return reply
 
     def close(self) -> None:
+        """End the channel: a wait on it ends at its next look (a doorbell ring, or
+        ``CANCEL_CHECK``), and Backend.block refuses to start one. Only idle connections
+        are closed here: closing one another thread is reading or still opening races with
+        redis-py (a read that never returns)."""
         self.closed = True
-        self.conn.pp_closed = True  # Backend.block refuses to start a wait on it
+        self.conn.pp_closed = True
         try:
-            self.conn.connection_pool.disconnect()
+            self.conn.connection_pool.disconnect(inuse_connections=False)
         except Exception:  # noqa: BLE001 - closing anyway
             pass
 
@@ -252,8 +256,9 @@ class AsyncCalls:
             return result
         except asyncio.CancelledError:
             gone.set()
-            if conn is not None:
-                conn.close()  # ends a blocked wait now
+            if conn is not None:  # the wait ends at the doorbell's ring
+                conn.close()
+                threading.Thread(target=self.backend.wake, daemon=True).start()
             if orphan is not None:
                 def handed(f: Any) -> None:
                     if not f.cancelled() and f.exception() is None and f.result() is not None:
@@ -281,8 +286,10 @@ class AsyncCalls:
     def close(self) -> None:
         self.closed = True
         self.leases.stop.set()
-        for channel in list(self._waiting):  # ends the parked waits now
+        for channel in list(self._waiting):  # the parked waits end at the ring below
             channel.close()
+        if self._waiting:
+            self.backend.wake()
         self.backend.close()
         if self._executor is not None:
             self._executor.shutdown(wait=False)

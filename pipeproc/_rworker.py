@@ -95,7 +95,7 @@ class Worker:
                 "supervisor", cfg["id"], "restarts", cfg.get("restarts", 0)]
         self.backend.script("hello", self.reg, *info)
         threading.Thread(target=self._heartbeat, daemon=True).start()
-        loops = [threading.Thread(target=self._loop, name=f"loop-{i}", daemon=True)
+        loops = [threading.Thread(target=self._guarded_loop, name=f"loop-{i}", daemon=True)
                  for i in range(max(1, cfg.get("concurrency", 1)))]
         for t in loops:
             t.start()
@@ -112,6 +112,18 @@ class Worker:
                     os._exit(4)
             except PipeProcError as exc:
                 log.warning("heartbeat failed: %s", exc)
+
+    def _guarded_loop(self) -> None:
+        """A loop; anything that ends it other than running out ``worker_restart_after``
+        (a processor calling ``sys.exit``, an unexpected error) ends the whole worker as a
+        death: its supervisor reclaims its claims, counted, and restarts it."""
+        try:
+            self._loop()
+        except BaseException as exc:  # noqa: BLE001 - SystemExit from user code included
+            log.error("worker %s: a processing loop ended: %s: %s (the worker exits; its "
+                      "claims are reclaimed and counted)", self.wid, type(exc).__name__, exc)
+            logging.shutdown()
+            os._exit(1)
 
     def _loop(self) -> None:
         runner = Runner(self.stats)  # the processor call, shared with the node's workers
@@ -253,9 +265,8 @@ def worker_main() -> None:
         logging.shutdown()
         os._exit(2)
     logging.shutdown()
-    # only a worker that ran out its worker_restart_after exits this way: its supervisor
-    # releases what it still holds (not counted); any other exit, 0 included (a processor
-    # calling sys.exit), is a death that counts
+    # every loop ran out worker_restart_after: its supervisor releases what it still holds
+    # (not counted); any other exit, 0 included, is a death that counts
     os._exit(RECYCLED)
 
 

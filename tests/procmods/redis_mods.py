@@ -43,3 +43,9 @@ def rendezvous(log):
     while len(os.listdir(d)) < log.body["hosts"] and time.monotonic() < deadline:
         time.sleep(0.01)
     return {"n": log.body["n"], "pid": os.getpid(), "met": len(os.listdir(d))}
+
+
+def quits(log):
+    """A processor that ends its worker with status 0 (a death that must count)."""
+    import sys
+    sys.exit(0)
