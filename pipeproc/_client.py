@@ -151,7 +151,12 @@ class PipeProc(_NodeRef):
         if self._backend is not None:
             if self._closed:
                 raise NoActiveNode("this client is closed")
-            return self._backend.handle(op or "", args)
+            try:
+                return self._backend.handle(op or "", args)
+            except PipeProcError:
+                if self._closed:  # closed meanwhile, by another thread
+                    raise NoActiveNode("this client is closed") from None
+                raise
         rid = next(self._rids)
         data = pack([rid, op, *args])
         if len(data) > MIN_FRAME:
@@ -234,11 +239,11 @@ class PipeProc(_NodeRef):
 
     @documented
     def close(self) -> None:
+        self._closed = True  # first: a call in flight then ends with no_active_node
         if self._backend is not None:
             if self._leases is not None:
                 self._leases.stop.set()
             self._backend.close()
-        self._closed = True
         with self._lock:
             conns = list(self._conns)
             self._conns.clear()

@@ -356,6 +356,15 @@ SPAWN_ARGS = """\
             the next request (the node) before it sleeps (default 50 µs, measured best on
             a virtual machine; 0 turns it off; at most 0.01). It trades a little CPU for
             latency: see README "Guarantees".
+        redis: a Redis URL (``redis://``, ``rediss://``, ``unix://``; Redis >= 7.0) instead of
+            a node: the store is that server's namespace, and this spawn starts a local
+            supervisor and its ``workers`` (SCALE.md; ``location``, ``memory``, ``address``
+            and ``authkey`` are then refused). ``shutdown()`` stops the local workers only.
+        namespace: with ``redis``: the namespace (default ``"pipeproc"``; a topic name).
+        allow: with ``redis``: what the workers may import: module prefixes, directories
+            of file processors, or ``"*"`` (none: they run nothing, and say so).
+        redis_options: with ``redis``: extra keyword arguments for redis-py (retries and
+            socket timeouts shorter than a blocking wait are refused).
 """
 
 #: ``connect``'s arguments (both clients).
@@ -369,4 +378,12 @@ CONNECT_ARGS = """\
         busy_poll: seconds the sync client busy-polls for a reply before it sleeps
             (default 50 µs; 0 turns it off; at most 0.01). The asyncio client waits in its
             event loop and checks it only.
+        redis: a Redis URL (``redis://``, ``rediss://``, ``unix://``; Redis >= 7.0) instead of
+            a node: a client of that server's namespace (SCALE.md).
+        namespace: with ``redis``: the namespace (default ``"pipeproc"``; a topic name).
+        redis_options: with ``redis``: extra keyword arguments for redis-py (retries and
+            socket timeouts shorter than a blocking wait are refused).
+        durability: with ``redis``: what a write waits for: ``"full"`` (on the primary's
+            disk), ``"replicated"`` (and one replica) or ``"fast"`` (nothing). A node's
+            durability is its spawn's.
 """
