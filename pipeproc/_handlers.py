@@ -473,13 +473,18 @@ class Handlers:
             parsed.append((topic, name, offset, _count(count), _opts(*s[4:])))
 
         def fn(tx: Any) -> Any:
+            topic_of: Dict[str, str] = {}  # every name's topic, checked before any write
+            for topic, name, _, _, _ in parsed:
+                rec = tx.proc(name)
+                known = rec["topic"] if rec is not None else topic_of.get(name)
+                if known is not None and known != topic:
+                    raise ProcNameNotUnique(f"proc {name!r} already exists on topic {known!r}")
+                topic_of[name] = topic
             created = []
             for topic, name, offset, count, opts in parsed:
                 if tx.proc(name) is None:
                     created.append(name)
                     _procs.ensure(tx, name, topic, offset, *opts)
-                elif tx.proc(name)["topic"] != topic:
-                    _procs.ensure(tx, name, topic, offset, *opts)  # raises not-unique
             order = [p for p in parsed if p[1] in created]
             n = len(parsed)
             start = self.rr % n if n else 0

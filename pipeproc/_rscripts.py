@@ -195,9 +195,18 @@ for i = 4, #ARGV, 7 do
 end
 local made = {}
 local order = {}
+local topic_of = {}  -- a name listed twice must name one topic (checked before any write)
 for _, s in ipairs(specs) do
+  if topic_of[s[2]] and topic_of[s[2]] ~= s[1] then
+    fail('proc_name_not_unique', "proc '" .. s[2] .. "' already exists on topic '" .. topic_of[s[2]] .. "'")
+  end
+  topic_of[s[2]] = s[1]
   local r, new = ensure(s[2], s[1], s[3], s[5], s[6], s[7])
-  if new then made[#made + 1] = {s, r}; order[#order + 1] = s end
+  if new and not made[s[2]] then
+    made[s[2]] = true
+    made[#made + 1] = {s, r}
+    order[#order + 1] = s
+  end
 end
 for _, x in ipairs(made) do create(x[1][2], x[2]) end
 local n = #specs

@@ -726,3 +726,14 @@ def test_always_slower_than_its_time_limit_on_both(both_spawner, tmp_path, capfd
 @pytest.mark.timeout(90)
 def test_time_limit_recycle_other_claims_on_both(both_spawner, tmp_path):
     tsf.test_time_limit_recycle_does_not_count_the_workers_other_claims(both_spawner, tmp_path)
+
+
+def test_available_proc_naming_one_proc_on_two_topics_creates_nothing(both):
+    """Found by the protocol fuzzer: a refused available_proc wrote its first procs."""
+    pp = both
+    specs = [{"topic": "a", "name": "one"}, {"topic": "c", "name": "two"},
+             {"topic": "a", "name": "two"}]
+    with pytest.raises(pipeproc.PipeProcError) as e:
+        pp.available_proc(specs)
+    assert e.value.code == "proc_name_not_unique"
+    assert "one" not in pp.stats()["procs"] and "two" not in pp.stats()["procs"]
