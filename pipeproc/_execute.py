@@ -6,7 +6,11 @@ with the ack (``[[topic, encoded body], ...]``, topic-major as SPEC §6 says), o
 (``type``, ``message``, ``traceback``). Used by the node's workers (:mod:`pipeproc._workers`)
 and the Redis backend's (:mod:`pipeproc._rworkers`).
 
-Client side: imports ``_calls`` (``Log``), ``_processors`` and ``_protocol``.
+Also what both kinds of worker process do at start: read their configuration from stdin
+(:func:`read_cfg`), set up logging, working directory and ``sys.path``
+(:func:`setup_process`), and watch stdin as their lifeline (:func:`start_lifeline`).
+
+Client side: imports ``_calls`` (``Log``), ``_processors``, ``_protocol`` and msgpack.
 """
 
 from __future__ import annotations
@@ -14,9 +18,13 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import os
+import sys
 import threading
 import traceback
 from typing import Any, Dict, Optional
+
+import msgpack
 
 from ._calls import Log
 from ._processors import load
@@ -67,6 +75,46 @@ class Runner:
         if self.loop is not None:
             self.loop.close()
             self.loop = None
+
+
+def read_cfg() -> Dict[str, Any]:
+    """A worker process's configuration: a 4-byte length and msgpack on stdin (the parent
+    keeps stdin open afterwards, as the lifeline). Exits at once when the parent went away
+    before it finished sending it."""
+    stdin = sys.stdin.buffer
+    try:
+        size = int.from_bytes(stdin.read(4), "big")
+        return dict(msgpack.unpackb(stdin.read(size), raw=False))
+    except (ValueError, OSError, msgpack.UnpackException):
+        os._exit(3)
+
+
+def setup_process(cfg: Dict[str, Any], who: str) -> None:
+    """Logging on stderr, the spawning process's working directory and ``sys.path`` (so
+    that the application's own modules are importable)."""
+    logging.basicConfig(level=cfg.get("log_level") or "WARNING", stream=sys.stderr,
+                        format=f"%(asctime)s pipeproc-{who}[%(process)d] %(levelname)s %(message)s")
+    if cfg.get("cwd"):
+        try:
+            os.chdir(cfg["cwd"])
+        except OSError:
+            pass
+    for p in reversed(cfg.get("sys_path") or []):
+        if p not in sys.path:
+            sys.path.insert(0, p)
+
+
+def start_lifeline() -> None:
+    """The parent keeps our stdin open; EOF means it is gone: stop now, even mid-processor
+    (the claim is reclaimed and delivered again: at-least-once)."""
+    def run() -> None:
+        try:
+            while sys.stdin.buffer.read(4096):
+                pass
+        except (OSError, ValueError):
+            pass
+        os._exit(3)
+    threading.Thread(target=run, name="lifeline", daemon=True).start()
 
 
 def new_stats() -> Dict[str, Any]:

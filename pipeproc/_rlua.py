@@ -131,6 +131,16 @@ local function putp(name, r)
   end
 end
 
+-- remove a proc: its record, its index entries, its timers (the caller rings the doorbell)
+local function drop(name, r)
+  redis.call('DEL', P .. ':p:' .. name)
+  redis.call('SREM', P .. ':procs', name)
+  redis.call('SREM', P .. ':tp:' .. r.topic, name)
+  redis.call('ZREM', P .. ':dl', name)
+  redis.call('ZREM', P .. ':bo', name)
+  redis.call('ZREM', P .. ':live', name)
+end
+
 local function state(name, r)
   return {name, r.topic, r.offset, r.created_at, r.last_claimed_at, r.last_acked_at,
           rstr(r.claimed), rstr(r.acked), rstr(r.prev), r.status, r.reclaims,

@@ -97,8 +97,8 @@ class Ops(Backend):
     """A :class:`Backend` that answers the node's ops (thread-safe)."""
 
 
-    def handle(self, op: str, args: Sequence[Any], within: Optional[float] = None,
-               conn: Any = None, cancelled: Optional[Callable[[], bool]] = None) -> Any:
+    def handle(self, op: str, args: Sequence[Any], conn: Any = None,
+               cancelled: Optional[Callable[[], bool]] = None) -> Any:
         """Answer ``op`` as the node would (same reply shape)."""
         fn = getattr(self, "op_" + op, None)
         if fn is None:

@@ -119,14 +119,6 @@ SCRIPTS["destroy"] = r"""
 expire_due(ARGV[3])
 local name = ARGV[3]
 local r = getproc(name)
-local function drop(n, rec)
-  redis.call('DEL', P .. ':p:' .. n)
-  redis.call('SREM', P .. ':procs', n)
-  redis.call('SREM', P .. ':tp:' .. rec.topic, n)
-  redis.call('ZREM', P .. ':dl', n)
-  redis.call('ZREM', P .. ':bo', n)
-  redis.call('ZREM', P .. ':live', n)
-end
 local sname = redis.call('HGET', P .. ':sysp', name)
 if sname then
   local d = redis.call('HGET', P .. ':sys', sname)

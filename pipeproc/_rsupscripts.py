@@ -84,12 +84,7 @@ for _, wid in ipairs(redis.call('ZRANGEBYSCORE', P .. ':w', '-inf', NOW - dead_m
 end
 for _, name in ipairs(redis.call('ZRANGEBYSCORE', P .. ':live', '-inf', NOW, 'LIMIT', 0, 100)) do
   local r = getp(name)
-  if r and r.live == '1' then
-    redis.call('DEL', P .. ':p:' .. name)
-    redis.call('SREM', P .. ':procs', name)
-    redis.call('SREM', P .. ':tp:' .. r.topic, name)
-    redis.call('ZREM', P .. ':dl', name)
-  end
+  if r and r.live == '1' then drop(name, r) end
   redis.call('ZREM', P .. ':live', name)
   bell('sys', name)
 end
@@ -263,10 +258,7 @@ for i = 3, #ARGV do
   local name = ARGV[i]
   local r = getp(name)
   if r and r.live == '1' then
-    redis.call('DEL', P .. ':p:' .. name)
-    redis.call('SREM', P .. ':procs', name)
-    redis.call('SREM', P .. ':tp:' .. r.topic, name)
-    redis.call('ZREM', P .. ':dl', name)
+    drop(name, r)
     bell('sys', name)
   end
   redis.call('ZREM', P .. ':live', name)

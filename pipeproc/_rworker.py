@@ -17,19 +17,18 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import sys
 import threading
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
 import msgpack
 
-from ._execute import Runner, new_stats
+from ._execute import Runner, new_stats, read_cfg, setup_process, start_lifeline
 from ._processors import load
 from ._rbackend import WORKER_DEAD_MS
 from ._records import claimed_key
 from ._rops import _key_args, _rows
-from ._rworkers import RECYCLED, HEARTBEAT, _backend, _read_cfg, _setup, allowed, supervisor_main
+from ._rworkers import RECYCLED, HEARTBEAT, _backend, allowed, supervisor_main
 from .errors import ConnectionLost, NoActiveNode, PipeProcError
 
 log = logging.getLogger("pipeproc.workers")
@@ -247,17 +246,9 @@ class Worker:
 
 
 def worker_main() -> None:
-    cfg = _read_cfg()
-    _setup(cfg, "worker")
-
-    def lifeline() -> None:
-        try:
-            while sys.stdin.buffer.read(4096):
-                pass
-        except (OSError, ValueError):
-            pass
-        os._exit(3)
-    threading.Thread(target=lifeline, daemon=True).start()
+    cfg = read_cfg()
+    setup_process(cfg, "worker")
+    start_lifeline()
     try:
         Worker(cfg).run()
     except PipeProcError as exc:

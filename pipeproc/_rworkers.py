@@ -35,7 +35,9 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import msgpack
 
+from ._execute import read_cfg, setup_process
 from ._processors import SCRIPT
+from ._spawn import DEFAULT_GC, gc_settings
 from ._rbackend import WORKER_DEAD_MS
 from ._rops import Ops
 from .errors import InvalidArgument, NoActiveNode, PipeProcError
@@ -47,8 +49,6 @@ HEARTBEAT = 1.0
 #: The exit status of a worker recycled by ``worker_restart_after`` (EX_TEMPFAIL; any
 #: other exit, 0 included, is a death whose claims count).
 RECYCLED = 75
-#: Default GC settings (seconds), as the node's.
-GC_DEFAULTS = {"min_prune_time": 30.0, "interval": 30.0}
 
 
 # ------------------------------------------------------------------ configuration
@@ -88,22 +88,6 @@ def _check_int(v: Any, name: str, lo: int) -> int:
     return v
 
 
-def _gc_settings(gc: Any) -> Optional[Dict[str, float]]:
-    if gc is False or gc is None:
-        return None
-    if gc is True:
-        return dict(GC_DEFAULTS)
-    if not isinstance(gc, dict) or set(gc) - set(GC_DEFAULTS):
-        raise InvalidArgument("gc is True, False or {'min_prune_time': s, 'interval': s}")
-    out = dict(GC_DEFAULTS)
-    for k, v in gc.items():
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (
-                k == "interval" and v <= 0):
-            raise InvalidArgument(f"gc[{k!r}] must be a number of seconds > 0")
-        out[k] = float(v)
-    return out
-
-
 def supervisor_cfg(url: str, namespace: str, *, workers: int = 1, concurrency: int = 1,
                    restart_after: int = 0, gc: Any = False, durability: str = "full",
                    allow: Optional[Sequence[str]] = None,
@@ -116,7 +100,7 @@ def supervisor_cfg(url: str, namespace: str, *, workers: int = 1, concurrency: i
         "workers": _check_int(workers, "workers", 0),
         "concurrency": _check_int(concurrency, "worker_concurrency", 1),
         "restart_after": _check_int(restart_after, "worker_restart_after", 0),
-        "gc": _gc_settings(gc), "durability": durability, "allow": check_allow(allow),
+        "gc": gc_settings(gc), "durability": durability, "allow": check_allow(allow),
         "redis_options": dict(redis_options or {}), "log_level": log_level,
         "sys_path": [p for p in sys.path if p], "cwd": os.getcwd(),
     }
@@ -169,30 +153,7 @@ def wait_ready(backend: Ops, proc: subprocess.Popen, sup_id: str, workers: int,
         left = deadline - time.monotonic()
         if left <= 0:
             raise NoActiveNode(f"the workers were not ready within {timeout} s")
-        last = backend.r.xrevrange(backend.P + ":bell", count=1)
-        backend.block(last[0][0].decode() if last else "0-0", min(left, 0.5))
-
-
-def _read_cfg() -> Dict[str, Any]:
-    stdin = sys.stdin.buffer
-    try:
-        size = int.from_bytes(stdin.read(4), "big")
-        return dict(msgpack.unpackb(stdin.read(size), raw=False))
-    except (ValueError, OSError, msgpack.UnpackException):
-        os._exit(3)
-
-
-def _setup(cfg: Dict[str, Any], who: str) -> None:
-    logging.basicConfig(level=cfg.get("log_level") or "WARNING", stream=sys.stderr,
-                        format=f"%(asctime)s pipeproc-{who}[%(process)d] %(levelname)s %(message)s")
-    if cfg.get("cwd"):
-        try:
-            os.chdir(cfg["cwd"])
-        except OSError:
-            pass
-    for p in reversed(cfg.get("sys_path") or []):
-        if p not in sys.path:
-            sys.path.insert(0, p)
+        backend.block(_bell(backend), min(left, 0.5))
 
 
 def _backend(cfg: Dict[str, Any]) -> Ops:
@@ -286,7 +247,7 @@ class Supervisor:
             raise b._error(exc) from None
         if not raw:
             return None
-        out = dict(GC_DEFAULTS)
+        out = dict(DEFAULT_GC)
         for k, v in raw.items():
             key = k.decode() if isinstance(k, bytes) else str(k)
             try:
@@ -384,8 +345,8 @@ class Supervisor:
 
 
 def supervisor_main() -> None:
-    cfg = _read_cfg()
-    _setup(cfg, "supervisor")
+    cfg = read_cfg()
+    setup_process(cfg, "supervisor")
     sup = Supervisor(cfg)
     signal.signal(signal.SIGTERM, lambda *_: sup.stop())
     signal.signal(signal.SIGINT, lambda *_: sup.stop())

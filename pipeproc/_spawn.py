@@ -59,7 +59,8 @@ def _location(location: Any) -> str:
     return os.path.abspath(os.fspath(location))
 
 
-def _gc_settings(gc: Any) -> Optional[dict]:
+def gc_settings(gc: Any) -> Optional[dict]:
+    """``gc=`` checked: ``None`` (off), or the settings in seconds (SPEC §8)."""
     if gc is False or gc is None:
         return None
     if gc is True:
@@ -116,7 +117,7 @@ def node_cfg(location: Any, *, memory: bool, workers: int, worker_concurrency: i
         _nonneg_int(max_map_size, "max_map_size")
     _check_frame_size(max_frame_size)
     spin = check_busy_poll(busy_poll)
-    gc_cfg = _gc_settings(gc)
+    gc_cfg = gc_settings(gc)
     wire_address = _address(address)
     if temp_location:
         loc = tempfile.mkdtemp(prefix="pipeproc-")

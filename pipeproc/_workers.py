@@ -13,13 +13,10 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import threading
 from typing import Any
 
-import msgpack
-
-from ._execute import Runner, stats_lock
+from ._execute import Runner, new_stats, read_cfg, setup_process, start_lifeline, stats_lock
 from .flow._exec import execute as execute_flow
 from ._protocol import ERR, PUSH, REPLY_LIMIT, decode, open_connection, pack
 from .errors import PipeProcError, from_code
@@ -121,37 +118,12 @@ class _Loop:
 
 
 
-def _lifeline(stdin: Any) -> None:
-    """The node keeps our stdin open; EOF means it is gone: stop now, even mid-processor
-    (its claim is reclaimed and delivered again: at-least-once)."""
-    try:
-        while stdin.read(4096):
-            pass
-    except (OSError, ValueError):
-        pass
-    os._exit(3)
-
-
 def main() -> None:
     """Entry point of a worker process (``python -m pipeproc._workers``)."""
-    stdin = sys.stdin.buffer
-    try:
-        size = int.from_bytes(stdin.read(4), "big")
-        cfg = msgpack.unpackb(stdin.read(size), raw=False)
-    except (ValueError, OSError, msgpack.UnpackException):
-        os._exit(3)  # the node went away before it finished sending the configuration
-    logging.basicConfig(level=cfg.get("log_level") or "WARNING", stream=sys.stderr,
-                        format="%(asctime)s pipeproc-worker[%(process)d] %(levelname)s %(message)s")
-    if cfg.get("cwd"):
-        try:
-            os.chdir(cfg["cwd"])
-        except OSError:
-            pass
-    for p in reversed(cfg.get("sys_path") or []):
-        if p not in sys.path:
-            sys.path.insert(0, p)
-    threading.Thread(target=_lifeline, args=(stdin,), name="lifeline", daemon=True).start()
-    stats = {"executions": 0, "failures": 0}
+    cfg = read_cfg()
+    setup_process(cfg, "worker")
+    start_lifeline()
+    stats = new_stats()
     loops = [_Loop(cfg, i, stats) for i in range(max(1, cfg.get("concurrency", 1)))]
     threads = [threading.Thread(target=lp.run, name=f"loop-{i}", daemon=True)
                for i, lp in enumerate(loops)]
