@@ -25,7 +25,7 @@ from ._conn import Conn, Malformed
 from ._handlers import _backoff, _claimed, _count, _failure, _int, _items, _opts, write
 from ._protocol import array_header, ok_reply
 from ._store import Store
-from ._waits import DEFAULT_BACKOFF, Deadlines, SysDefs, Timers, Waits, note, skipped
+from ._waits import DEFAULT_BACKOFF, Deadlines, SysDefs, Timers, Waits, mark_empty, note, skipped
 from ._writer import Writer
 from .errors import (
     InternalError,
@@ -294,10 +294,13 @@ class SysHandlers:
                 return (None, None, data)
         defs = self.sysdefs.names()
         names = self.sysdefs.sorted()
+        empty = self.sysdefs.empty
         n = len(names)
         for i in range(n):
             idx = (self.rr + i) % n
             name = names[idx]
+            if name in empty:  # nothing to claim since a commit, and untouched since
+                continue
             rec = tx.proc(name)
             if (rec is None or rec["status"] != "active" or self.deadlines.in_backoff(name)
                     or name in skipped(tx)):
@@ -311,6 +314,9 @@ class SysHandlers:
                 _procs.disable(tx, name)
                 continue
             if recs is None:
+                rec = tx.proc(name)
+                if rec is not None and rec["status"] == "active" and not _procs.pending(rec):
+                    mark_empty(tx, name, rec["topic"])
                 continue
             self.rr = idx + 1
             new = tx.proc(name)

@@ -102,6 +102,12 @@ class SysDefs:
     def __init__(self, store: Store) -> None:
         self.store = store
         self._cache: Optional[Tuple[Dict[str, dict], List[str]]] = None
+        #: system procs found with nothing to claim (active, no claim pending, no log past
+        #: their position) as of a commit, until a commit touches their topic or their
+        #: record: the workers' claims skip them (a claim costs O(procs with work), not
+        #: O(system procs)). Written by the writer role only (claims, after_commit).
+        self.empty: Dict[str, str] = {}
+        self._empty_by_topic: Dict[str, set] = {}
 
     def names(self) -> Dict[str, dict]:
         """proc name -> its system proc definition."""
@@ -120,9 +126,40 @@ class SysDefs:
         return self._cache[1]  # type: ignore[index]
 
     def committed(self, tx: Any) -> None:
-        """After a commit: forget the cache when it changed system procs."""
+        """After a commit: forget the cache when it changed system procs; record the
+        system procs its claims found empty, then forget those whose topic or record it
+        touched (a mark made before a later write of the same round is dropped too)."""
         if tx.sysprocs:
             self._cache = None
+            self.empty.clear()
+            self._empty_by_topic.clear()
+            return
+        empty = self.empty
+        for name, topic in tx.__dict__.get("sys_empty", ()):
+            empty[name] = topic
+            self._empty_by_topic.setdefault(topic, set()).add(name)
+        if not empty:
+            return
+        by_topic = self._empty_by_topic
+        for topic in tx.touched_topics:
+            names = by_topic.pop(topic, None)
+            if names:
+                for name in names:
+                    empty.pop(name, None)
+        for name in tx.touched_procs:
+            topic = empty.pop(name, None)
+            if topic is not None:
+                names = by_topic.get(topic)
+                if names is not None:
+                    names.discard(name)
+                    if not names:
+                        del by_topic[topic]
+
+
+def mark_empty(tx: Any, name: str, topic: str) -> None:
+    """A claim in ``tx`` found system proc ``name`` with nothing to claim (see
+    :attr:`SysDefs.empty`; recorded only if ``tx`` commits)."""
+    tx.__dict__.setdefault("sys_empty", []).append((name, topic))
 
 
 def note(tx: Any, *note: Any) -> None:
