@@ -10,6 +10,7 @@ Other scripts:
 
     .venv/bin/python -m benchmarks.latency [--quick]    # live-proc latency, idle CPU
     .venv/bin/python -m benchmarks.scale [--big]        # cost vs topic size
+    .venv/bin/python -m benchmarks.stages [--stages 20] # W5 count=1 beside drained stages
 
 Every node and every scratch store lives in a fresh directory under /tmp and is removed at
 the end; nodes are always shut down (try/finally).
