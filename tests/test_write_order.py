@@ -1,0 +1,119 @@
+"""A durable write is answered only once its transaction is durable (issue 17).
+
+The writer runs a round's requests in one LMDB transaction and calls their ``done`` (the
+reply) only after ``commit()`` returned; under durability "full" that call returns once
+LMDB has synced (its two flushes). These tests inject a slow commit and a failing one
+through ``Store.begin`` and check the order the writer keeps: no reply, and nothing a
+reader can see, before the commit returned; an error reply and nothing stored when it
+failed. (A write path that answered earlier, e.g. one that pipelined rounds without
+waiting for their sync, fails them.)
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import lmdb
+import pytest
+
+from pipeproc._store import Store
+from pipeproc._writer import Writer
+from pipeproc.errors import InternalError
+
+SLOW = 0.3  # the injected commit delay (s)
+
+
+def _store_with(tmp_path, commit_hook):
+    """A durable store whose write transactions call ``commit_hook(real_commit)``."""
+    store = Store(str(tmp_path / "s"), durability="full")
+    real_begin = store.begin
+
+    def begin(now=None):
+        tx = real_begin(now)
+        real_commit = tx.commit
+        tx.commit = lambda: commit_hook(real_commit)  # type: ignore[method-assign]
+        return tx
+    store.begin = begin  # type: ignore[method-assign]
+    return store
+
+
+def _visible(store, topic):
+    meta = store.topics.get(topic)
+    return 0 if meta is None else meta.next
+
+
+@pytest.mark.timeout(30)
+def test_the_reply_waits_for_a_slow_commit(tmp_path):
+    events = []
+
+    def slow(real_commit):
+        events.append(("commit starts", time.monotonic()))
+        time.sleep(SLOW)
+        real_commit()
+        events.append(("commit returned", time.monotonic()))
+
+    store = _store_with(tmp_path, slow)
+    writer = Writer(store, durable=True, after_commit=lambda tx: events.append(("after", 0)))
+    writer.start()
+    try:
+        got = threading.Event()
+        seen_by_reader = []
+
+        def done(ok, value):
+            events.append(("reply", time.monotonic()))
+            got.set()
+
+        def fn(tx):
+            return tx.append([("t", b"\x80")])
+
+        def reader():  # polls the readers' view while the commit is slow
+            while not got.is_set():
+                seen_by_reader.append((_visible(store, "t"), time.monotonic()))
+                time.sleep(0.01)
+
+        r = threading.Thread(target=reader)
+        r.start()
+        t0 = time.monotonic()
+        writer.submit(fn, done)
+        assert got.wait(10)
+        r.join()
+        kinds = [e[0] for e in events]
+        assert kinds.index("commit returned") < kinds.index("reply"), kinds
+        returned_at = dict(events)["commit returned"]
+        assert dict(events)["reply"] >= returned_at
+        assert dict(events)["reply"] - t0 >= SLOW
+        # a reader polling during the slow commit never saw the log before it returned
+        assert all(n == 0 for n, t in seen_by_reader if t < returned_at - 0.001)
+        assert _visible(store, "t") == 1
+    finally:
+        writer.stop()
+        store.close()
+
+
+@pytest.mark.timeout(30)
+def test_a_failing_commit_is_answered_with_an_error_and_stores_nothing(tmp_path):
+    def failing(real_commit):
+        raise lmdb.Error("injected: commit failed")
+
+    store = _store_with(tmp_path, failing)
+    writer = Writer(store, durable=True, after_commit=lambda tx: None)
+    writer.start()
+    try:
+        replies = []
+        got = threading.Event()
+
+        def done(ok, value):
+            replies.append((ok, value))
+            got.set()
+
+        writer.submit(lambda tx: tx.append([("t", b"\x80")]), done)
+        assert got.wait(10)
+        ok, value = replies[0]
+        assert ok is False and isinstance(value, InternalError), replies
+        assert _visible(store, "t") == 0
+        with store.env.begin() as txn:  # nothing of the round reached the file either
+            assert txn.stat(store.db_logs)["entries"] == 0
+    finally:
+        writer.stop()
+        store.close()
