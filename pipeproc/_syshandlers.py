@@ -299,8 +299,10 @@ class SysHandlers:
         for i in range(n):
             idx = (self.rr + i) % n
             name = names[idx]
-            if name in empty:  # nothing to claim since a commit, and untouched since
-                continue
+            topic = empty.get(name)
+            if (topic is not None and topic not in tx.touched_topics
+                    and name not in tx.touched_procs):
+                continue  # nothing to claim since a commit, untouched since (this round too)
             rec = tx.proc(name)
             if (rec is None or rec["status"] != "active" or self.deadlines.in_backoff(name)
                     or name in skipped(tx)):

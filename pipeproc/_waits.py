@@ -102,10 +102,13 @@ class SysDefs:
     def __init__(self, store: Store) -> None:
         self.store = store
         self._cache: Optional[Tuple[Dict[str, dict], List[str]]] = None
-        #: system procs found with nothing to claim (active, no claim pending, no log past
-        #: their position) as of a commit, until a commit touches their topic or their
-        #: record: the workers' claims skip them (a claim costs O(procs with work), not
-        #: O(system procs)). Written by the writer role only (claims, after_commit).
+        #: system proc name -> its topic, for the system procs found with nothing to claim
+        #: (active, no claim pending, no log past their position) as of a commit, until a
+        #: commit touches their topic or their record: the workers' claims skip them
+        #: without reading them (unless the claim's own round touched them already), so a
+        #: claim reads and checks only the system procs that may have work. Claims record
+        #: marks in their transaction (:func:`mark_empty`); only :meth:`committed` (the
+        #: writer role, after each commit) writes this.
         self.empty: Dict[str, str] = {}
         self._empty_by_topic: Dict[str, set] = {}
 

@@ -9,11 +9,17 @@ O(system procs with work) instead of O(system procs).
 
 from __future__ import annotations
 
+import threading
 from types import SimpleNamespace
 
+import msgpack
 import pytest
 
-from pipeproc._waits import SysDefs, mark_empty
+from pipeproc import _procs
+from pipeproc._store import Store
+from pipeproc._syshandlers import SysHandlers
+from pipeproc._waits import Deadlines, SysDefs, Timers, Waits, mark_empty
+from pipeproc._writer import Job, Writer
 from helpers import wait_until
 
 M = "procmods.sysmods"
@@ -81,6 +87,87 @@ def test_a_change_of_any_system_proc_drops_every_mark():
     mark_empty(tx2, "s2", "t2")
     defs.committed(tx2)
     assert defs.empty == {}
+
+
+# -------------------------------------------- in-process: a claim in the round that fed it
+
+def _chain(tmp_path, stages):
+    """A store with system procs ``(name, from, to)`` and the node's parts around it."""
+    store = Store(str(tmp_path / "s"))
+    tx = store.begin()
+    for name, src, dst in stages:
+        _procs.ensure(tx, name, src, ">", 3, 30.0, "disable")
+        tx.put_sysproc(name, {"procs": [name], "topics": [src], "processor": "m:f",
+                              "to": [dst], "count": 1, "multi": False,
+                              "created_at": tx.now, "backoff": [0.1, 30.0]})
+    tx.commit()
+    sysdefs, timers = SysDefs(store), Timers()
+    writer = Writer(store, False, sysdefs.committed)
+    waits = Waits(store, writer, timers, sysdefs)
+    deadlines = Deadlines(store, writer, timers, sysdefs, waits)
+    sysh = SysHandlers(store, writer, timers, waits, deadlines, sysdefs, threading.Event())
+    out: list = []
+
+    def run(*fns):
+        """One write round of these jobs; the last job's value."""
+        writer._round([Job(fn, lambda ok, v: out.append(v)) for fn in fns])
+        return out[-1]
+    return store, sysdefs, sysh, run
+
+
+def test_a_stage_is_claimed_in_the_round_whose_outcome_fed_it(tmp_path):
+    """A worker's outcome appends to the next stage's topic; its claim in the same round
+    takes that stage (not skipped on the mark the round is about to drop, which would
+    park the worker and cost a wake-up and another write round, a sync under "full")."""
+    store, sysdefs, sysh, run = _chain(tmp_path, [("s1", "a", "b"), ("s2", "b", "c")])
+    try:
+        assert run(lambda tx: sysh._claim_any(tx, 1)) is None
+        assert set(sysdefs.empty) == {"s1", "s2"}
+        run(lambda tx: tx.append([("a", msgpack.packb({"n": 1}))]))
+        name, key, _ = run(lambda tx: sysh._claim_any(tx, 2))
+        assert name == "s1"
+
+        def work(tx):  # op_work's attempt: the outcome, then the next claim
+            sysh._apply_outcome(tx, "s1", key, "commit", [("b", msgpack.packb({"n": 2}))])
+            return sysh._claim_any(tx, 3)
+        got = run(work)
+        assert got is not None and got[0] == "s2", "s2 skipped: the worker would park"
+    finally:
+        store.close()
+
+
+def test_a_claim_sees_a_log_committed_earlier_in_its_own_round(tmp_path):
+    """A client's commit and a worker's claim in one round (one pass of the I/O loop)."""
+    store, sysdefs, sysh, run = _chain(tmp_path, [("s", "t", "o")])
+    try:
+        assert run(lambda tx: sysh._claim_any(tx, 1)) is None and "s" in sysdefs.empty
+        got = run(lambda tx: tx.append([("t", msgpack.packb({"n": 1}))]),
+                  lambda tx: sysh._claim_any(tx, 2))
+        assert got is not None and got[0] == "s"
+        assert "s" not in sysdefs.empty
+    finally:
+        store.close()
+
+
+def test_a_marked_stage_is_not_read_by_the_next_claims(tmp_path):
+    """The skip itself: once marked, a drained stage is not looked at again (its record
+    is not read) until a commit touches it."""
+    store, sysdefs, sysh, run = _chain(tmp_path, [("s", "t", "o")])
+    try:
+        assert run(lambda tx: sysh._claim_any(tx, 1)) is None and "s" in sysdefs.empty
+        reads = []
+
+        def counting(tx):
+            real = tx.proc
+            tx.proc = lambda name: (reads.append(name), real(name))[1]
+            return sysh._claim_any(tx, 2)
+        assert run(counting) is None
+        assert reads == []
+        run(lambda tx: tx.append([("t", msgpack.packb({"n": 1}))]))
+        got = run(counting)
+        assert got is not None and got[0] == "s" and "s" in reads
+    finally:
+        store.close()
 
 
 def _length(pp, topic):

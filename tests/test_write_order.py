@@ -39,8 +39,18 @@ def _store_with(tmp_path, commit_hook):
 
 
 def _visible(store, topic):
-    meta = store.topics.get(topic)
+    """Logs of ``topic`` a reader sees: a read transaction, as the node's reads use."""
+    with store.reader() as r:
+        meta = r.topic(topic)
     return 0 if meta is None else meta.next
+
+
+def _submit_as_the_io_loop(writer, fn, done):
+    """Submit as the node's I/O loop does under durability "full": queue on the loop's
+    thread, then ``kick(False)`` hands the round to the writer thread."""
+    writer.loop_thread = threading.get_ident()
+    writer.submit(fn, done)
+    writer.kick(False)
 
 
 @pytest.mark.timeout(30)
@@ -75,7 +85,8 @@ def test_the_reply_waits_for_a_slow_commit(tmp_path):
         r = threading.Thread(target=reader)
         r.start()
         t0 = time.monotonic()
-        writer.submit(fn, done)
+        _submit_as_the_io_loop(writer, fn, done)
+        assert not got.is_set()  # the round runs on the writer thread, not on this one
         assert got.wait(10)
         r.join()
         kinds = [e[0] for e in events]
@@ -107,7 +118,7 @@ def test_a_failing_commit_is_answered_with_an_error_and_stores_nothing(tmp_path)
             replies.append((ok, value))
             got.set()
 
-        writer.submit(lambda tx: tx.append([("t", b"\x80")]), done)
+        _submit_as_the_io_loop(writer, lambda tx: tx.append([("t", b"\x80")]), done)
         assert got.wait(10)
         ok, value = replies[0]
         assert ok is False and isinstance(value, InternalError), replies
