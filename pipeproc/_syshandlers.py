@@ -295,13 +295,12 @@ class SysHandlers:
         defs = self.sysdefs.names()
         names = self.sysdefs.sorted()
         empty = self.sysdefs.empty
+        fresh = self.sysdefs.touched_marks(tx) if empty else ()
         n = len(names)
         for i in range(n):
             idx = (self.rr + i) % n
             name = names[idx]
-            topic = empty.get(name)
-            if (topic is not None and topic not in tx.touched_topics
-                    and name not in tx.touched_procs):
+            if name in empty and name not in fresh:
                 continue  # nothing to claim since a commit, untouched since (this round too)
             rec = tx.proc(name)
             if (rec is None or rec["status"] != "active" or self.deadlines.in_backoff(name)

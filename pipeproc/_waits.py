@@ -128,6 +128,22 @@ class SysDefs:
         self.names()
         return self._cache[1]  # type: ignore[index]
 
+    def touched_marks(self, tx: Any) -> set:
+        """The marked system procs whose topic or record ``tx`` has touched so far (their
+        marks go at its commit; a claim in ``tx`` must look at them). O(what ``tx``
+        touched), not O(marks)."""
+        out: set = set()
+        by_topic = self._empty_by_topic
+        for topic in tx.touched_topics:
+            names = by_topic.get(topic)
+            if names:
+                out |= names
+        empty = self.empty
+        for name in tx.touched_procs:
+            if name in empty:
+                out.add(name)
+        return out
+
     def committed(self, tx: Any) -> None:
         """After a commit: forget the cache when it changed system procs; record the
         system procs its claims found empty, then forget those whose topic or record it
