@@ -276,7 +276,11 @@ class Writer:
                 return
             break
         if reserve:
-            store.leave_reserve()
+            try:
+                store.leave_reserve()
+            except Exception:  # the round is committed: its replies must still go out
+                log.exception("could not give the GC's reserve back to the map after a "
+                              "GC round; ordinary writes may use it until the next one")
         for done, ok, value in results:
             try:
                 done(ok, value)

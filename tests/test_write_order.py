@@ -128,3 +128,43 @@ def test_a_failing_commit_is_answered_with_an_error_and_stores_nothing(tmp_path)
     finally:
         writer.stop()
         store.close()
+
+
+@pytest.mark.timeout(30)
+def test_a_gc_round_in_the_reserve_is_answered_when_leaving_the_reserve_fails(tmp_path, caplog):
+    """A store full for ordinary writes: the GC's round grows into the reserve, commits,
+    and then giving the reserve back fails. The round is committed, so its ``done`` still
+    runs (the GC goes on) and the failure is logged."""
+    attempts = []
+
+    def full_once(real_commit):
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise lmdb.MapFullError("injected: map full")
+        real_commit()
+
+    store = _store_with(tmp_path, full_once)
+    store.grow = lambda for_gc=False: bool(for_gc)  # type: ignore[method-assign]
+    store.recycle_pages = lambda: False  # type: ignore[method-assign]
+
+    def leave():
+        raise lmdb.Error("injected: set_mapsize failed")
+    store.leave_reserve = leave  # type: ignore[method-assign]
+    writer = Writer(store, durable=True, after_commit=lambda tx: None)
+    writer.start()
+    try:
+        replies = []
+        got = threading.Event()
+
+        def done(ok, value):
+            replies.append((ok, value))
+            got.set()
+        writer.submit(lambda tx: tx.append([("t", b"\x80")]), done, gc=True)
+        assert got.wait(10)
+        assert replies == [(True, [0])], replies
+        assert len(attempts) == 2
+        assert _visible(store, "t") == 1
+        assert "could not give the GC's reserve back" in caplog.text
+    finally:
+        writer.stop()
+        store.close()
