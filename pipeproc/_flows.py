@@ -243,7 +243,10 @@ class Flows:
                                  else ("timer", run, new["due"]))
         elif status in TERMINAL:
             tx.flow_after.append(("end", run, None))
-            for parent in list(self.children.pop(run, ())):
+            parents = self.children.pop(run, None)
+            if parents:
+                tx.on_abort(lambda: self.children.setdefault(run, set()).update(parents))
+            for parent in list(parents or ()):
                 prec = tx.run(parent)
                 if (prec is not None and prec["status"] == "waiting"
                         and (prec.get("wait") or {}).get("child") == run):
@@ -272,17 +275,23 @@ class Flows:
         self._set(tx, run, rec, "pending", error, fails=fails, wait=None, new=True,
                   due=tx.now + int(delay * 1000))
 
-    def _drop_live(self, run: str, att: Attempt) -> None:
+    def _drop_live(self, tx: Any, run: str, att: Attempt) -> None:
+        """The attempt is over (in ``tx``; back if ``tx`` is aborted)."""
         with self.lock:
             if self.live.get(run) is att:
                 del self.live[run]
+                tx.on_abort(lambda: self._relive(run, att))
+
+    def _relive(self, run: str, att: Attempt) -> None:
+        with self.lock:
+            self.live.setdefault(run, att)
 
     def interrupt(self, run: str, att: Attempt, why: str) -> None:
         """Take the run back from its attempt (lease expired, worker gone): a writer job."""
         def fn(tx: Any) -> None:
             if self.live.get(run) is not att:
                 return
-            self._drop_live(run, att)
+            self._drop_live(tx, run, att)
             rec = tx.run(run)
             if rec is None or rec["status"] in TERMINAL:
                 return
@@ -318,16 +327,30 @@ class Flows:
         if att.wrote or rec["status"] == "running":
             return rec
         att.wrote = True
+        tx.on_abort(lambda: setattr(att, "wrote", False))
         return self._set(tx, run, rec, "running", attempt=att.attempt, due=None, wait=None,
                          new=False)
 
     # ------------------------------------------------------------------ workers
 
+    def _requeue(self, run: str, queued: bool) -> None:
+        """Undo a claim's take of ``run`` from the ready queue (its write was aborted)."""
+        self.ready.appendleft(run)
+        if queued:
+            self.queued.add(run)
+
+    def _unlive(self, run: str, att: Attempt) -> None:
+        with self.lock:
+            if self.live.get(run) is att:
+                del self.live[run]
+
     def claim(self, tx: Any, rid: int, conn: Conn) -> Optional[bytes]:
         """A ready run for an idle worker loop: the reply's bytes, or ``None``."""
         while self.ready:
             run = self.ready.popleft()
+            queued = run in self.queued
             self.queued.discard(run)
+            tx.on_abort(lambda run=run, queued=queued: self._requeue(run, queued))
             rec = tx.run(run)
             if rec is None or rec["status"] != "pending" or run in self.live:
                 continue
@@ -344,7 +367,8 @@ class Flows:
             att = Attempt(self.tokens, next_attempt(rec), conn, rec["lease"])
             with self.lock:
                 self.live[run] = att
-            self._arm_lease(run, att)
+            tx.on_abort(lambda run=run, att=att: self._unlive(run, att))
+            self._arm_lease(run, att)  # its check does nothing for an attempt not live
             head = [run, att.token, rec["wf"], rec["ref"], rec["parent"], rec.get("seen"),
                     att.attempt]
             body = (b"\x81" + msgpack.packb("flow") + array_header(len(head) + 1)
@@ -376,7 +400,7 @@ class Flows:
         sends = msg.get("sends") or []
         if end is None and rec.get("cancel") and (starts or sends):
             # cancelled before this call (a signal, a child, a start): it does not happen
-            self._drop_live(run, att)
+            self._drop_live(tx, run, att)
             self._set(tx, run, rec, "cancelled", None, cancel=False, wait=None, due=None)
             return "cancelled"
         for s in starts:  # checked before anything is written
@@ -404,11 +428,11 @@ class Flows:
         rec = tx.run(run)
         if end is None:
             if rec.get("cancel"):
-                self._drop_live(run, att)
+                self._drop_live(tx, run, att)
                 self._set(tx, run, rec, "cancelled", None, cancel=False)
                 return "cancelled"
             return "ok"
-        self._drop_live(run, att)
+        self._drop_live(tx, run, att)
         kind = end.get("kind")
         if rec.get("cancel"):  # cancel() said True: the run ends cancelled, whatever came
             self._set(tx, run, rec, "cancelled", None, cancel=False, wait=None, due=None)

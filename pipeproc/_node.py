@@ -419,12 +419,39 @@ def _test_wall_clock(path: str) -> None:
     time.time = lambda: fake_ns() / 1e9  # type: ignore[assignment]
 
 
+def _test_map_full(store: Store, every: int) -> None:
+    """Tests only (``PIPEPROC_TEST_MAPFULL_EVERY=<n>``): every ``n``-th write transaction
+    fails its commit with ``MapFullError`` and the next ``grow()`` says it grew without
+    growing, so the writer runs that round again in a fresh transaction, as it does when
+    the map really fills. Never set in production."""
+    real_begin, real_grow = store.begin, store.grow
+    state = {"n": 0, "owed": 0}
+
+    def begin(now: Optional[int] = None) -> Any:
+        tx = real_begin(now)
+        state["n"] += 1
+        if state["n"] % every == 0:
+            def commit() -> None:
+                state["owed"] += 1
+                raise lmdb.MapFullError("injected by PIPEPROC_TEST_MAPFULL_EVERY")
+            tx.commit = commit  # type: ignore[method-assign]
+        return tx
+
+    def grow(for_gc: bool = False) -> bool:
+        if state["owed"]:
+            state["owed"] -= 1
+            return True
+        return real_grow(for_gc)
+    store.begin, store.grow = begin, grow  # type: ignore[method-assign]
+
+
 def main() -> None:
     """Entry point of the node process (``python -m pipeproc._node``).
 
     The one place that reads the environment: ``PIPEPROC_STALL_TIMEOUT`` (seconds) and
     ``PIPEPROC_TEST_WALL_CLOCK`` (a file, tests only) become the configuration's
-    ``stall_timeout`` and ``test_wall_clock``."""
+    ``stall_timeout`` and ``test_wall_clock``; ``PIPEPROC_TEST_MAPFULL_EVERY`` (tests
+    only) injects map-full retries (:func:`_test_map_full`)."""
     os.umask(0o077)
     stdin = sys.stdin.buffer
     size = int.from_bytes(stdin.read(4), "big")
@@ -461,6 +488,8 @@ def main() -> None:
             _platform.clean_stale_temp(location)
         cfg["authkey"] = cfg.get("authkey") or os.urandom(32)
         node = Node(cfg)
+        if os.environ.get("PIPEPROC_TEST_MAPFULL_EVERY"):
+            _test_map_full(node.store, int(os.environ["PIPEPROC_TEST_MAPFULL_EVERY"]))
         try:
             node.bind()
         except OSError as exc:

@@ -167,8 +167,8 @@ class SysHandlers:
             d = st["done"]
             if d is not None:
                 self._apply_outcome(tx, *d)
-            if st["flow"] is not None:
-                end, st["flow"] = st["flow"], None
+            end = st["flow"]
+            if end is not None:  # kept until a commit holds it (a round may run again)
                 try:
                     self.flows.apply(tx, conn, end)
                 except PipeProcError as exc:
@@ -181,6 +181,8 @@ class SysHandlers:
         def finish(ok: bool, value: Any) -> None:
             d = st["done"]
             st["done"] = None
+            if ok:  # the end of the workflow attempt is committed (else: the next try)
+                st["flow"] = None
             if not ok and isinstance(value, (StorageFull, InternalError)):
                 # the store refused the write: not the processor's fault. The node writes
                 # the outcome again after a back-off; the worker waits for work meanwhile.

@@ -17,7 +17,7 @@ what a transaction needs of the store is :class:`StoreState`.
 from __future__ import annotations
 
 from itertools import islice
-from typing import Any, Dict, List, Optional, Protocol, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Protocol, Set, Tuple
 
 import lmdb
 import msgpack
@@ -177,6 +177,8 @@ class WriteTx(_View):
         self.dropped: set = set()
         #: what the workflow runs of this write left to do after the commit (``_flows``)
         self.flow_after: List[Any] = []
+        #: what to do if this transaction is aborted (see :meth:`on_abort`)
+        self.undo: List[Callable[[], None]] = []
         self.next_tid = store.next_tid
         self.stamped = False
         #: topics whose record must be written (created, or ``first`` moved)
@@ -347,6 +349,13 @@ class WriteTx(_View):
         s.next_tid = self.next_tid
         if self.stamped and self.now > s.last_ms:
             s.last_ms = self.now
+
+    def on_abort(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` if this transaction is aborted: it undoes a change of the node's
+        memory made for this write (the writer runs a round again in a fresh transaction
+        when the map grows, or request by request to isolate a failing one; what its
+        requests changed in memory must not stay from the aborted try)."""
+        self.undo.append(fn)
 
     def abort(self) -> None:
         self.txn.abort()

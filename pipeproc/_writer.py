@@ -30,6 +30,18 @@ GATHER_FRACTION = 0.5
 INLINE_ROUNDS = 4
 
 
+def _abort(tx: Any) -> None:
+    """Abort ``tx`` and undo what its requests changed in the node's memory (newest
+    first; see ``WriteTx.on_abort``)."""
+    tx.abort()
+    for fn in reversed(tx.undo):
+        try:
+            fn()
+        except Exception:  # pragma: no cover - an undo bug must not wedge the writer role
+            log.exception("undoing an aborted write's change in memory failed")
+    tx.undo.clear()
+
+
 class Job:
     """One write request: ``fn(tx)`` runs in a write transaction (returns a value, or raises
     a ``PipeProcError`` having written nothing); ``done(ok, value)`` runs after the commit.
@@ -237,7 +249,7 @@ class Writer:
                     self.rounds += 1
                 self.requests += len(jobs)
             except lmdb.MapFullError:
-                tx.abort()
+                _abort(tx)
                 if store.grow():
                     continue
                 if not recycled and store.recycle_pages():
@@ -254,11 +266,11 @@ class Writer:
                     else "the disk of the store is full: the store cannot grow"))
                 return
             except DAMAGE_ERRORS as exc:
-                tx.abort()
+                _abort(tx)
                 self._one_by_one(jobs, damaged(exc, store.path))
                 return
             except Exception as exc:
-                tx.abort()
+                _abort(tx)
                 full = isinstance(exc, lmdb.Error) and (
                     "No space" in str(exc)
                     # LMDB turns a short write (a full disk) into EIO

@@ -783,3 +783,9 @@ def _plus(i: int) -> int:
 def ten_steps(ctx: flow.Context) -> int:
     """Ten no-op steps: the sum of their results (tests/test_flow_store.py)."""
     return sum(ctx.step(f"s{i}", _plus, i) for i in range(10))
+
+
+@flow.workflow()
+def three_ticks(ctx: flow.Context, path: str, tag: str) -> int:
+    """Three steps, each one line ``<tag>-<i>`` in ``path``: the run's result is 0+1+2."""
+    return sum(ctx.step(f"s{i}", tick, path, f"{tag}-{i}", i) for i in range(3))
