@@ -81,6 +81,10 @@ def info(run_id: str, rec: dict, att: Optional["Attempt"] = None) -> list:
             rec["parent"], rec["version"]]
 
 
+#: the ends of an attempt a worker reports (``apply``)
+END_KINDS = ("finished", "rejected", "failed", "suspend", "cancelled")
+
+
 class Attempt:
     """A claimed run: its token (unique per claim), its attempt number, its worker's
     connection, its lease."""
@@ -396,6 +400,9 @@ class Flows:
             log.info("run %r: a write of attempt %s was refused (fenced off)", run, token)
             return "fenced"
         end = msg.get("end")
+        if end is not None and (type(end) is not dict or end.get("kind") not in END_KINDS):
+            # checked before anything is written: a refused request writes nothing
+            raise Malformed(f"unknown end of attempt {end!r:.100}")
         starts = msg.get("starts") or []
         sends = msg.get("sends") or []
         if end is None and rec.get("cancel") and (starts or sends):
@@ -447,8 +454,8 @@ class Flows:
         elif kind == "cancelled":  # the attempt saw a cancel the record no longer has
             self._failed_attempt(tx, run, rec, {"type": "Cancelled", "code": None,
                                                 "message": "the attempt saw a cancel"}, False)
-        else:
-            raise Malformed(f"unknown end of attempt {kind!r}")
+        else:  # pragma: no cover - END_KINDS is checked first
+            raise AssertionError(kind)
         return "ok"
 
     def _suspend(self, tx: Any, run: str, rec: dict, att: Attempt, wait: dict) -> None:

@@ -14,10 +14,18 @@ and the attempt was dropped from the node's memory, so the run never ended.
 
 from __future__ import annotations
 
+import threading
+
+import msgpack
 import pytest
 
 import pipeproc
 from pipeproc import flow
+from pipeproc._flows import Flows
+from pipeproc._conn import Malformed
+from pipeproc._store import Store
+from pipeproc._waits import SysDefs, Timers, Waits
+from pipeproc._writer import Writer
 from procmods import flowmods as fm
 from helpers import wait_until
 
@@ -82,3 +90,34 @@ def _length(pp, topic):
     except pipeproc.PipeProcError as exc:
         assert exc.code == "invalid_topic"
         return 0
+
+
+def test_an_attempt_end_of_unknown_kind_is_refused_before_anything_is_written(tmp_path):
+    """The writer's contract: a request refused with an error has written nothing (its
+    round goes on for the others). ``Flows.apply`` checks the end's kind first."""
+    store = Store(str(tmp_path / "s"))
+    timers = Timers()
+    writer = Writer(store, False, lambda tx: None)
+    flows = Flows(store, writer, timers, Waits(store, writer, timers, SysDefs(store)),
+                  threading.Event())
+    conn = object()
+    try:
+        tx = store.begin()
+        flows._start(tx, "r1", "wf", "ref", msgpack.packb(["start"]), 3, 30.0, "v", None, None)
+        tx.commit()
+        flows.after_commit(tx)
+        tx = store.begin()
+        assert flows.claim(tx, 1, conn) is not None  # the attempt is live
+        tx.commit()
+        token = flows.live["r1"].token
+        tx = store.begin()
+        with pytest.raises(Malformed):
+            flows.apply(tx, conn, {"run": "r1", "token": token,
+                                   "events": [msgpack.packb(["step"])],
+                                   "end": {"kind": "no such end"}})
+        assert not tx.wrote and not tx.touched_topics and not tx.runs
+        assert "r1" in flows.live  # the attempt goes on
+        tx.abort()
+    finally:
+        timers.stop()
+        store.close()
