@@ -118,6 +118,7 @@ class FlowOps:
     def op_cancel(self, conn: Conn, rid: int, run: Any) -> None:
         """``fcancel``: ``False`` when the run is already terminal."""
         def fn(tx: Any) -> bool:
+            pushes.clear()  # a round run again starts over
             rec = tx.run(run)
             if rec is None:
                 raise InvalidRun(f"no run with id {run!r}")

@@ -288,7 +288,13 @@ class Flows:
 
     def _relive(self, run: str, att: Attempt) -> None:
         with self.lock:
-            self.live.setdefault(run, att)
+            if self.live.setdefault(run, att) is not att:
+                return
+        # while it was out of ``live`` its lease check may have fired (and stopped) and a
+        # closed connection's conn_lost may have missed it
+        self._arm_lease(run, att)
+        if getattr(att.conn, "closed", False):
+            self.interrupt(run, att, "the worker's connection closed during the attempt")
 
     def interrupt(self, run: str, att: Attempt, why: str) -> None:
         """Take the run back from its attempt (lease expired, worker gone): a writer job."""
@@ -410,6 +416,9 @@ class Flows:
             self._drop_live(tx, run, att)
             self._set(tx, run, rec, "cancelled", None, cancel=False, wait=None, due=None)
             return "cancelled"
+        seen = msg.get("seen")
+        if seen and type(seen) is not dict:  # checked before anything is written
+            raise Malformed("seen must be a map")
         for s in starts:  # checked before anything is written
             self._check_start(tx, s)
         for s in sends:
@@ -419,10 +428,7 @@ class Flows:
         rec = self._running(tx, run, rec, att)
         if events:
             tx.append([(rec["topic"], e) for e in events])
-        seen = msg.get("seen")
         if seen:  # children's outcomes the attempt saw first: replays return them
-            if type(seen) is not dict:
-                raise Malformed("seen must be a map")
             rec = dict(rec)
             rec["seen"] = dict(rec.get("seen") or {}, **{str(k): v for k, v in seen.items()})
             tx.put_run(run, rec)

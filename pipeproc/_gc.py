@@ -50,7 +50,12 @@ def step(tx: Any, todo: deque, by_topic: Dict[str, List[dict]], cutoff_ms: int,
          budget: int, deadline: float, clock: Callable[[], float]) -> bool:
     """One bounded step of a GC pass over ``todo`` (consumed as topics are done): at most
     ``budget`` deletions, and no new topic once ``clock() >= deadline``. Logs older than
-    ``cutoff_ms`` go where the rule allows. ``True`` when the pass has more to do."""
+    ``cutoff_ms`` go where the rule allows. ``True`` when the pass has more to do.
+
+    The topics it takes off ``todo`` go back on it if ``tx`` is aborted (the writer runs
+    the step again in a fresh transaction: they are not done)."""
+    popped: List[str] = []
+    tx.on_abort(lambda: todo.extendleft(reversed(popped)))
     deleted = 0
     while todo and budget > 0:
         name = todo[0]
@@ -60,18 +65,18 @@ def step(tx: Any, todo: deque, by_topic: Dict[str, List[dict]], cutoff_ms: int,
                 upto = _procs.gc_upto(tx, name, meta, by_topic.get(name, []), cutoff_ms)
             except StoreCorrupted as exc:  # the other topics are still collected
                 log.error("the GC skips topic %r this pass: %s", name, exc)
-                todo.popleft()
+                popped.append(todo.popleft())
                 continue
             if upto > meta.first + budget:
                 upto = meta.first + budget  # the rest of this topic in the next step
             else:
-                todo.popleft()
+                popped.append(todo.popleft())
             if upto > meta.first:
                 n = tx.delete_prefix(name, upto)
                 deleted += n
                 budget -= n
         else:
-            todo.popleft()
+            popped.append(todo.popleft())
         if clock() >= deadline:
             break
     if deleted:

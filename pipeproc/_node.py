@@ -424,6 +424,8 @@ def _test_map_full(store: Store, every: int) -> None:
     fails its commit with ``MapFullError`` and the next ``grow()`` says it grew without
     growing, so the writer runs that round again in a fresh transaction, as it does when
     the map really fills. Never set in production."""
+    if every < 2:
+        raise ValueError("PIPEPROC_TEST_MAPFULL_EVERY must be >= 2 (1: no round would commit)")
     real_begin, real_grow = store.begin, store.grow
     state = {"n": 0, "owed": 0}
 

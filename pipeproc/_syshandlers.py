@@ -181,8 +181,13 @@ class SysHandlers:
         def finish(ok: bool, value: Any) -> None:
             d = st["done"]
             st["done"] = None
-            if ok:  # the end of the workflow attempt is committed (else: the next try)
-                st["flow"] = None
+            if st["flow"] is not None and not (ok or isinstance(value, StorageFull)):
+                # not a full store: an end that fails to apply would fail every time; the
+                # attempt's lease takes the run back
+                log.error("the end of an attempt of run %r was dropped: %s",
+                          st["flow"].get("run"), value)
+            if ok or not isinstance(value, StorageFull):
+                st["flow"] = None  # committed (or dropped); a full store: the next try
             if not ok and isinstance(value, (StorageFull, InternalError)):
                 # the store refused the write: not the processor's fault. The node writes
                 # the outcome again after a back-off; the worker waits for work meanwhile.
@@ -195,7 +200,13 @@ class SysHandlers:
                                 DEFAULT_BACKOFF[0] * 2.0 ** min(self._store_fails - 1, 64))
                     log.warning("the store refused a worker's claim (%s); trying again in "
                                 "%.1f s", value, delay)
-                    self.timers.after(delay, lambda: self.waits.wake_sys(1))
+                    if st["flow"] is not None:  # this very request holds an attempt's end
+                        def again() -> None:
+                            if self.waits.cancel_claim(conn, rid):  # still parked
+                                self.writer.submit(attempt, finish, conn.id)
+                        self.timers.after(delay, again)
+                    else:
+                        self.timers.after(delay, lambda: self.waits.wake_sys(1))
                     value = None
                 ok = True
             elif ok and value is not None:

@@ -33,13 +33,15 @@ INLINE_ROUNDS = 4
 def _abort(tx: Any) -> None:
     """Abort ``tx`` and undo what its requests changed in the node's memory (newest
     first; see ``WriteTx.on_abort``)."""
-    tx.abort()
-    for fn in reversed(tx.undo):
-        try:
-            fn()
-        except Exception:  # pragma: no cover - an undo bug must not wedge the writer role
-            log.exception("undoing an aborted write's change in memory failed")
-    tx.undo.clear()
+    try:
+        tx.abort()
+    finally:
+        for fn in reversed(tx.undo):
+            try:
+                fn()
+            except Exception:  # pragma: no cover - an undo bug must not wedge the writer
+                log.exception("undoing an aborted write's change in memory failed")
+        tx.undo.clear()
 
 
 class Job:

@@ -92,9 +92,12 @@ def _length(pp, topic):
         return 0
 
 
-def test_an_attempt_end_of_unknown_kind_is_refused_before_anything_is_written(tmp_path):
+@pytest.mark.parametrize("bad", [{"end": {"kind": "no such end"}}, {"seen": [1, 2]}],
+                         ids=["unknown end", "seen not a map"])
+def test_a_malformed_attempt_record_is_refused_before_anything_is_written(tmp_path, bad):
     """The writer's contract: a request refused with an error has written nothing (its
-    round goes on for the others). ``Flows.apply`` checks the end's kind first."""
+    round goes on for the others). ``Flows.apply`` checks the end's kind and ``seen``
+    before it writes the attempt's events."""
     store = Store(str(tmp_path / "s"))
     timers = Timers()
     writer = Writer(store, False, lambda tx: None)
@@ -113,8 +116,7 @@ def test_an_attempt_end_of_unknown_kind_is_refused_before_anything_is_written(tm
         tx = store.begin()
         with pytest.raises(Malformed):
             flows.apply(tx, conn, {"run": "r1", "token": token,
-                                   "events": [msgpack.packb(["step"])],
-                                   "end": {"kind": "no such end"}})
+                                   "events": [msgpack.packb(["step"])], **bad})
         assert not tx.wrote and not tx.touched_topics and not tx.runs
         assert "r1" in flows.live  # the attempt goes on
         tx.abort()
