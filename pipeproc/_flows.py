@@ -81,6 +81,11 @@ def info(run_id: str, rec: dict, att: Optional["Attempt"] = None) -> list:
             rec["parent"], rec["version"]]
 
 
+def _restore_times(att: "Attempt", times: tuple) -> None:
+    """Undo an aborted write's move of an attempt's lease deadline and update time."""
+    att.deadline, att.updated = times
+
+
 #: the ends of an attempt a worker reports (``apply``)
 END_KINDS = ("finished", "rejected", "failed", "suspend", "cancelled")
 
@@ -262,6 +267,7 @@ class Flows:
         fails = rec.get("fails", 0) + 1
         if interrupted:
             self.interrupted += 1
+            tx.on_abort(self._uncount_interrupted)
         if rec.get("cancel"):  # cancelled while running: no other attempt
             self._set(tx, run, rec, "cancelled", None, cancel=False, wait=None, due=None)
             return
@@ -343,6 +349,12 @@ class Flows:
 
     # ------------------------------------------------------------------ workers
 
+    def _uncount_interrupted(self) -> None:
+        self.interrupted -= 1  # the aborted try's count: the re-run counts again
+
+    def _uncount_fenced(self) -> None:
+        self.fenced -= 1
+
     def _requeue(self, run: str, queued: bool) -> None:
         """Undo a claim's take of ``run`` from the ready queue (its write was aborted)."""
         self.ready.appendleft(run)
@@ -403,6 +415,7 @@ class Flows:
         rec = tx.run(run)
         if att is None or att.token != token or att.conn is not conn or rec is None:
             self.fenced += 1
+            tx.on_abort(self._uncount_fenced)
             log.info("run %r: a write of attempt %s was refused (fenced off)", run, token)
             return "fenced"
         end = msg.get("end")
@@ -436,8 +449,10 @@ class Flows:
             self._start(tx, *s)
         for to, name, payload in sends:
             self._signal(tx, to, name, payload)
+        before = (att.deadline, att.updated)
         att.deadline = time.monotonic() + att.lease
         att.updated = tx.now  # the record is rewritten at status changes only
+        tx.on_abort(lambda: _restore_times(att, before))
         rec = tx.run(run)
         if end is None:
             if rec.get("cancel"):
@@ -530,8 +545,9 @@ class Flows:
                 + b"\x81" + msgpack.packb("payload") + payload)
         tx.append([(rec["topic"], body)])
         att = self.live.get(run)
-        if att is not None:
+        if att is not None and name not in att.signals:
             att.signals.add(name)
+            tx.on_abort(lambda: att.signals.discard(name))  # type: ignore[union-attr]
         w = rec.get("wait") or {}
         if rec["status"] == "waiting" and w.get("sig") == name:
             self._set(tx, run, rec, "pending", None, wait=None, due=None)

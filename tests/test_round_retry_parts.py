@@ -170,3 +170,36 @@ def test_an_attempt_made_live_again_by_an_abort_keeps_its_lease(tmp_path):
     finally:
         timers.stop()
         store.close()
+
+
+def test_an_aborted_write_leaves_the_attempt_and_the_counters_as_they_were(tmp_path):
+    """A signal to a live attempt, its record (lease deadline, update time) and a fenced
+    write, all in a round that is then aborted: nothing of it stays in memory."""
+    store = Store(str(tmp_path / "s"))
+    timers = Timers()
+    writer = Writer(store, False, lambda tx: flows.after_commit(tx))
+    flows = Flows(store, writer, timers, Waits(store, writer, timers, SysDefs(store)),
+                  threading.Event())
+    conn = type("C", (), {"closed": False})()
+    try:
+        writer.submit(lambda tx: flows._start(tx, "r1", "wf", "ref", msgpack.packb(["s"]), 3,
+                                              60.0, "v", None, None), lambda ok, v: None)
+        writer.submit(lambda tx: flows.claim(tx, 1, conn), lambda ok, v: None)
+        att = flows.live["r1"]
+        before = (att.deadline, att.updated, set(att.signals), flows.fenced, att.wrote)
+
+        def then_fail(tx):
+            flows._signal(tx, "r1", "go", msgpack.packb(1))
+            assert flows.apply(tx, conn, {"run": "r1", "token": att.token,
+                                          "events": [msgpack.packb(["e"])]}) == "ok"
+            assert flows.apply(tx, conn, {"run": "r1", "token": att.token + 99,
+                                          "events": []}) == "fenced"
+            raise RuntimeError("injected: the round fails")
+        got = []
+        writer.submit(then_fail, lambda ok, v: got.append(ok))
+        assert got == [False]
+        assert flows.live.get("r1") is att
+        assert (att.deadline, att.updated, set(att.signals), flows.fenced, att.wrote) == before
+    finally:
+        timers.stop()
+        store.close()
