@@ -27,7 +27,7 @@ import traceback
 from typing import Any, Dict, List, Optional
 
 from . import baselines, workloads as wl
-from ._common import Meter, Node, worker_pids, cpu_report, cpu_snapshot, fmt_rate, fmt_us, machine, scratch_dir
+from ._common import Meter, Node, load_line, worker_pids, cpu_report, cpu_snapshot, fmt_rate, fmt_us, machine, scratch_dir
 
 ALL = ["W1", "W2", "W3", "W4", "W4b", "W5", "W6"]
 
@@ -392,9 +392,7 @@ def main(argv: Optional[List[str]] = None) -> int:
            f"lmdb {info['lmdb']}, msgpack {info['msgpack']}; {info['date']}; "
            f"pipeproc at git {info['git']}; "
            f"run took {elapsed:.0f} s",
-           f"machine load during the run: {load['busy_cores']:.2f} of {info['nproc']} cores "
-           f"busy on average, this run's processes {load['this_run_cores']:.2f}, "
-           f"other processes ~{load['other_cores']:.2f}, steal {load['steal_cores']:.2f}",
+           load_line(load, info['nproc']),
            "", "## Baselines (same run)", ""]
     out += baseline_lines(b)
     out += ["", "## Workloads", ""]

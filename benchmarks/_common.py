@@ -217,6 +217,13 @@ def cpu_report(a: dict, b: dict) -> dict:
             "steal_cores": (b["steal"] - a["steal"]) / total * ncpu}
 
 
+def load_line(load: dict, nproc: Any) -> str:
+    """The report's line on the machine's load during the run (:func:`cpu_report`)."""
+    return (f"machine load during the run: {load['busy_cores']:.2f} of {nproc} cores "
+            f"busy on average, this run's processes {load['this_run_cores']:.2f}, "
+            f"other processes ~{load['other_cores']:.2f}, steal {load['steal_cores']:.2f}")
+
+
 class Meter:
     """CPU used by the node (and its workers) and by this process over timed regions.
 

@@ -65,7 +65,7 @@ import time
 import traceback
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from ._common import (Meter, Node, body, cpu_report, cpu_snapshot, fmt_rate, machine, median,
+from ._common import (Meter, Node, load_line, body, cpu_report, cpu_snapshot, fmt_rate, machine, median,
                       node_pid, percentile, scratch_dir, wait_until, worker_pids)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -835,9 +835,7 @@ def main(argv: Optional[List[str]] = None) -> int:
              f"machine: nproc {info['nproc']}, {info['cpu']}, Python {info['python']}, "
              f"lmdb {info['lmdb']}, msgpack {info['msgpack']}; {info['date']}; "
              f"pipeproc at git {info['git']}; run took {elapsed:.0f} s",
-             f"machine load during the run: {load['busy_cores']:.2f} of {info['nproc']} cores "
-             f"busy on average, this run's processes {load['this_run_cores']:.2f}, "
-             f"other processes ~{load['other_cores']:.2f}, steal {load['steal_cores']:.2f}",
+             load_line(load, info['nproc']),
              f"pipeproc: durability \"full\", {WORKERS} workers, worker_concurrency="
              f"{a.concurrency}; \"× commit\" = the time divided by one durable `pp.commit` of "
              "one small log on the same node, measured right before and after the workload",

@@ -53,7 +53,7 @@ import traceback
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from . import workloads as wl
-from ._common import cpu_report, cpu_seconds, cpu_snapshot, fmt_rate, fmt_us, machine, median
+from ._common import load_line, cpu_report, cpu_seconds, cpu_snapshot, fmt_rate, fmt_us, machine, median
 from .peers import redis_streams as rs
 
 REPO = rs.REPO
@@ -403,9 +403,7 @@ def main(argv: Optional[List[str]] = None) -> int:
            f"machine: nproc {info['nproc']}, {info['cpu']}, Python {info['python']}; "
            f"redis-server {version} ({exe}) on a Unix socket; pipeproc at git {info['git']}; "
            f"{info['date']}; run took {elapsed:.0f} s",
-           f"machine load during the run: {load['busy_cores']:.2f} of {info['nproc']} cores "
-           f"busy on average, this run's processes {load['this_run_cores']:.2f}, "
-           f"other processes ~{load['other_cores']:.2f}, steal {load['steal_cores']:.2f}",
+           load_line(load, info['nproc']),
            f"full = server `--appendonly yes --appendfsync always`, pipeproc "
            f"durability=\"full\"; fast = server persistence defaults (RDB save points, "
            f"appendonly no), pipeproc durability=\"fast\". Median of {a.reps} repetition(s) "

@@ -287,10 +287,8 @@ class Flows:
 
     def _drop_live(self, tx: Any, run: str, att: Attempt) -> None:
         """The attempt is over (in ``tx``; back if ``tx`` is aborted)."""
-        with self.lock:
-            if self.live.get(run) is att:
-                del self.live[run]
-                tx.on_abort(lambda: self._relive(run, att))
+        if self._unlive(run, att):
+            tx.on_abort(lambda: self._relive(run, att))
 
     def _relive(self, run: str, att: Attempt) -> None:
         with self.lock:
@@ -361,10 +359,13 @@ class Flows:
         if queued:
             self.queued.add(run)
 
-    def _unlive(self, run: str, att: Attempt) -> None:
+    def _unlive(self, run: str, att: Attempt) -> bool:
+        """Take ``att`` out of ``live`` (``False``: it was not the run's live attempt)."""
         with self.lock:
-            if self.live.get(run) is att:
-                del self.live[run]
+            if self.live.get(run) is not att:
+                return False
+            del self.live[run]
+            return True
 
     def claim(self, tx: Any, rid: int, conn: Conn) -> Optional[bytes]:
         """A ready run for an idle worker loop: the reply's bytes, or ``None``."""

@@ -327,9 +327,8 @@ class SysHandlers:
                 log.error("system proc %s disabled: %s", name, exc)
                 _procs.disable(tx, name)
                 continue
-            if recs is None:
-                rec = tx.proc(name)
-                if rec is not None and rec["status"] == "active" and not _procs.pending(rec):
+            if recs is None:  # claim wrote nothing: rec is the proc's record
+                if rec["status"] == "active" and not _procs.pending(rec):
                     mark_empty(tx, name, rec["topic"])
                 continue
             self.rr = idx + 1

@@ -31,6 +31,7 @@ from helpers import pid_alive, wait_until
 from redis_server import fresh_namespace
 
 import test_aio as ta
+from test_sysproc_failures import check_backoff_and_dead_stage
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -383,16 +384,9 @@ def test_cancelled_wait_for_procs_lets_its_thread_go(target: RedisTarget) -> Non
     async def fn(pp: aio.AsyncPipeProc) -> Optional[float]:
         try:
             waits = [asyncio.ensure_future(pp.wait_for_procs(["busy"])) for _ in range(12)]
-            await asyncio.sleep(0.3)  # all parked
-            for w in waits:
-                w.cancel()
-            await asyncio.gather(*waits, return_exceptions=True)
-            t0 = time.monotonic()
-            try:
-                assert await asyncio.wait_for(pp.length("t"), 5) == 1
-            except asyncio.TimeoutError:
-                return None
-            return time.monotonic() - t0
+            took = await _cancel_then_time(waits, lambda: pp.length("t"))
+            assert took is None or took[1] == 1
+            return None if took is None else took[0]
         finally:
             sync.destroy_proc("busy")  # lets go whatever still waits on it
 
@@ -403,22 +397,30 @@ def test_cancelled_wait_for_procs_lets_its_thread_go(target: RedisTarget) -> Non
     assert took is not None and took < 2, "a call waited for cancelled waits' threads"
 
 
+async def _cancel_then_time(waits: List[Any], call: Callable[[], Awaitable[Any]]
+                            ) -> Optional[tuple]:
+    """Let ``waits`` park, cancel them all, then ``(seconds, result)`` of ``call()`` on the
+    same client (``None``: it took more than 5 s)."""
+    await asyncio.sleep(0.3)  # all parked
+    for w in waits:
+        w.cancel()
+    await asyncio.gather(*waits, return_exceptions=True)
+    t0 = time.monotonic()
+    try:
+        result = await asyncio.wait_for(call(), 5)
+    except asyncio.TimeoutError:
+        return None
+    return time.monotonic() - t0, result
+
+
 def test_cancelled_live_waits_let_their_threads_go(target: RedisTarget) -> None:
     """The same with waits of live procs on a topic that gets no log."""
     async def fn(pp: aio.AsyncPipeProc) -> Optional[float]:
         lives = [await pp.live_proc("empty", mode="all") for _ in range(12)]
         try:
             waits = [asyncio.ensure_future(live.__anext__()) for live in lives]
-            await asyncio.sleep(0.3)  # all parked
-            for w in waits:
-                w.cancel()
-            await asyncio.gather(*waits, return_exceptions=True)
-            t0 = time.monotonic()
-            try:
-                await asyncio.wait_for(pp.commit({"topic": "t", "body": {}}), 5)
-            except asyncio.TimeoutError:
-                return None
-            return time.monotonic() - t0
+            took = await _cancel_then_time(waits, lambda: pp.commit({"topic": "t", "body": {}}))
+            return None if took is None else took[0]
         finally:
             await asyncio.wait_for(asyncio.gather(*(live.cancel() for live in lives)), 30)
 
@@ -553,24 +555,11 @@ def test_spawn_runs_system_procs_and_shutdown_stops_the_workers(redis_url: str) 
 def test_spawn_system_proc_backoff_and_dead_stage(redis_url: str) -> None:
     """test_sysproc_failures' aio test on a spawn(redis=...)."""
     namespace = fresh_namespace("aio-spawn")
-    F = "procmods.sysfail_mods"
 
     async def main() -> None:
         pp = await aio.spawn(redis=redis_url, namespace=namespace, workers=1, allow=["*"])
         try:
-            with pytest.raises(pipeproc.PipeProcError) as e:
-                await pp.system_proc(name="b", from_="in", processor=f"{F}:fails",
-                                     backoff=(3, 1))
-            assert e.value.code == "invalid_argument"
-            await pp.system_proc(name="b", from_="in", processor=f"{F}:fails", max_reclaims=2,
-                                 backoff=(0.05, 0.05))
-            await pp.commit({"topic": "in", "body": {"n": 1}})
-            with pytest.raises(pipeproc.PipeProcError) as e:
-                await pp.wait_for_procs(timeout=30)
-            assert e.value.code == "proc_is_disabled"
-            assert "'b'" in e.value.message and "ValueError" in e.value.message
-            st = await pp.inspect_proc("b")
-            assert st.last_error["type"] == "ValueError"
+            await check_backoff_and_dead_stage(pp)
         finally:
             await pp.shutdown()
 

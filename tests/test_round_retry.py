@@ -55,7 +55,6 @@ def test_workflow_runs_end_when_their_rounds_are_retried(retrying, tmp_path):
     for i in range(12):
         for j in range(3):  # each completed step ran once: no attempt failed
             assert lines.count(f"r{i}-{j}") == 1, (i, j, lines)
-    assert pp.stats()["node"]["write_transactions"] > 0
 
 
 def test_system_procs_process_every_log_once_when_rounds_are_retried(retrying):

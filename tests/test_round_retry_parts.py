@@ -143,7 +143,10 @@ def test_a_refused_attempt_end_is_written_again_when_the_store_has_room(tmp_path
         store.close()
 
 
-def test_an_attempt_made_live_again_by_an_abort_keeps_its_lease(tmp_path):
+def _claimed_run(tmp_path, lease: float):
+    """A store, the workflow runs' part around it (timers started; the writer runs rounds
+    inline) and run ``r1`` claimed by a worker connection: ``(store, timers, writer,
+    flows, conn, attempt)``."""
     store = Store(str(tmp_path / "s"))
     timers = Timers()
     writer = Writer(store, False, lambda tx: flows.after_commit(tx))
@@ -151,11 +154,15 @@ def test_an_attempt_made_live_again_by_an_abort_keeps_its_lease(tmp_path):
                   threading.Event())
     conn = type("C", (), {"closed": False})()
     timers.start()
+    writer.submit(lambda tx: flows._start(tx, "r1", "wf", "ref", msgpack.packb(["s"]), 3,
+                                          lease, "v", None, None), lambda ok, v: None)
+    writer.submit(lambda tx: flows.claim(tx, 1, conn), lambda ok, v: None)
+    return store, timers, writer, flows, conn, flows.live["r1"]
+
+
+def test_an_attempt_made_live_again_by_an_abort_keeps_its_lease(tmp_path):
+    store, timers, writer, flows, conn, att = _claimed_run(tmp_path, 0.3)
     try:
-        writer.submit(lambda tx: flows._start(tx, "r1", "wf", "ref", msgpack.packb(["s"]), 3,
-                                              0.3, "v", None, None), lambda ok, v: None)
-        writer.submit(lambda tx: flows.claim(tx, 1, conn), lambda ok, v: None)
-        att = flows.live["r1"]
 
         def end_then_fail(tx):  # the end is applied, then the round fails (an abort)
             flows.apply(tx, conn, {"run": "r1", "token": att.token, "events": [],
@@ -175,17 +182,8 @@ def test_an_attempt_made_live_again_by_an_abort_keeps_its_lease(tmp_path):
 def test_an_aborted_write_leaves_the_attempt_and_the_counters_as_they_were(tmp_path):
     """A signal to a live attempt, its record (lease deadline, update time) and a fenced
     write, all in a round that is then aborted: nothing of it stays in memory."""
-    store = Store(str(tmp_path / "s"))
-    timers = Timers()
-    writer = Writer(store, False, lambda tx: flows.after_commit(tx))
-    flows = Flows(store, writer, timers, Waits(store, writer, timers, SysDefs(store)),
-                  threading.Event())
-    conn = type("C", (), {"closed": False})()
+    store, timers, writer, flows, conn, att = _claimed_run(tmp_path, 60.0)
     try:
-        writer.submit(lambda tx: flows._start(tx, "r1", "wf", "ref", msgpack.packb(["s"]), 3,
-                                              60.0, "v", None, None), lambda ok, v: None)
-        writer.submit(lambda tx: flows.claim(tx, 1, conn), lambda ok, v: None)
-        att = flows.live["r1"]
         before = (att.deadline, att.updated, set(att.signals), flows.fenced, att.wrote)
 
         def then_fail(tx):

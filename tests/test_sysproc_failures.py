@@ -113,24 +113,30 @@ def test_backoff_keyword_is_validated_and_persisted(spawner, tmp_path):
     assert pp2.stats()["system_procs"]["x"]["backoff"] == [1.0, 4.0]
 
 
+async def check_backoff_and_dead_stage(a) -> None:
+    """With an asyncio client ``a``: a bad back-off is refused; a stage whose processor
+    always fails ends disabled, and ``wait_for_procs`` says so with the last error."""
+    with pytest.raises(pipeproc.PipeProcError) as e:
+        await a.system_proc(name="b", from_="in", processor=f"{M}:fails", backoff=(3, 1))
+    assert e.value.code == "invalid_argument"
+    await a.system_proc(name="b", from_="in", processor=f"{M}:fails", max_reclaims=2,
+                        backoff=(0.05, 0.05))
+    await a.commit({"topic": "in", "body": {"n": 1}})
+    with pytest.raises(pipeproc.PipeProcError) as e:
+        await a.wait_for_procs(timeout=30)
+    assert e.value.code == "proc_is_disabled"
+    assert "'b'" in e.value.message and "ValueError" in e.value.message
+    st = await a.inspect_proc("b")
+    assert st.last_error["type"] == "ValueError"
+
+
 def test_aio_system_proc_backoff_and_dead_stage(spawner):
     pp = spawner(workers=1)
 
     async def main():
         a = await aio.connect(address=pp.address, authkey=pp.authkey)
         try:
-            with pytest.raises(pipeproc.PipeProcError) as e:
-                await a.system_proc(name="b", from_="in", processor=f"{M}:fails", backoff=(3, 1))
-            assert e.value.code == "invalid_argument"
-            await a.system_proc(name="b", from_="in", processor=f"{M}:fails", max_reclaims=2,
-                                backoff=(0.05, 0.05))
-            await a.commit({"topic": "in", "body": {"n": 1}})
-            with pytest.raises(pipeproc.PipeProcError) as e:
-                await a.wait_for_procs(timeout=30)
-            assert e.value.code == "proc_is_disabled"
-            assert "'b'" in e.value.message and "ValueError" in e.value.message
-            st = await a.inspect_proc("b")
-            assert st.last_error["type"] == "ValueError"
+            await check_backoff_and_dead_stage(a)
         finally:
             await a.close()
     asyncio.run(main())

@@ -45,6 +45,19 @@ def _visible(store, topic):
     return 0 if meta is None else meta.next
 
 
+def _answer(writer, fn, **kw):
+    """Submit ``fn`` (``kw``: how) and wait for its answer: ``(ok, value)``."""
+    replies = []
+    got = threading.Event()
+
+    def done(ok, value):
+        replies.append((ok, value))
+        got.set()
+    (kw.pop("via", writer.submit))(fn, done, **kw)
+    assert got.wait(10)
+    return replies[0]
+
+
 def _submit_as_the_io_loop(writer, fn, done):
     """Submit as the node's I/O loop does under durability "full": queue on the loop's
     thread, then ``kick(False)`` hands the round to the writer thread."""
@@ -111,17 +124,9 @@ def test_a_failing_commit_is_answered_with_an_error_and_stores_nothing(tmp_path)
     writer = Writer(store, durable=True, after_commit=lambda tx: None)
     writer.start()
     try:
-        replies = []
-        got = threading.Event()
-
-        def done(ok, value):
-            replies.append((ok, value))
-            got.set()
-
-        _submit_as_the_io_loop(writer, lambda tx: tx.append([("t", b"\x80")]), done)
-        assert got.wait(10)
-        ok, value = replies[0]
-        assert ok is False and isinstance(value, InternalError), replies
+        ok, value = _answer(writer, lambda tx: tx.append([("t", b"\x80")]),
+                            via=lambda fn, done: _submit_as_the_io_loop(writer, fn, done))
+        assert ok is False and isinstance(value, InternalError), value
         assert _visible(store, "t") == 0
         with store.env.begin() as txn:  # nothing of the round reached the file either
             assert txn.stat(store.db_logs)["entries"] == 0
@@ -153,15 +158,8 @@ def test_a_gc_round_in_the_reserve_is_answered_when_leaving_the_reserve_fails(tm
     writer = Writer(store, durable=True, after_commit=lambda tx: None)
     writer.start()
     try:
-        replies = []
-        got = threading.Event()
-
-        def done(ok, value):
-            replies.append((ok, value))
-            got.set()
-        writer.submit(lambda tx: tx.append([("t", b"\x80")]), done, gc=True)
-        assert got.wait(10)
-        assert replies == [(True, [0])], replies
+        reply = _answer(writer, lambda tx: tx.append([("t", b"\x80")]), gc=True)
+        assert reply == (True, [0]), reply
         assert len(attempts) == 2
         assert _visible(store, "t") == 1
         assert "could not give the GC's reserve back" in caplog.text

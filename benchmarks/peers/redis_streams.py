@@ -68,7 +68,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import msgpack
 
-from .._common import body, cpu_report, cpu_snapshot, fmt_rate, fmt_us, machine, median, \
+from .._common import load_line, body, cpu_report, cpu_snapshot, fmt_rate, fmt_us, machine, median, \
     percentile, scratch_dir
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -653,9 +653,7 @@ def main(argv: Optional[List[str]] = None) -> int:
            f"msgpack {info['msgpack']}; {info['platform']}; {info['date']}; "
            f"redis-server {version} ({exe}), minimal RESP2 client over a Unix socket; "
            f"run took {elapsed:.0f} s",
-           f"machine load during the run: {load['busy_cores']:.2f} of {info['nproc']} cores "
-           f"busy on average, this run's processes {load['this_run_cores']:.2f}, "
-           f"other processes ~{load['other_cores']:.2f}, steal {load['steal_cores']:.2f}",
+           load_line(load, info['nproc']),
            f"median of {a.reps} repetition(s) per workload; default = built-in persistence "
            f"defaults (RDB save points, appendonly no); fsync always = "
            f"`--appendonly yes --appendfsync always`",
